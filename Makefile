@@ -1,0 +1,31 @@
+# The README's two commands: `make demo` and `make test`.
+# Both install missing system packages first (scripts/ensure-deps.sh).
+#
+# Tests, binaries and clippy share the dev profile (dependencies optimised),
+# so RocksDB and librdkafka are compiled once.
+
+CARGO ?= cargo
+
+.PHONY: deps test demo fmt lint ci
+
+deps:
+	@./scripts/ensure-deps.sh
+
+## Run every test: unit, property (1,000 cases each), golden, purity, integration.
+test: deps
+	$(CARGO) test --all-targets
+	$(CARGO) test --doc
+
+## Run the whole job locally on an embedded broker.
+demo: deps
+	$(CARGO) run -- demo
+
+fmt:
+	$(CARGO) fmt
+
+lint: deps
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+## What CI runs.
+ci: lint test

@@ -1,0 +1,1151 @@
+//! The sans-IO state machine: records and ticks in, effects and state changes out.
+//!
+//! State is kept per input partition (a partition is the unit of state, time
+//! and failover, as in Kafka Streams). For each partition the engine keeps a
+//! watermark, the open windows and sessions, closed rows not yet known to be
+//! durable, and the dedup entries.
+//!
+//! # Laws (each is a property test in `tests/core_laws.rs`)
+//! - **Order within bounds.** If every event arrives while the partition's
+//!   largest event time seen is at most `t + out_of_orderness`, no event is
+//!   late and the final windows equal a batch computation over the events.
+//! - **Replay is a no-op.** Re-feeding any already-applied record changes no
+//!   row. Every row records the highest input offset folded into it.
+//! - **Final once.** Each window emits `final: true` exactly once, and never
+//!   changes after that.
+//!
+//! # Durability protocol
+//! [`Engine::flush`] drains the effects and row changes of everything since
+//! the previous flush and returns a [`FlushId`]. Once the shell has made that
+//! flush durable it calls [`Engine::on_durable`]; only then are closed windows
+//! and expired dedup entries removed (their deletes go out with the next
+//! flush). So a store restored from any durable prefix of flushes never loses
+//! a closed row before the watermark that closed it is durable too.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::aggregate::{customer_hash, Aggregate};
+use super::order::{validate, EnrichedOrder, FxTable, Limits, Rejection};
+use super::window::{assign, GroupBy, WindowKind, WindowSpec};
+
+pub type Partition = i32;
+pub type Offset = i64;
+
+/// Identifies one call of [`Engine::flush`]; increasing.
+pub type FlushId = u64;
+
+/// Everything that defines the core's semantics. Validated by [`CoreConfig::validate`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct CoreConfig {
+    pub windows: Vec<WindowSpec>,
+    /// Allowed out-of-orderness: the watermark trails the largest event time by this much.
+    pub out_of_orderness_ms: i64,
+    /// A window closes when the watermark reaches `end + grace`.
+    pub grace_ms: i64,
+    /// A partition without records for this long (wall clock) is idle.
+    pub idle_timeout_ms: i64,
+    /// A second order with the same `order_id` within this event-time span is a duplicate.
+    pub dedup_horizon_ms: i64,
+    pub limits: Limits,
+    /// Orders worth at least this many micro-dollars raise an alert.
+    pub alert_threshold_usd_micros: i64,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig {
+            windows: WindowSpec::defaults(),
+            out_of_orderness_ms: 5_000,
+            grace_ms: 10_000,
+            idle_timeout_ms: 30_000,
+            dedup_horizon_ms: 3_600_000,
+            limits: Limits::default(),
+            alert_threshold_usd_micros: 5_000 * 1_000_000,
+        }
+    }
+}
+
+/// A configuration value that cannot work; `field` names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid {}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn cfg_err(field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.to_string(),
+        message: message.into(),
+    }
+}
+
+impl CoreConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.windows.is_empty() {
+            return Err(cfg_err("windows", "at least one window is required"));
+        }
+        if self.windows.len() > usize::from(u16::MAX) {
+            return Err(cfg_err("windows", "too many windows"));
+        }
+        let mut names = HashSet::new();
+        for w in &self.windows {
+            w.validate().map_err(|m| cfg_err("windows", m))?;
+            if !names.insert(&w.name) {
+                return Err(cfg_err(
+                    "windows",
+                    format!("window name {:?} is used twice", w.name),
+                ));
+            }
+        }
+        for (field, v) in [
+            ("out_of_orderness_ms", self.out_of_orderness_ms),
+            ("grace_ms", self.grace_ms),
+        ] {
+            if v < 0 {
+                return Err(cfg_err(field, format!("must be ≥ 0, got {v}")));
+            }
+        }
+        if self.idle_timeout_ms <= 0 {
+            return Err(cfg_err("idle_timeout_ms", "must be > 0"));
+        }
+        // The horizon must outlive every window an order can still change;
+        // otherwise a redelivered order could be counted twice.
+        let need = self.max_extent_ms() + self.grace_ms;
+        if self.dedup_horizon_ms < need {
+            return Err(cfg_err(
+                "dedup_horizon_ms",
+                format!(
+                    "must be ≥ the longest window extent plus grace ({need} ms), got {}",
+                    self.dedup_horizon_ms
+                ),
+            ));
+        }
+        let l = &self.limits;
+        if l.max_message_bytes == 0 {
+            return Err(cfg_err("max_message_bytes", "must be > 0"));
+        }
+        if l.min_event_ms >= l.max_event_ms {
+            return Err(cfg_err("min_event_time", "must be before max_event_time"));
+        }
+        if l.max_amount_micros <= 0 {
+            return Err(cfg_err("max_amount", "must be > 0"));
+        }
+        if self.alert_threshold_usd_micros <= 0 {
+            return Err(cfg_err("alert_threshold_usd", "must be > 0"));
+        }
+        Ok(())
+    }
+
+    fn max_extent_ms(&self) -> i64 {
+        self.windows
+            .iter()
+            .map(|w| w.kind.extent_ms())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// A fingerprint of what state rows mean: the window definitions. State
+    /// written under another fingerprint must not be mixed with this one.
+    pub fn state_fingerprint(&self) -> u64 {
+        let text = serde_json::to_string(&self.windows).unwrap_or_default();
+        customer_hash(&text)
+    }
+}
+
+/// Identifies a window within a partition: the spec (by index), the group key
+/// and the start. For sessions the group is the customer and the start the
+/// session's first event time.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct WindowKey {
+    pub spec: u16,
+    pub group: String,
+    pub start: i64,
+}
+
+/// A stored tumbling or sliding window, and the shape of every window result.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowRow {
+    /// Exclusive end for tumbling and sliding windows; for sessions, the time
+    /// of the last event (sessions span `[first, last]`).
+    pub end: i64,
+    pub agg: Aggregate,
+    /// The highest input offset folded into this row.
+    pub offset: Offset,
+    /// The final result has been emitted; the row never changes again.
+    pub closed: bool,
+}
+
+/// One session of a customer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    /// Time of the first event: the session's id.
+    pub start: i64,
+    /// Time of the last event.
+    pub last: i64,
+    pub agg: Aggregate,
+    /// The highest input offset folded into this session.
+    pub offset: Offset,
+    pub closed: bool,
+}
+
+/// All sessions of one customer for one session definition: the unit of
+/// session state. Storing them as one row means a restore sees the whole
+/// list as of one flush, so one offset covers all of them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionSet {
+    /// Sorted by start; open sessions and closed ones awaiting their purge.
+    pub sessions: Vec<Session>,
+    /// Starts of superseded sessions whose retraction is not yet durable; a
+    /// restore emits them again.
+    pub retracted: Vec<i64>,
+    /// The highest input offset folded into any of them.
+    pub offset: Offset,
+}
+
+/// A dedup entry: the first occurrence of an `order_id`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DedupRow {
+    pub event_ms: i64,
+    pub offset: Offset,
+}
+
+/// Per-partition progress: where to resume, and the watermark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionMeta {
+    /// The next input offset to apply; everything below is already in state.
+    pub next_offset: Offset,
+    pub max_event_ms: Option<i64>,
+    pub watermark: Option<i64>,
+}
+
+/// One row of partition state, as stored and restored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum StateRow {
+    Window(WindowKey, WindowRow),
+    /// Keyed by (session spec, customer).
+    Sessions(u16, String, SessionSet),
+    Dedup(String, DedupRow),
+    Meta(PartitionMeta),
+}
+
+/// The key of a [`StateRow`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RowKey {
+    Window(WindowKey),
+    Sessions(u16, String),
+    Dedup(String),
+    Meta,
+}
+
+impl StateRow {
+    pub fn key(&self) -> RowKey {
+        match self {
+            StateRow::Window(k, _) => RowKey::Window(k.clone()),
+            StateRow::Sessions(s, c, _) => RowKey::Sessions(*s, c.clone()),
+            StateRow::Dedup(id, _) => RowKey::Dedup(id.clone()),
+            StateRow::Meta(_) => RowKey::Meta,
+        }
+    }
+}
+
+/// A change to partition state, to be written durably by the shell.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StateChange {
+    Put(Partition, StateRow),
+    Delete(Partition, RowKey),
+}
+
+/// A window's current result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WindowUpdate {
+    pub partition: Partition,
+    pub spec_name: String,
+    pub kind: WindowKind,
+    pub by: GroupBy,
+    pub key: WindowKey,
+    pub row: WindowRow,
+}
+
+impl WindowUpdate {
+    pub fn is_final(&self) -> bool {
+        self.row.closed
+    }
+
+    /// A deterministic id, the same on every pod: `spec|group|start`.
+    pub fn window_id(&self) -> String {
+        window_id(&self.spec_name, &self.key)
+    }
+}
+
+/// `spec|group|start`: the id of a window across partitions.
+pub fn window_id(spec_name: &str, key: &WindowKey) -> String {
+    format!("{}|{}|{}", spec_name, key.group, key.start)
+}
+
+/// What the shell must do. Effects of one record come out in the order the
+/// record caused them; window updates of open windows come out at flush.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Effect {
+    /// A valid order folded into at least one window (→ `enriched-orders`).
+    /// `late_windows` counts the window definitions for which it came too late.
+    Accepted {
+        partition: Partition,
+        offset: Offset,
+        order: EnrichedOrder,
+        alert: bool,
+        late_windows: u16,
+    },
+    /// A valid order whose windows had all closed (→ late policy).
+    Late {
+        partition: Partition,
+        offset: Offset,
+        order: EnrichedOrder,
+        alert: bool,
+    },
+    /// Input that cannot be used (→ `orders-dlq`).
+    Rejected {
+        partition: Partition,
+        offset: Offset,
+        rejection: Rejection,
+    },
+    /// A second order with an `order_id` seen within the horizon; not counted.
+    Duplicate {
+        partition: Partition,
+        offset: Offset,
+        order_id: String,
+    },
+    /// A window's result; `row.closed` is the final flag.
+    Window(WindowUpdate),
+    /// A session superseded by a merge or an earlier event: its id must be
+    /// tombstoned downstream.
+    Retracted {
+        partition: Partition,
+        spec_name: String,
+        key: WindowKey,
+    },
+}
+
+/// Observable progress of one partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartitionStatus {
+    pub next_offset: Offset,
+    pub watermark: Option<i64>,
+    pub idle: bool,
+}
+
+/// What may leave the state, and when.
+#[derive(Clone, Debug)]
+enum Purge {
+    /// A closed window: once a durable watermark covers its close.
+    Window(i64, WindowKey),
+    /// A closed session (key: spec, customer, start): likewise.
+    Session(i64, WindowKey),
+    /// A retracted session id: once the flush that carried the retraction is durable.
+    Retraction(FlushId, WindowKey),
+    /// An expired dedup entry: once a durable watermark covers its expiry.
+    Dedup(i64, String),
+}
+
+#[derive(Default)]
+struct Part {
+    next_offset: Offset,
+    max_event_ms: Option<i64>,
+    watermark: Option<i64>,
+    last_active_wall: i64,
+    idle: bool,
+    windows: HashMap<WindowKey, WindowRow>,
+    sessions: HashMap<(u16, String), SessionSet>,
+    /// Open windows and sessions by close time.
+    closing: BTreeSet<(i64, WindowKey)>,
+    dedup: HashMap<String, DedupRow>,
+    /// Live dedup entries by expiry time.
+    dedup_expiry: BTreeSet<(i64, String)>,
+    touched: HashSet<WindowKey>,
+    sessions_touched: HashSet<(u16, String)>,
+    dedup_touched: HashSet<String>,
+    meta_dirty: bool,
+    pending_purge: Vec<Purge>,
+    /// The watermark each flush carried, until that flush is durable.
+    flushed_wm: VecDeque<(FlushId, Option<i64>)>,
+    /// The highest watermark known to be durable.
+    durable_wm: Option<i64>,
+}
+
+impl Part {
+    fn new(wall_ms: i64) -> Self {
+        Part {
+            last_active_wall: wall_ms,
+            meta_dirty: true,
+            ..Part::default()
+        }
+    }
+
+    fn meta(&self) -> PartitionMeta {
+        PartitionMeta {
+            next_offset: self.next_offset,
+            max_event_ms: self.max_event_ms,
+            watermark: self.watermark,
+        }
+    }
+
+    fn status(&self) -> PartitionStatus {
+        PartitionStatus {
+            next_offset: self.next_offset,
+            watermark: self.watermark,
+            idle: self.idle,
+        }
+    }
+
+    fn is_closed_at(&self, close_at: i64) -> bool {
+        matches!(self.watermark, Some(wm) if close_at <= wm)
+    }
+}
+
+fn session_row(s: &Session) -> WindowRow {
+    WindowRow {
+        end: s.last,
+        agg: s.agg.clone(),
+        offset: s.offset,
+        closed: s.closed,
+    }
+}
+
+/// The state machine for all partitions a pod holds.
+pub struct Engine {
+    cfg: CoreConfig,
+    fx: FxTable,
+    parts: BTreeMap<Partition, Part>,
+    flush_seq: FlushId,
+}
+
+impl Engine {
+    pub fn new(cfg: CoreConfig, fx: FxTable) -> Result<Engine, ConfigError> {
+        cfg.validate()?;
+        Ok(Engine {
+            cfg,
+            fx,
+            parts: BTreeMap::new(),
+            flush_seq: 0,
+        })
+    }
+
+    pub fn config(&self) -> &CoreConfig {
+        &self.cfg
+    }
+
+    pub fn fx(&self) -> &FxTable {
+        &self.fx
+    }
+
+    /// FX changes apply to records processed after them.
+    pub fn fx_mut(&mut self) -> &mut FxTable {
+        &mut self.fx
+    }
+
+    /// Starts a partition with empty state (no-op if already held).
+    pub fn assign(&mut self, p: Partition, wall_ms: i64) {
+        self.parts.entry(p).or_insert_with(|| Part::new(wall_ms));
+    }
+
+    /// Drops a partition's state (after the shell flushed it).
+    pub fn revoke(&mut self, p: Partition) {
+        self.parts.remove(&p);
+    }
+
+    pub fn partitions(&self) -> impl Iterator<Item = (Partition, PartitionStatus)> + '_ {
+        self.parts.iter().map(|(p, s)| (*p, s.status()))
+    }
+
+    pub fn status(&self, p: Partition) -> Option<PartitionStatus> {
+        self.parts.get(&p).map(Part::status)
+    }
+
+    /// Number of open (not yet final) windows per kind name.
+    pub fn open_windows(&self) -> BTreeMap<&'static str, usize> {
+        let mut m = BTreeMap::new();
+        for w in &self.cfg.windows {
+            m.entry(w.kind.name()).or_insert(0);
+        }
+        for part in self.parts.values() {
+            for (_, key) in &part.closing {
+                *m.entry(self.spec(key.spec).kind.name()).or_insert(0) += 1;
+            }
+        }
+        m
+    }
+
+    fn spec(&self, ix: u16) -> &WindowSpec {
+        &self.cfg.windows[usize::from(ix)]
+    }
+
+    fn update(&self, p: Partition, key: &WindowKey, row: WindowRow) -> Effect {
+        let spec = self.spec(key.spec);
+        Effect::Window(WindowUpdate {
+            partition: p,
+            spec_name: spec.name.clone(),
+            kind: spec.kind,
+            by: spec.by,
+            key: key.clone(),
+            row,
+        })
+    }
+
+    fn close_at(&self, spec: u16, end_or_last: i64) -> i64 {
+        let grace = self.cfg.grace_ms;
+        match self.spec(spec).kind {
+            WindowKind::Session { gap_ms } => end_or_last + gap_ms + grace,
+            _ => end_or_last + grace,
+        }
+    }
+
+    /// Rebuilds a partition from stored rows, replacing what was held. The
+    /// rows may come from any durable prefix of flushes. Finals of closed
+    /// rows and pending retractions are emitted again: they may not have
+    /// reached downstream before a crash, and both are idempotent there.
+    pub fn restore(
+        &mut self,
+        p: Partition,
+        rows: impl IntoIterator<Item = StateRow>,
+        wall_ms: i64,
+        out: &mut Vec<Effect>,
+    ) {
+        let mut part = Part::new(wall_ms);
+        part.meta_dirty = false;
+        let horizon = self.cfg.dedup_horizon_ms;
+        for row in rows {
+            match row {
+                StateRow::Meta(m) => {
+                    part.next_offset = m.next_offset;
+                    part.max_event_ms = m.max_event_ms;
+                    part.watermark = m.watermark;
+                }
+                StateRow::Dedup(id, d) => {
+                    part.dedup_expiry.insert((d.event_ms + horizon, id.clone()));
+                    part.dedup.insert(id, d);
+                }
+                StateRow::Window(key, row) => {
+                    if self.cfg.windows.get(usize::from(key.spec)).is_none() {
+                        continue;
+                    }
+                    let close_at = self.close_at(key.spec, row.end);
+                    if row.closed {
+                        part.pending_purge
+                            .push(Purge::Window(close_at, key.clone()));
+                        out.push(self.update(p, &key, row.clone()));
+                    } else {
+                        part.closing.insert((close_at, key.clone()));
+                    }
+                    part.windows.insert(key, row);
+                }
+                StateRow::Sessions(spec, customer, set) => {
+                    if self.cfg.windows.get(usize::from(spec)).is_none() {
+                        continue;
+                    }
+                    for start in &set.retracted {
+                        let key = WindowKey {
+                            spec,
+                            group: customer.clone(),
+                            start: *start,
+                        };
+                        out.push(Effect::Retracted {
+                            partition: p,
+                            spec_name: self.spec(spec).name.clone(),
+                            key: key.clone(),
+                        });
+                        part.pending_purge.push(Purge::Retraction(0, key));
+                    }
+                    for s in &set.sessions {
+                        let key = WindowKey {
+                            spec,
+                            group: customer.clone(),
+                            start: s.start,
+                        };
+                        let close_at = self.close_at(spec, s.last);
+                        if s.closed {
+                            part.pending_purge
+                                .push(Purge::Session(close_at, key.clone()));
+                            out.push(self.update(p, &key, session_row(s)));
+                        } else {
+                            part.closing.insert((close_at, key));
+                        }
+                    }
+                    part.sessions.insert((spec, customer), set);
+                }
+            }
+        }
+        part.durable_wm = part.watermark;
+        self.parts.insert(p, part);
+        // Anything the restored watermark already passed closes now.
+        self.advance(p, out);
+    }
+
+    /// Applies one input record. Records below the partition's next offset
+    /// were already applied and are ignored.
+    pub fn on_record(
+        &mut self,
+        p: Partition,
+        offset: Offset,
+        payload: &[u8],
+        wall_ms: i64,
+        out: &mut Vec<Effect>,
+    ) {
+        let next_flush = self.flush_seq + 1;
+        let part = self.parts.entry(p).or_insert_with(|| Part::new(wall_ms));
+        if offset < part.next_offset {
+            return;
+        }
+        part.next_offset = offset + 1;
+        part.last_active_wall = wall_ms;
+        part.idle = false;
+        part.meta_dirty = true;
+
+        let order = match validate(payload, &self.cfg.limits, &self.fx, wall_ms) {
+            Ok(o) => o,
+            Err(rejection) => {
+                out.push(Effect::Rejected {
+                    partition: p,
+                    offset,
+                    rejection,
+                });
+                return;
+            }
+        };
+        // An expired entry waiting for its purge counts as absent, so the
+        // outcome never depends on when flushes happened.
+        let horizon = self.cfg.dedup_horizon_ms;
+        let live = part
+            .dedup
+            .get(&order.order.order_id)
+            .filter(|d| !part.is_closed_at(d.event_ms + horizon));
+        let first_seen = match live {
+            Some(d) if d.offset < offset => {
+                out.push(Effect::Duplicate {
+                    partition: p,
+                    offset,
+                    order_id: order.order.order_id,
+                });
+                return;
+            }
+            // The same record again (a replay after a partial flush).
+            Some(_) => false,
+            None => true,
+        };
+
+        let t = order.order.created_at_ms;
+        let customer = customer_hash(&order.order.customer_id);
+        let grace = self.cfg.grace_ms;
+        let mut open = 0u16;
+        let mut late = 0u16;
+        for (i, spec) in self.cfg.windows.iter().enumerate() {
+            let spec_ix = i as u16;
+            let folded = match spec.kind {
+                WindowKind::Session { gap_ms } => {
+                    let fold = SessionFold {
+                        p,
+                        spec_ix,
+                        spec_name: &spec.name,
+                        gap: gap_ms,
+                        grace,
+                        offset,
+                        next_flush,
+                    };
+                    fold.apply(part, &order, customer, out)
+                }
+                _ => {
+                    let group = spec.by.key_of(&order);
+                    let mut any = false;
+                    for (start, end) in assign(&spec.kind, t) {
+                        let close_at = end + grace;
+                        if part.is_closed_at(close_at) {
+                            continue;
+                        }
+                        any = true;
+                        let key = WindowKey {
+                            spec: spec_ix,
+                            group: group.to_string(),
+                            start,
+                        };
+                        fold_fixed(part, key, end, close_at, &order, customer, offset);
+                    }
+                    any
+                }
+            };
+            if folded {
+                open += 1;
+            } else {
+                late += 1;
+            }
+        }
+
+        if first_seen {
+            let expire = t + horizon;
+            if !part.is_closed_at(expire) {
+                part.dedup.insert(
+                    order.order.order_id.clone(),
+                    DedupRow {
+                        event_ms: t,
+                        offset,
+                    },
+                );
+                part.dedup_expiry
+                    .insert((expire, order.order.order_id.clone()));
+                part.dedup_touched.insert(order.order.order_id.clone());
+            }
+        }
+
+        let alert = order.amount_usd_micros >= self.cfg.alert_threshold_usd_micros;
+        if open > 0 {
+            out.push(Effect::Accepted {
+                partition: p,
+                offset,
+                order,
+                alert,
+                late_windows: late,
+            });
+        } else {
+            out.push(Effect::Late {
+                partition: p,
+                offset,
+                order,
+                alert,
+            });
+        }
+
+        if part.max_event_ms.is_none_or(|m| t > m) {
+            part.max_event_ms = Some(t);
+            let candidate = t - self.cfg.out_of_orderness_ms;
+            if part.watermark.is_none_or(|w| candidate > w) {
+                part.watermark = Some(candidate);
+                self.advance(p, out);
+            }
+        }
+    }
+
+    /// Wall-clock progress for one partition: marks it idle after
+    /// `idle_timeout_ms` without records, then lets idle partitions follow
+    /// the combined watermark of the active ones.
+    pub fn on_tick(&mut self, p: Partition, wall_ms: i64, out: &mut Vec<Effect>) {
+        if let Some(part) = self.parts.get_mut(&p) {
+            if !part.idle && wall_ms - part.last_active_wall >= self.cfg.idle_timeout_ms {
+                part.idle = true;
+            }
+        }
+        self.release_idle(out);
+    }
+
+    /// [`Engine::on_tick`] for every partition held.
+    pub fn tick(&mut self, wall_ms: i64, out: &mut Vec<Effect>) {
+        let timeout = self.cfg.idle_timeout_ms;
+        for part in self.parts.values_mut() {
+            if !part.idle && wall_ms - part.last_active_wall >= timeout {
+                part.idle = true;
+            }
+        }
+        self.release_idle(out);
+    }
+
+    /// The minimum watermark over partitions that are not idle; idle
+    /// partitions hold nothing back. `None` while an active partition has
+    /// no watermark yet, or when every partition is idle.
+    pub fn combined_watermark(&self) -> Option<i64> {
+        let mut active = self.parts.values().filter(|p| !p.idle).peekable();
+        active.peek()?;
+        let mut min: Option<i64> = None;
+        for part in active {
+            let wm = part.watermark?;
+            min = Some(min.map_or(wm, |m: i64| m.min(wm)));
+        }
+        min
+    }
+
+    fn release_idle(&mut self, out: &mut Vec<Effect>) {
+        let Some(combined) = self.combined_watermark() else {
+            return;
+        };
+        let idle: Vec<Partition> = self
+            .parts
+            .iter()
+            .filter(|(_, s)| s.idle && s.watermark.is_none_or(|w| w < combined))
+            .map(|(p, _)| *p)
+            .collect();
+        for p in idle {
+            if let Some(part) = self.parts.get_mut(&p) {
+                part.watermark = Some(combined);
+                part.meta_dirty = true;
+            }
+            self.advance(p, out);
+        }
+    }
+
+    /// End of input for a partition (bounded replay): the watermark becomes
+    /// +∞ and every window closes.
+    pub fn finish(&mut self, p: Partition, out: &mut Vec<Effect>) {
+        if let Some(part) = self.parts.get_mut(&p) {
+            part.watermark = Some(i64::MAX);
+            part.meta_dirty = true;
+        }
+        self.advance(p, out);
+    }
+
+    /// Closes every window the partition's watermark has passed (emitting
+    /// its final result once) and expires dedup entries.
+    fn advance(&mut self, p: Partition, out: &mut Vec<Effect>) {
+        let Some(part) = self.parts.get_mut(&p) else {
+            return;
+        };
+        let Some(wm) = part.watermark else {
+            return;
+        };
+        part.meta_dirty = true;
+        while part.closing.first().is_some_and(|(c, _)| *c <= wm) {
+            let Some((close_at, key)) = part.closing.pop_first() else {
+                break;
+            };
+            let spec = &self.cfg.windows[usize::from(key.spec)];
+            let row = if matches!(spec.kind, WindowKind::Session { .. }) {
+                let skey = (key.spec, key.group.clone());
+                let Some(set) = part.sessions.get_mut(&skey) else {
+                    continue;
+                };
+                let Some(s) = set.sessions.iter_mut().find(|s| s.start == key.start) else {
+                    continue;
+                };
+                s.closed = true;
+                let row = session_row(s);
+                part.sessions_touched.insert(skey);
+                part.pending_purge
+                    .push(Purge::Session(close_at, key.clone()));
+                row
+            } else {
+                let Some(row) = part.windows.get_mut(&key) else {
+                    continue;
+                };
+                row.closed = true;
+                part.touched.insert(key.clone());
+                part.pending_purge
+                    .push(Purge::Window(close_at, key.clone()));
+                row.clone()
+            };
+            out.push(Effect::Window(WindowUpdate {
+                partition: p,
+                spec_name: spec.name.clone(),
+                kind: spec.kind,
+                by: spec.by,
+                key,
+                row,
+            }));
+        }
+        while part.dedup_expiry.first().is_some_and(|(e, _)| *e <= wm) {
+            let Some((expire, id)) = part.dedup_expiry.pop_first() else {
+                break;
+            };
+            // Kept until the watermark that expired it is durable.
+            part.pending_purge.push(Purge::Dedup(expire, id));
+        }
+    }
+
+    /// Drains everything since the last flush: updates of open windows that
+    /// changed (`final: false`) go to `effects`; every changed row, delete
+    /// and partition meta goes to `changes`, meta last. Make them durable,
+    /// then call [`Engine::on_durable`] with the returned id.
+    pub fn flush(&mut self, effects: &mut Vec<Effect>, changes: &mut Vec<StateChange>) -> FlushId {
+        self.flush_seq += 1;
+        let parts: Vec<Partition> = self.parts.keys().copied().collect();
+        for p in parts {
+            let Some(part) = self.parts.get_mut(&p) else {
+                continue;
+            };
+            let mut touched: Vec<WindowKey> = part.touched.drain().collect();
+            touched.sort();
+            let mut stouched: Vec<(u16, String)> = part.sessions_touched.drain().collect();
+            stouched.sort();
+            let mut ids: Vec<String> = part.dedup_touched.drain().collect();
+            ids.sort();
+            let part = &self.parts[&p];
+            for key in touched {
+                match part.windows.get(&key) {
+                    Some(row) => {
+                        if !row.closed {
+                            effects.push(self.update(p, &key, row.clone()));
+                        }
+                        changes.push(StateChange::Put(p, StateRow::Window(key, row.clone())));
+                    }
+                    None => changes.push(StateChange::Delete(p, RowKey::Window(key))),
+                }
+            }
+            for (spec, customer) in stouched {
+                match part.sessions.get(&(spec, customer.clone())) {
+                    Some(set) => {
+                        for s in set.sessions.iter().filter(|s| !s.closed) {
+                            let key = WindowKey {
+                                spec,
+                                group: customer.clone(),
+                                start: s.start,
+                            };
+                            effects.push(self.update(p, &key, session_row(s)));
+                        }
+                        changes.push(StateChange::Put(
+                            p,
+                            StateRow::Sessions(spec, customer, set.clone()),
+                        ));
+                    }
+                    None => changes.push(StateChange::Delete(p, RowKey::Sessions(spec, customer))),
+                }
+            }
+            for id in ids {
+                match part.dedup.get(&id) {
+                    Some(d) => changes.push(StateChange::Put(p, StateRow::Dedup(id, *d))),
+                    None => changes.push(StateChange::Delete(p, RowKey::Dedup(id))),
+                }
+            }
+            let seq = self.flush_seq;
+            let Some(part) = self.parts.get_mut(&p) else {
+                continue;
+            };
+            if part.meta_dirty {
+                part.meta_dirty = false;
+                changes.push(StateChange::Put(p, StateRow::Meta(part.meta())));
+            }
+            part.flushed_wm.push_back((seq, part.watermark));
+        }
+        self.flush_seq
+    }
+
+    /// The flush `id` (and every earlier one) is durable: closed rows,
+    /// retractions and expired dedup entries it covered can now be removed.
+    /// Their deletes go out with the next flush.
+    pub fn on_durable(&mut self, id: FlushId) {
+        let horizon = self.cfg.dedup_horizon_ms;
+        for part in self.parts.values_mut() {
+            while let Some((fid, wm)) = part.flushed_wm.front().copied() {
+                if fid > id {
+                    break;
+                }
+                part.flushed_wm.pop_front();
+                if wm > part.durable_wm {
+                    part.durable_wm = wm;
+                }
+            }
+            let covered = |t: i64, w: Option<i64>| w.is_some_and(|w| t <= w);
+            let durable_wm = part.durable_wm;
+            let pending = std::mem::take(&mut part.pending_purge);
+            for item in pending {
+                match item {
+                    Purge::Window(t, key) if covered(t, durable_wm) => {
+                        if part.windows.get(&key).is_some_and(|r| r.closed) {
+                            part.windows.remove(&key);
+                            part.touched.insert(key);
+                        }
+                    }
+                    Purge::Session(t, key) if covered(t, durable_wm) => {
+                        let skey = (key.spec, key.group.clone());
+                        if let Some(set) = part.sessions.get_mut(&skey) {
+                            set.sessions.retain(|s| !(s.closed && s.start == key.start));
+                            if set.sessions.is_empty() && set.retracted.is_empty() {
+                                part.sessions.remove(&skey);
+                            }
+                            part.sessions_touched.insert(skey);
+                        }
+                    }
+                    Purge::Retraction(fid, key) if fid <= id => {
+                        let skey = (key.spec, key.group.clone());
+                        if let Some(set) = part.sessions.get_mut(&skey) {
+                            set.retracted.retain(|s| *s != key.start);
+                            if set.sessions.is_empty() && set.retracted.is_empty() {
+                                part.sessions.remove(&skey);
+                            }
+                            part.sessions_touched.insert(skey);
+                        }
+                    }
+                    Purge::Dedup(t, d) if covered(t, durable_wm) => {
+                        // The id may have been seen again since it expired.
+                        let expired = part
+                            .dedup
+                            .get(&d)
+                            .is_some_and(|r| covered(r.event_ms + horizon, durable_wm));
+                        if expired {
+                            part.dedup.remove(&d);
+                            part.dedup_touched.insert(d);
+                        }
+                    }
+                    other => part.pending_purge.push(other),
+                }
+            }
+        }
+    }
+
+    /// Current result of every window and session held (open, and closed
+    /// but not yet purged), sorted by partition and key.
+    pub fn snapshot(&self) -> Vec<WindowUpdate> {
+        let mut v = Vec::new();
+        for (p, part) in &self.parts {
+            for (key, row) in &part.windows {
+                if let Effect::Window(w) = self.update(*p, key, row.clone()) {
+                    v.push(w);
+                }
+            }
+            for ((spec, customer), set) in &part.sessions {
+                for s in &set.sessions {
+                    let key = WindowKey {
+                        spec: *spec,
+                        group: customer.clone(),
+                        start: s.start,
+                    };
+                    if let Effect::Window(w) = self.update(*p, &key, session_row(s)) {
+                        v.push(w);
+                    }
+                }
+            }
+        }
+        v.sort_by(|a, b| (a.partition, &a.key).cmp(&(b.partition, &b.key)));
+        v
+    }
+}
+
+fn fold_fixed(
+    part: &mut Part,
+    key: WindowKey,
+    end: i64,
+    close_at: i64,
+    order: &EnrichedOrder,
+    customer: u64,
+    offset: Offset,
+) {
+    match part.windows.get_mut(&key) {
+        Some(row) => {
+            // A closed row never changes; a row that already holds this
+            // offset (restored from a flush cut in half) must not count it twice.
+            if row.closed || row.offset >= offset {
+                return;
+            }
+            add_order(&mut row.agg, order, customer);
+            row.offset = offset;
+            part.touched.insert(key);
+        }
+        None => {
+            let mut agg = Aggregate::default();
+            add_order(&mut agg, order, customer);
+            part.windows.insert(
+                key.clone(),
+                WindowRow {
+                    end,
+                    agg,
+                    offset,
+                    closed: false,
+                },
+            );
+            part.closing.insert((close_at, key.clone()));
+            part.touched.insert(key);
+        }
+    }
+}
+
+fn add_order(agg: &mut Aggregate, o: &EnrichedOrder, customer: u64) {
+    agg.add(
+        o.amount_usd_micros,
+        o.order.currency,
+        o.order.amount_micros,
+        customer,
+    );
+}
+
+/// Folding one order into its customer's sessions for one definition.
+struct SessionFold<'a> {
+    p: Partition,
+    spec_ix: u16,
+    spec_name: &'a str,
+    gap: i64,
+    grace: i64,
+    offset: Offset,
+    next_flush: FlushId,
+}
+
+impl SessionFold<'_> {
+    /// Returns false when the order is late for this definition: its own
+    /// session `[t, t]` would already be closed.
+    ///
+    /// Closed sessions are final and take no part in merging (as in Flink):
+    /// an order that arrives after its neighbour closed, but whose own
+    /// session is still open, starts or joins another session. So whether a
+    /// closed session is still held or already purged changes nothing.
+    fn apply(
+        &self,
+        part: &mut Part,
+        order: &EnrichedOrder,
+        customer: u64,
+        out: &mut Vec<Effect>,
+    ) -> bool {
+        let (gap, grace) = (self.gap, self.grace);
+        let t = order.order.created_at_ms;
+        if part.is_closed_at(t + gap + grace) {
+            return false;
+        }
+        let cust = &order.order.customer_id;
+        let skey = (self.spec_ix, cust.clone());
+        let set = part.sessions.entry(skey.clone()).or_default();
+        if set.offset >= self.offset && !(set.sessions.is_empty() && set.retracted.is_empty()) {
+            // This customer's sessions already hold this record (a replay
+            // after a flush that was cut in half).
+            return true;
+        }
+        // Open sessions closer than `gap` to the event merge with it.
+        let (touching, rest): (Vec<Session>, Vec<Session>) = std::mem::take(&mut set.sessions)
+            .into_iter()
+            .partition(|s| !s.closed && s.start - gap < t && t < s.last + gap);
+        set.sessions = rest;
+        let mut merged = Session {
+            start: t,
+            last: t,
+            agg: Aggregate::default(),
+            offset: self.offset,
+            closed: false,
+        };
+        for s in &touching {
+            merged.start = merged.start.min(s.start);
+            merged.last = merged.last.max(s.last);
+            merged.agg.merge(&s.agg);
+            part.closing
+                .remove(&(s.last + gap + grace, self.key(cust, s.start)));
+        }
+        add_order(&mut merged.agg, order, customer);
+        for s in &touching {
+            if s.start != merged.start {
+                let key = self.key(cust, s.start);
+                out.push(Effect::Retracted {
+                    partition: self.p,
+                    spec_name: self.spec_name.to_string(),
+                    key: key.clone(),
+                });
+                set.retracted.push(s.start);
+                part.pending_purge
+                    .push(Purge::Retraction(self.next_flush, key));
+            }
+        }
+        part.closing
+            .insert((merged.last + gap + grace, self.key(cust, merged.start)));
+        let at = set.sessions.partition_point(|s| s.start < merged.start);
+        set.sessions.insert(at, merged);
+        set.offset = self.offset;
+        part.sessions_touched.insert(skey);
+        true
+    }
+
+    fn key(&self, customer: &str, start: i64) -> WindowKey {
+        WindowKey {
+            spec: self.spec_ix,
+            group: customer.to_string(),
+            start,
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! The pure core: validation, enrichment, windows, watermarks, sessions,
+//! dedup and aggregates, as a state machine.
+//!
+//! **Architecture invariant:** this module does no IO, reads no clock and
+//! knows nothing of Kafka, RocksDB, HTTP or metrics. Time enters only as
+//! values (`wall_ms` arguments); effects leave only as values ([`Effect`],
+//! [`StateChange`]). `tests/purity.rs` fails the build's tests if a file
+//! here imports tokio, rdkafka, rocksdb, axum or prometheus, or touches the
+//! clock, the file system, the network, threads or the environment.
+//!
+//! - [`order`]: bytes → validated, enriched order, or a rejection with a reason.
+//! - [`window`]: window definitions and the tumbling/sliding assigners.
+//! - [`aggregate`]: the mergeable per-window aggregate.
+//! - [`sketch`]: the mergeable p95 sketch, with its error bound.
+//! - [`engine`]: the per-partition state machine (watermarks, closing,
+//!   sessions, dedup, per-row offsets, the flush/durable protocol).
+
+pub mod aggregate;
+pub mod engine;
+pub mod order;
+pub mod sketch;
+pub mod window;
+
+pub use aggregate::{customer_hash, Aggregate};
+pub use engine::{
+    window_id, ConfigError, CoreConfig, DedupRow, Effect, Engine, FlushId, Offset, Partition,
+    PartitionMeta, PartitionStatus, RowKey, Session, SessionSet, StateChange, StateRow, WindowKey,
+    WindowRow, WindowUpdate,
+};
+pub use order::{
+    enrich, parse_order, validate, Currency, EnrichedOrder, FxTable, Limits, Order, Rate, Reason,
+    Rejection,
+};
+pub use window::{GroupBy, WindowKind, WindowSpec};

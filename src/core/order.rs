@@ -1,0 +1,754 @@
+//! Parsing, validation and enrichment of one input order.
+//!
+//! The input is tolerant (numbers or numeric strings, RFC 3339 or epoch
+//! timestamps, any-case currency) and the output is strict: an [`Order`] whose
+//! fields are normalised, or a [`Rejection`] with a machine-readable
+//! [`Reason`]. Money is carried as integer micro-units so sums are exact and
+//! do not depend on the order in which events arrive.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Region given to orders that name none.
+pub const DEFAULT_REGION: &str = "unknown";
+
+/// Micro-units per currency unit: amounts are stored as `amount * 10^6`.
+pub const MICROS: i64 = 1_000_000;
+
+/// Fixed-point scale of an FX rate: a rate is stored as `rate * 10^9`.
+pub const RATE_SCALE: i64 = 1_000_000_000;
+
+/// Why an input could not be used. `as_str` is the machine-readable reason
+/// that goes into the DLQ header and the `reason` label of the metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// The bytes are not JSON (syntax error, bad UTF-8, truncated).
+    NotJson,
+    /// Valid JSON, but not an object (an array, a string, ...).
+    NotObject,
+    /// The same field appears twice, so which value counts is ambiguous.
+    DuplicateField,
+    /// A required field is absent, null or empty.
+    MissingField,
+    /// A field has a type that cannot be read as what it should be.
+    WrongType,
+    /// `amount` is zero or negative.
+    NonPositiveAmount,
+    /// `amount` is NaN or infinite.
+    NonFiniteAmount,
+    /// `amount` is positive but below one micro-unit or above the limit.
+    AmountOutOfRange,
+    /// `currency` is not three letters, or not in the FX table.
+    UnknownCurrency,
+    /// `created_at` is a string that is neither RFC 3339 nor an epoch number.
+    InvalidTimestamp,
+    /// `created_at` is outside the configured range (years 2000..2100 by default).
+    TimestampOutOfRange,
+    /// The message is larger than the configured limit.
+    Oversize,
+}
+
+impl Reason {
+    /// Every reason, for metrics that pre-register one series per reason.
+    pub const ALL: [Reason; 12] = [
+        Reason::NotJson,
+        Reason::NotObject,
+        Reason::DuplicateField,
+        Reason::MissingField,
+        Reason::WrongType,
+        Reason::NonPositiveAmount,
+        Reason::NonFiniteAmount,
+        Reason::AmountOutOfRange,
+        Reason::UnknownCurrency,
+        Reason::InvalidTimestamp,
+        Reason::TimestampOutOfRange,
+        Reason::Oversize,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::NotJson => "not_json",
+            Reason::NotObject => "not_object",
+            Reason::DuplicateField => "duplicate_field",
+            Reason::MissingField => "missing_field",
+            Reason::WrongType => "wrong_type",
+            Reason::NonPositiveAmount => "non_positive_amount",
+            Reason::NonFiniteAmount => "non_finite_amount",
+            Reason::AmountOutOfRange => "amount_out_of_range",
+            Reason::UnknownCurrency => "unknown_currency",
+            Reason::InvalidTimestamp => "invalid_timestamp",
+            Reason::TimestampOutOfRange => "timestamp_out_of_range",
+            Reason::Oversize => "oversize",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A rejected input: the reason, the field it concerns (if any) and a
+/// human-readable detail. Rejections are data: they go to the DLQ.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejection {
+    pub reason: Reason,
+    pub field: Option<&'static str>,
+    pub detail: String,
+}
+
+impl Rejection {
+    fn new(reason: Reason, field: Option<&'static str>, detail: impl Into<String>) -> Self {
+        Rejection {
+            reason,
+            field,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.field {
+            Some(field) => write!(f, "{} ({field}): {}", self.reason, self.detail),
+            None => write!(f, "{}: {}", self.reason, self.detail),
+        }
+    }
+}
+
+/// An ISO-4217 code, upper case. `Copy`, so it costs nothing on the hot path.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Currency([u8; 3]);
+
+impl Currency {
+    /// Accepts three ASCII letters in any case.
+    pub fn parse(s: &str) -> Option<Currency> {
+        let b = s.as_bytes();
+        if b.len() != 3 || !b.iter().all(u8::is_ascii_alphabetic) {
+            return None;
+        }
+        Some(Currency([
+            b[0].to_ascii_uppercase(),
+            b[1].to_ascii_uppercase(),
+            b[2].to_ascii_uppercase(),
+        ]))
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII letters are ever stored.
+        std::str::from_utf8(&self.0).unwrap_or("???")
+    }
+}
+
+impl fmt::Display for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Currency {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Currency {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Currency::parse(&s).ok_or_else(|| serde::de::Error::custom("not a three-letter currency"))
+    }
+}
+
+/// Bounds that make an input "absurd". All configurable.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Limits {
+    /// Messages larger than this are rejected as `oversize` before parsing.
+    pub max_message_bytes: usize,
+    /// Earliest accepted event time (ms since the epoch, inclusive).
+    pub min_event_ms: i64,
+    /// Latest accepted event time (ms since the epoch, exclusive).
+    pub max_event_ms: i64,
+    /// Largest accepted amount, in micro-units of the original currency.
+    pub max_amount_micros: i64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 64 * 1024,
+            // 2000-01-01T00:00:00Z and 2100-01-01T00:00:00Z.
+            min_event_ms: 946_684_800_000,
+            max_event_ms: 4_102_444_800_000,
+            max_amount_micros: 1_000_000_000 * MICROS,
+        }
+    }
+}
+
+/// A validated order. Ids are strings even when they arrived as integers, so
+/// `42` and `"42"` are the same order and the same customer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Order {
+    pub order_id: String,
+    pub customer_id: String,
+    /// Amount in micro-units of `currency`.
+    pub amount_micros: i64,
+    pub currency: Currency,
+    /// Event time, ms since the epoch.
+    pub created_at_ms: i64,
+    pub region: String,
+}
+
+/// The known fields; everything else is ignored here and passed through by
+/// the adapter that writes `enriched-orders`.
+#[derive(Deserialize)]
+struct RawOrder {
+    #[serde(default)]
+    order_id: Option<Value>,
+    #[serde(default)]
+    customer_id: Option<Value>,
+    #[serde(default)]
+    amount: Option<Value>,
+    #[serde(default)]
+    currency: Option<Value>,
+    #[serde(default)]
+    created_at: Option<Value>,
+    #[serde(default)]
+    region: Option<Value>,
+}
+
+/// Bytes to a validated [`Order`], or the reason it cannot be used.
+pub fn parse_order(bytes: &[u8], limits: &Limits) -> Result<Order, Rejection> {
+    if bytes.len() > limits.max_message_bytes {
+        return Err(Rejection::new(
+            Reason::Oversize,
+            None,
+            format!("{} bytes, limit {}", bytes.len(), limits.max_message_bytes),
+        ));
+    }
+    // A derived struct also accepts a JSON array (as a tuple), so the shape
+    // is checked first: only an object is an order.
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(
+            match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+                Ok(_) => Rejection::new(
+                    Reason::NotObject,
+                    None,
+                    "the message is JSON but not an object",
+                ),
+                Err(e) => classify_json_error(e),
+            },
+        );
+    }
+    let raw: RawOrder = serde_json::from_slice(bytes).map_err(classify_json_error)?;
+    let order_id = id_field(raw.order_id, "order_id")?;
+    let customer_id = id_field(raw.customer_id, "customer_id")?;
+    let amount_micros = amount_field(raw.amount, limits)?;
+    let currency = currency_field(raw.currency)?;
+    let created_at_ms = time_field(raw.created_at, limits)?;
+    let region = match raw.region {
+        None => DEFAULT_REGION.to_string(),
+        Some(Value::String(s)) if s.is_empty() => DEFAULT_REGION.to_string(),
+        Some(Value::String(s)) => s,
+        Some(other) => return Err(wrong_type("region", "a string", &other)),
+    };
+    Ok(Order {
+        order_id,
+        customer_id,
+        amount_micros,
+        currency,
+        created_at_ms,
+        region,
+    })
+}
+
+fn classify_json_error(e: serde_json::Error) -> Rejection {
+    use serde_json::error::Category;
+    let msg = e.to_string();
+    match e.classify() {
+        Category::Data if msg.starts_with("duplicate field") => {
+            Rejection::new(Reason::DuplicateField, None, msg)
+        }
+        Category::Data => Rejection::new(Reason::NotObject, None, msg),
+        Category::Syntax | Category::Eof | Category::Io => {
+            Rejection::new(Reason::NotJson, None, msg)
+        }
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn wrong_type(field: &'static str, expected: &str, got: &Value) -> Rejection {
+    Rejection::new(
+        Reason::WrongType,
+        Some(field),
+        format!("expected {expected}, got {}", kind_of(got)),
+    )
+}
+
+fn missing(field: &'static str) -> Rejection {
+    Rejection::new(Reason::MissingField, Some(field), "required")
+}
+
+fn id_field(v: Option<Value>, field: &'static str) -> Result<String, Rejection> {
+    match v {
+        None => Err(missing(field)),
+        Some(Value::String(s)) if s.is_empty() => Err(missing(field)),
+        Some(Value::String(s)) => Ok(s),
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(n.to_string()),
+        Some(other) => Err(wrong_type(field, "a string or an integer", &other)),
+    }
+}
+
+fn amount_field(v: Option<Value>, limits: &Limits) -> Result<i64, Rejection> {
+    const F: &str = "amount";
+    let x = match v {
+        None => return Err(missing(F)),
+        Some(Value::Number(n)) => n.as_f64().unwrap_or(f64::NAN),
+        Some(Value::String(s)) => s.trim().parse::<f64>().map_err(|_| {
+            Rejection::new(Reason::WrongType, Some(F), format!("{s:?} is not a number"))
+        })?,
+        Some(other) => return Err(wrong_type(F, "a number or a numeric string", &other)),
+    };
+    amount_to_micros(x, limits.max_amount_micros)
+}
+
+/// A positive, finite amount to micro-units, rounding to the nearest micro.
+/// Below 10^9 units an f64 holds every micro exactly, so this is exact for
+/// any amount written with at most six decimals.
+pub fn amount_to_micros(x: f64, max_micros: i64) -> Result<i64, Rejection> {
+    const F: Option<&str> = Some("amount");
+    if !x.is_finite() {
+        return Err(Rejection::new(Reason::NonFiniteAmount, F, format!("{x}")));
+    }
+    if x <= 0.0 {
+        return Err(Rejection::new(Reason::NonPositiveAmount, F, format!("{x}")));
+    }
+    let micros = (x * MICROS as f64).round();
+    if micros < 1.0 || micros > max_micros as f64 {
+        return Err(Rejection::new(
+            Reason::AmountOutOfRange,
+            F,
+            format!("{x} is outside (0.000001, {}]", max_micros / MICROS),
+        ));
+    }
+    Ok(micros as i64)
+}
+
+fn currency_field(v: Option<Value>) -> Result<Currency, Rejection> {
+    const F: &str = "currency";
+    match v {
+        None => Err(missing(F)),
+        Some(Value::String(s)) if s.is_empty() => Err(missing(F)),
+        Some(Value::String(s)) => Currency::parse(&s).ok_or_else(|| {
+            Rejection::new(
+                Reason::UnknownCurrency,
+                Some(F),
+                format!("{s:?} is not a three-letter ISO-4217 code"),
+            )
+        }),
+        Some(other) => Err(wrong_type(F, "a string", &other)),
+    }
+}
+
+fn time_field(v: Option<Value>, limits: &Limits) -> Result<i64, Rejection> {
+    const F: &str = "created_at";
+    let ms = match v {
+        None => return Err(missing(F)),
+        Some(Value::String(s)) if s.is_empty() => return Err(missing(F)),
+        Some(Value::Number(n)) => epoch_to_ms(n.as_f64().unwrap_or(f64::NAN)),
+        Some(Value::String(s)) => parse_time_str(&s).ok_or_else(|| {
+            Rejection::new(
+                Reason::InvalidTimestamp,
+                Some(F),
+                format!("{s:?} is neither RFC 3339 nor epoch seconds/milliseconds"),
+            )
+        })?,
+        Some(other) => return Err(wrong_type(F, "a string or a number", &other)),
+    };
+    match ms {
+        Some(ms) if ms >= limits.min_event_ms && ms < limits.max_event_ms => Ok(ms),
+        _ => Err(Rejection::new(
+            Reason::TimestampOutOfRange,
+            Some(F),
+            format!(
+                "outside [{}, {}) ms since the epoch",
+                limits.min_event_ms, limits.max_event_ms
+            ),
+        )),
+    }
+}
+
+/// Epoch numbers below 10^11 are seconds (10^11 s is the year 5138), the rest
+/// milliseconds (10^11 ms is 1973). Both sides of the cut are far outside the
+/// default range, so no real timestamp is ambiguous. `None` when not finite.
+fn epoch_to_ms(x: f64) -> Option<i64> {
+    if !x.is_finite() {
+        return None;
+    }
+    let ms = if x.abs() < 1e11 { x * 1000.0 } else { x };
+    if ms.abs() > 9.0e15 {
+        return None;
+    }
+    Some(ms.round() as i64)
+}
+
+fn parse_time_str(s: &str) -> Option<Option<i64>> {
+    let t = s.trim();
+    if let Ok(dt) = chrono::DateTime::parse_from_rfc3339(t) {
+        return Some(Some(dt.timestamp_millis()));
+    }
+    let numeric = !t.is_empty()
+        && t.bytes()
+            .all(|b| b.is_ascii_digit() || b == b'.' || b == b'-')
+        && t.bytes().any(|b| b.is_ascii_digit());
+    if numeric {
+        if let Ok(x) = t.parse::<f64>() {
+            return Some(epoch_to_ms(x));
+        }
+    }
+    None
+}
+
+/// An FX rate to USD, fixed-point with [`RATE_SCALE`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rate(pub i64);
+
+impl Rate {
+    /// A positive, finite rate. Rates below 10^-9 are not representable.
+    pub fn from_f64(x: f64) -> Option<Rate> {
+        if !x.is_finite() || x <= 0.0 {
+            return None;
+        }
+        let scaled = (x * RATE_SCALE as f64).round();
+        if !(1.0..=1e15).contains(&scaled) {
+            return None;
+        }
+        Some(Rate(scaled as i64))
+    }
+
+    pub fn as_f64(self) -> f64 {
+        self.0 as f64 / RATE_SCALE as f64
+    }
+}
+
+/// `amount × rate`, rounded half up to the micro. Integer arithmetic, so the
+/// generator's ground truth and the pod compute the same cent.
+pub fn usd_micros(amount_micros: i64, rate: Rate) -> i64 {
+    let scale = RATE_SCALE as i128;
+    let p = amount_micros as i128 * rate.0 as i128;
+    ((p + scale / 2) / scale) as i64
+}
+
+/// The currency → USD table used for enrichment. The pod keeps it current
+/// from the compacted `fx-rates` topic; the core only reads it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FxTable {
+    rates: HashMap<Currency, Rate>,
+}
+
+/// Rates used when `fx-rates` is empty.
+pub const DEFAULT_RATES: [(&str, f64); 10] = [
+    ("USD", 1.0),
+    ("EUR", 1.08),
+    ("GBP", 1.27),
+    ("JPY", 0.0067),
+    ("CAD", 0.73),
+    ("AUD", 0.66),
+    ("CHF", 1.13),
+    ("SEK", 0.095),
+    ("INR", 0.012),
+    ("BRL", 0.18),
+];
+
+impl FxTable {
+    pub fn empty() -> Self {
+        FxTable::default()
+    }
+
+    pub fn with_defaults() -> Self {
+        let mut t = FxTable::empty();
+        for (c, r) in DEFAULT_RATES {
+            if let (Some(c), Some(r)) = (Currency::parse(c), Rate::from_f64(r)) {
+                t.set(c, r);
+            }
+        }
+        t
+    }
+
+    pub fn set(&mut self, currency: Currency, rate: Rate) {
+        self.rates.insert(currency, rate);
+    }
+
+    pub fn remove(&mut self, currency: Currency) {
+        self.rates.remove(&currency);
+    }
+
+    pub fn get(&self, currency: Currency) -> Option<Rate> {
+        self.rates.get(&currency).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.rates.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rates.is_empty()
+    }
+
+    /// The rates, sorted by currency.
+    pub fn entries(&self) -> Vec<(Currency, Rate)> {
+        let mut v: Vec<_> = self.rates.iter().map(|(c, r)| (*c, *r)).collect();
+        v.sort();
+        v
+    }
+}
+
+impl PartialOrd for Rate {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Rate {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.cmp(&other.0)
+    }
+}
+
+/// A valid order with its USD value and the time it was processed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrichedOrder {
+    #[serde(flatten)]
+    pub order: Order,
+    pub amount_usd_micros: i64,
+    pub rate: Rate,
+    /// Wall-clock time the pod handled it, ms since the epoch (given to the core).
+    pub processed_at_ms: i64,
+}
+
+/// Adds `amount_usd`; an unknown currency is a rejection.
+pub fn enrich(
+    order: Order,
+    fx: &FxTable,
+    processed_at_ms: i64,
+) -> Result<EnrichedOrder, Rejection> {
+    let rate = fx.get(order.currency).ok_or_else(|| {
+        Rejection::new(
+            Reason::UnknownCurrency,
+            Some("currency"),
+            format!("{} is not in the FX table", order.currency),
+        )
+    })?;
+    Ok(EnrichedOrder {
+        amount_usd_micros: usd_micros(order.amount_micros, rate),
+        rate,
+        processed_at_ms,
+        order,
+    })
+}
+
+/// Parse, validate and enrich in one step.
+pub fn validate(
+    bytes: &[u8],
+    limits: &Limits,
+    fx: &FxTable,
+    processed_at_ms: i64,
+) -> Result<EnrichedOrder, Rejection> {
+    enrich(parse_order(bytes, limits)?, fx, processed_at_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Order, Rejection> {
+        parse_order(s.as_bytes(), &Limits::default())
+    }
+
+    fn reason(s: &str) -> Reason {
+        parse(s).unwrap_err().reason
+    }
+
+    const OK: &str = r#"{"order_id":"o1","customer_id":"c1","amount":12.34,"currency":"eur","created_at":"2024-05-01T12:00:00Z"}"#;
+
+    #[test]
+    fn accepts_a_plain_order_and_normalises_it() {
+        let o = parse(OK).unwrap();
+        assert_eq!(o.order_id, "o1");
+        assert_eq!(o.amount_micros, 12_340_000);
+        assert_eq!(o.currency.as_str(), "EUR");
+        assert_eq!(o.created_at_ms, 1_714_564_800_000);
+        assert_eq!(o.region, DEFAULT_REGION);
+    }
+
+    #[test]
+    fn is_tolerant_in_what_it_accepts() {
+        let o = parse(r#"{"order_id":7,"customer_id":99,"amount":"0.10","currency":"Usd","created_at":1714564800,"region":"eu-west","extra":[1,2]}"#).unwrap();
+        assert_eq!((o.order_id.as_str(), o.customer_id.as_str()), ("7", "99"));
+        assert_eq!(o.amount_micros, 100_000);
+        assert_eq!(o.created_at_ms, 1_714_564_800_000);
+        assert_eq!(o.region, "eu-west");
+        let ms = parse(r#"{"order_id":"a","customer_id":"b","amount":1,"currency":"USD","created_at":1714564800123}"#).unwrap();
+        assert_eq!(ms.created_at_ms, 1_714_564_800_123);
+        let s = parse(r#"{"order_id":"a","customer_id":"b","amount":1,"currency":"USD","created_at":"1714564800.5"}"#).unwrap();
+        assert_eq!(s.created_at_ms, 1_714_564_800_500);
+        let tz = parse(r#"{"order_id":"a","customer_id":"b","amount":1,"currency":"USD","created_at":"2024-05-01T14:00:00+02:00"}"#).unwrap();
+        assert_eq!(tz.created_at_ms, 1_714_564_800_000);
+    }
+
+    #[test]
+    fn every_failure_has_a_reason() {
+        assert_eq!(reason("not json"), Reason::NotJson);
+        assert_eq!(reason(r#"{"order_id": "#), Reason::NotJson);
+        assert_eq!(reason("[1,2]"), Reason::NotObject);
+        assert_eq!(
+            reason(r#"{"order_id":"a","order_id":"b"}"#),
+            Reason::DuplicateField
+        );
+        assert_eq!(
+            reason(r#"{"customer_id":"b","amount":1,"currency":"USD","created_at":1714564800}"#),
+            Reason::MissingField
+        );
+        assert_eq!(
+            reason(
+                r#"{"order_id":null,"customer_id":"b","amount":1,"currency":"USD","created_at":1714564800}"#
+            ),
+            Reason::MissingField
+        );
+        assert_eq!(
+            reason(
+                r#"{"order_id":1.5,"customer_id":"b","amount":1,"currency":"USD","created_at":1714564800}"#
+            ),
+            Reason::WrongType
+        );
+        assert_eq!(
+            reason(
+                r#"{"order_id":"a","customer_id":"b","amount":"ten","currency":"USD","created_at":1714564800}"#
+            ),
+            Reason::WrongType
+        );
+        assert_eq!(
+            reason(
+                r#"{"order_id":"a","customer_id":"b","amount":true,"currency":"USD","created_at":1714564800}"#
+            ),
+            Reason::WrongType
+        );
+        assert_eq!(
+            reason(
+                r#"{"order_id":"a","customer_id":"b","amount":0,"currency":"USD","created_at":1714564800}"#
+            ),
+            Reason::NonPositiveAmount
+        );
+        assert_eq!(
+            reason(
+                r#"{"order_id":"a","customer_id":"b","amount":-3,"currency":"USD","created_at":1714564800}"#
+            ),
+            Reason::NonPositiveAmount
+        );
+        assert_eq!(
+            reason(
+                r#"{"order_id":"a","customer_id":"b","amount":"NaN","currency":"USD","created_at":1714564800}"#
+            ),
+            Reason::NonFiniteAmount
+        );
+        assert_eq!(
+            reason(
+                r#"{"order_id":"a","customer_id":"b","amount":"inf","currency":"USD","created_at":1714564800}"#
+            ),
+            Reason::NonFiniteAmount
+        );
+        assert_eq!(
+            reason(
+                r#"{"order_id":"a","customer_id":"b","amount":1e-9,"currency":"USD","created_at":1714564800}"#
+            ),
+            Reason::AmountOutOfRange
+        );
+        assert_eq!(
+            reason(
+                r#"{"order_id":"a","customer_id":"b","amount":1e12,"currency":"USD","created_at":1714564800}"#
+            ),
+            Reason::AmountOutOfRange
+        );
+        assert_eq!(
+            reason(
+                r#"{"order_id":"a","customer_id":"b","amount":1,"currency":"dollars","created_at":1714564800}"#
+            ),
+            Reason::UnknownCurrency
+        );
+        assert_eq!(
+            reason(
+                r#"{"order_id":"a","customer_id":"b","amount":1,"currency":"USD","created_at":"yesterday"}"#
+            ),
+            Reason::InvalidTimestamp
+        );
+        assert_eq!(
+            reason(
+                r#"{"order_id":"a","customer_id":"b","amount":1,"currency":"USD","created_at":"1999-12-31T23:59:59Z"}"#
+            ),
+            Reason::TimestampOutOfRange
+        );
+        assert_eq!(
+            reason(
+                r#"{"order_id":"a","customer_id":"b","amount":1,"currency":"USD","created_at":4102444800}"#
+            ),
+            Reason::TimestampOutOfRange
+        );
+        assert_eq!(
+            reason(
+                r#"{"order_id":"a","customer_id":"b","amount":1,"currency":"USD","created_at":1714564800,"region":5}"#
+            ),
+            Reason::WrongType
+        );
+        let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(70_000));
+        assert_eq!(reason(&big), Reason::Oversize);
+    }
+
+    #[test]
+    fn rejection_names_the_field() {
+        let r =
+            parse(r#"{"order_id":"a","customer_id":"b","amount":1,"currency":"USD"}"#).unwrap_err();
+        assert_eq!(r.field, Some("created_at"));
+        assert_eq!(r.to_string(), "missing_field (created_at): required");
+    }
+
+    #[test]
+    fn enrichment_converts_exactly_and_rejects_unknown_currency() {
+        let fx = FxTable::with_defaults();
+        let e = validate(OK.as_bytes(), &Limits::default(), &fx, 5).unwrap();
+        // 12.34 EUR × 1.08 = 13.3272 USD
+        assert_eq!(e.amount_usd_micros, 13_327_200);
+        assert_eq!(e.processed_at_ms, 5);
+        let xxx = OK.replace("eur", "XXX");
+        let r = validate(xxx.as_bytes(), &Limits::default(), &fx, 5).unwrap_err();
+        assert_eq!(r.reason, Reason::UnknownCurrency);
+    }
+
+    #[test]
+    fn usd_rounding_is_half_up_to_the_micro() {
+        let r = Rate::from_f64(0.0067).unwrap();
+        assert_eq!(usd_micros(1, r), 0);
+        assert_eq!(usd_micros(75, r), 1); // 0.5025 -> 1
+        assert_eq!(usd_micros(1_000 * MICROS, r), 6_700_000);
+    }
+}
