@@ -14,7 +14,6 @@ deps:
 ## Run every test: unit, property (1,000 cases each), golden, purity, integration.
 test: deps
 	$(CARGO) test --all-targets
-	$(CARGO) test --doc
 
 ## Run the whole job locally on an embedded broker.
 demo: deps
