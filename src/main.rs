@@ -1,7 +1,19 @@
 //! The `tally` command line. Startup and wiring only: semantics live in
-//! `tally::core`, adapters in their own modules.
+//! `tally::core`, adapters in their own modules. `anyhow` is used here and
+//! nowhere else.
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use tally::broker::EmbeddedBroker;
+use tally::config::{LogFormat, PodConfig};
+use tally::gen::{self, GenSpec};
+use tally::topics::{self, TopicStatus};
+use tally::{http, pod};
 
 /// tally: live, exact order revenue from Kafka.
 #[derive(Parser, Debug)]
@@ -13,16 +25,417 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run one consumer pod (every flag can also come from TALLY_* or --config).
+    Run {
+        #[command(flatten)]
+        pod: Box<PodConfig>,
+    },
     /// Embedded broker, topics, load generator, one pod and the HTTP server in one process.
-    Demo,
+    Demo {
+        /// HTTP address of the demo.
+        #[arg(long, env = "TALLY_HTTP", default_value = "127.0.0.1:8080")]
+        http: String,
+        /// Orders per second from the generator.
+        #[arg(long, default_value_t = 500.0)]
+        rate: f64,
+        /// Directory of the topic declarations.
+        #[arg(long, default_value = "topics")]
+        topics_dir: PathBuf,
+    },
+    /// The load generator, against any broker.
+    Gen(GenArgs),
+    /// The embedded broker on its own: creates the topics, prints its bootstrap address.
+    Broker {
+        #[arg(long, default_value = "topics")]
+        topics_dir: PathBuf,
+        /// Number of brokers in the mock cluster.
+        #[arg(long, default_value_t = 1)]
+        brokers: i32,
+    },
+    /// Topic management.
+    Topics {
+        #[command(subcommand)]
+        command: TopicsCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TopicsCommand {
+    /// Create the topics declared in topics/ that are missing, and report drift.
+    Apply {
+        #[arg(long, env = "TALLY_BROKERS", default_value = "localhost:9092")]
+        brokers: String,
+        #[arg(long, env = "TALLY_TOPICS_DIR", default_value = "topics")]
+        topics_dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct GenArgs {
+    #[arg(long, env = "TALLY_BROKERS", default_value = "localhost:9092")]
+    brokers: String,
+    #[arg(long, env = "TALLY_INPUT_TOPIC", default_value = "raw-orders")]
+    topic: String,
+    /// Orders to send; 0 = until interrupted.
+    #[arg(long, default_value_t = 10_000)]
+    count: u64,
+    /// Orders per second; 0 = as fast as possible.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Distinct customers.
+    #[arg(long, default_value_t = 1_000)]
+    customers: u64,
+    /// Event time of the first order (RFC 3339), or "now".
+    #[arg(long, default_value = "now")]
+    start: String,
+    /// Out-of-order spread: each event time moves back by up to this much, ms.
+    #[arg(long, default_value_t = 2_000)]
+    disorder_ms: i64,
+    #[arg(long, default_value_t = 1.0)]
+    invalid_pct: f64,
+    /// Redelivered duplicates (same key and bytes again), percent.
+    #[arg(long, default_value_t = 1.0)]
+    duplicate_pct: f64,
+    /// Very late orders (3 h behind), percent.
+    #[arg(long, default_value_t = 0.5)]
+    late_pct: f64,
+    /// Write the ground truth (one JSON line per record sent) to this file.
+    #[arg(long)]
+    truth: Option<PathBuf>,
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("TALLY_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,librdkafka=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn log_format_from_env() -> LogFormat {
+    match std::env::var("TALLY_LOG_FORMAT").as_deref() {
+        Ok("json") => LogFormat::Json,
+        _ => LogFormat::Text,
+    }
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match cli.command {
-        Command::Demo => {
-            println!("tally demo: not yet available (the consumer pod is the next step)");
+        Command::Run { pod } => {
+            let sub = matches.subcommand_matches("run").context("run arguments")?;
+            let cfg = PodConfig::resolve(sub, *pod)?;
+            init_logging(cfg.log_format);
+            runtime.block_on(run(cfg, sub))
+        }
+        Command::Demo {
+            http,
+            rate,
+            topics_dir,
+        } => {
+            init_logging(log_format_from_env());
+            runtime.block_on(demo(http, rate, topics_dir))
+        }
+        Command::Gen(args) => {
+            init_logging(log_format_from_env());
+            gen_cmd(args)
+        }
+        Command::Broker {
+            topics_dir,
+            brokers,
+        } => {
+            init_logging(log_format_from_env());
+            let specs = topics::load_dir(&topics_dir)?;
+            let broker = EmbeddedBroker::start(brokers, &specs)?;
+            println!("{}", broker.bootstrap_servers());
+            runtime.block_on(shutdown_signal());
             Ok(())
         }
+        Command::Topics {
+            command:
+                TopicsCommand::Apply {
+                    brokers,
+                    topics_dir,
+                },
+        } => {
+            init_logging(log_format_from_env());
+            let specs = topics::load_dir(&topics_dir)?;
+            let report = runtime.block_on(topics::apply(&brokers, &[], &specs))?;
+            let mut failed = false;
+            for (name, status) in &report {
+                println!("{name}: {status:?}");
+                failed |= matches!(status, TopicStatus::NotCreated(_) | TopicStatus::Drift(_));
+            }
+            if failed {
+                bail!("some topics are missing or differ from topics/");
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+async fn serve(addr: &str, state: http::AppState) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, http::app(state)).await {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    });
+    Ok(())
+}
+
+async fn run(cfg: PodConfig, _matches: &ArgMatches) -> anyhow::Result<()> {
+    if cfg.apply_topics {
+        match topics::load_dir(&cfg.topics_dir) {
+            Ok(specs) => {
+                match topics::apply(&cfg.brokers, &cfg.kafka_properties()?, &specs).await {
+                    Ok(report) => {
+                        for (name, status) in report {
+                            match status {
+                                TopicStatus::Created => {
+                                    tracing::info!(topic = %name, "topic created")
+                                }
+                                TopicStatus::Matches => {}
+                                TopicStatus::Drift(d) => {
+                                    tracing::warn!(topic = %name, drift = %d, "topic differs from its declaration")
+                                }
+                                TopicStatus::NotCreated(why) => {
+                                    tracing::warn!(topic = %name, reason = %why, "topic not created (the broker may not support it)")
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not apply topics"),
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "no topic declarations applied"),
+        }
+    }
+    let http_addr = cfg.http.clone();
+    let handle = tokio::task::spawn_blocking(move || pod::start(cfg)).await??;
+    serve(
+        &http_addr,
+        http::AppState {
+            processor: handle.processor.clone(),
+        },
+    )
+    .await?;
+    tracing::info!(http = %http_addr, "serving");
+    loop {
+        tokio::select! {
+            _ = shutdown_signal() => break,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                if handle.is_finished() {
+                    break;
+                }
+            }
+        }
+    }
+    tokio::task::spawn_blocking(move || handle.join()).await??;
+    Ok(())
+}
+
+fn gen_spec(a: &GenArgs) -> anyhow::Result<GenSpec> {
+    let start_ms = if a.start == "now" {
+        chrono::Utc::now().timestamp_millis()
+    } else {
+        chrono::DateTime::parse_from_rfc3339(&a.start)
+            .with_context(|| format!("invalid start: {:?} is not RFC 3339 or \"now\"", a.start))?
+            .timestamp_millis()
+    };
+    for (name, v) in [
+        ("invalid_pct", a.invalid_pct),
+        ("duplicate_pct", a.duplicate_pct),
+        ("late_pct", a.late_pct),
+    ] {
+        if !(0.0..=100.0).contains(&v) {
+            bail!("invalid {name}: must be between 0 and 100, got {v}");
+        }
+    }
+    if a.invalid_pct + a.duplicate_pct + a.late_pct > 100.0 {
+        bail!("invalid invalid_pct + duplicate_pct + late_pct: the sum must not exceed 100");
+    }
+    if !(a.rate >= 0.0 && a.rate.is_finite()) {
+        bail!("invalid rate: must be ≥ 0");
+    }
+    if a.customers == 0 {
+        bail!("invalid customers: must be > 0");
+    }
+    if a.disorder_ms < 0 {
+        bail!("invalid disorder_ms: must be ≥ 0");
+    }
+    Ok(GenSpec {
+        count: a.count,
+        rate: a.rate,
+        seed: a.seed,
+        customers: a.customers,
+        start_ms,
+        disorder_ms: a.disorder_ms,
+        invalid_pct: a.invalid_pct,
+        duplicate_pct: a.duplicate_pct,
+        late_pct: a.late_pct,
+    })
+}
+
+fn gen_cmd(a: GenArgs) -> anyhow::Result<()> {
+    let spec = gen_spec(&a)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(shutdown_signal());
+                stop.store(true, Ordering::SeqCst);
+            }
+        });
+    }
+    let mut truth = match &a.truth {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p)
+                .with_context(|| format!("cannot write truth file {}", p.display()))?,
+        )),
+        None => None,
+    };
+    let sent = stream(
+        &a.brokers,
+        &a.topic,
+        spec,
+        &|| stop.load(Ordering::SeqCst),
+        &mut |records| {
+            if let Some(w) = truth.as_mut() {
+                gen::write_truth(records, w)?;
+            }
+            Ok(())
+        },
+    )?;
+    if let Some(mut w) = truth {
+        use std::io::Write;
+        w.flush()?;
+    }
+    eprintln!("sent {sent} records to {}", a.topic);
+    Ok(())
+}
+
+/// Generates and sends in chunks, so `count = 0` can run forever.
+fn stream(
+    brokers: &str,
+    topic: &str,
+    spec: GenSpec,
+    stop: &dyn Fn() -> bool,
+    on_chunk: &mut dyn FnMut(&[gen::GenRecord]) -> anyhow::Result<()>,
+) -> anyhow::Result<u64> {
+    const CHUNK: u64 = 10_000;
+    let mut sent = 0;
+    let mut chunk = 0u64;
+    let step = if spec.rate > 0.0 {
+        (1000.0 / spec.rate).max(1.0) as i64
+    } else {
+        10
+    };
+    while !stop() && (spec.count == 0 || sent < spec.count) {
+        let n = if spec.count == 0 {
+            CHUNK
+        } else {
+            CHUNK.min(spec.count - sent)
+        };
+        let part = GenSpec {
+            count: n,
+            seed: spec.seed.wrapping_mul(1_000_003).wrapping_add(chunk),
+            start_ms: spec.start_ms + (sent as i64) * step,
+            ..spec.clone()
+        };
+        let records = gen::generate(&part);
+        let k = gen::produce(brokers, topic, &[], &records, spec.rate, stop)?;
+        on_chunk(&records[..k as usize])?;
+        sent += k;
+        chunk += 1;
+    }
+    Ok(sent)
+}
+
+async fn demo(http_addr: String, rate: f64, topics_dir: PathBuf) -> anyhow::Result<()> {
+    let specs = topics::load_dir(&topics_dir)?;
+    let broker = EmbeddedBroker::start(1, &specs)?;
+    let brokers = broker.bootstrap_servers();
+    let state_dir = std::env::temp_dir().join(format!("tally-demo-{}", std::process::id()));
+    let mut cfg = PodConfig::from_env_and_defaults()?;
+    cfg.brokers = brokers.clone();
+    cfg.state_dir = state_dir.clone();
+    cfg.http = http_addr.clone();
+    cfg.apply_topics = false;
+    cfg.session_timeout_ms = 6_000;
+    let handle = tokio::task::spawn_blocking(move || pod::start(cfg)).await??;
+    serve(
+        &http_addr,
+        http::AppState {
+            processor: handle.processor.clone(),
+        },
+    )
+    .await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let generator = {
+        let (stop, brokers) = (stop.clone(), brokers.clone());
+        std::thread::spawn(move || {
+            let spec = GenSpec {
+                count: 0,
+                rate,
+                start_ms: chrono::Utc::now().timestamp_millis(),
+                ..GenSpec::default()
+            };
+            stream(
+                &brokers,
+                "raw-orders",
+                spec,
+                &|| stop.load(Ordering::SeqCst),
+                &mut |_| Ok(()),
+            )
+        })
+    };
+    println!("tally demo: embedded broker at {brokers}, generator at {rate} orders/s");
+    println!("open http://{http_addr}/  (JSON: http://{http_addr}/revenue)  Ctrl-C to stop");
+    shutdown_signal().await;
+    stop.store(true, Ordering::SeqCst);
+    let _ = tokio::task::spawn_blocking(move || generator.join()).await;
+    tokio::task::spawn_blocking(move || handle.join()).await??;
+    let _ = std::fs::remove_dir_all(&state_dir);
+    println!("tally demo: stopped cleanly");
+    // Exit before the embedded broker is torn down under the clients that
+    // still hold connections to it (they would only log connection errors).
+    std::process::exit(0);
+    #[allow(unreachable_code)]
+    {
+        drop(broker);
+        Ok(())
     }
 }

@@ -18,7 +18,8 @@ use std::fs;
 use std::path::Path;
 
 use support::{render, T0};
-use tally::core::{CoreConfig, Engine, FxTable, GroupBy, StateChange, StateRow, WindowSpec};
+use tally::core::window::parse_window_list;
+use tally::core::{CoreConfig, Engine, FxTable, StateChange, StateRow};
 
 fn kv(words: &[&str]) -> HashMap<String, String> {
     words
@@ -40,26 +41,6 @@ fn num(m: &HashMap<String, String>, k: &str, default: i64) -> i64 {
         .unwrap_or(default)
 }
 
-fn parse_windows(spec: &str) -> Vec<WindowSpec> {
-    spec.split(',')
-        .map(|w| {
-            let f: Vec<&str> = w.split(':').collect();
-            let by = |s: &str| GroupBy::parse(s).unwrap_or_else(|| panic!("bad group {s}"));
-            match f[0] {
-                "tumbling" => WindowSpec::tumbling(f[1], f[2].parse().unwrap(), by(f[3])),
-                "sliding" => WindowSpec::sliding(
-                    f[1],
-                    f[2].parse().unwrap(),
-                    f[3].parse().unwrap(),
-                    by(f[4]),
-                ),
-                "session" => WindowSpec::session(f[1], f[2].parse().unwrap()),
-                k => panic!("bad window kind {k}"),
-            }
-        })
-        .collect()
-}
-
 fn run(script: &str) -> String {
     let mut cfg = CoreConfig::default();
     let mut engine: Option<Engine> = None;
@@ -76,7 +57,7 @@ fn run(script: &str) -> String {
         if words[0] == "config" {
             assert!(engine.is_none(), "config must come first");
             if let Some(w) = m.get("windows") {
-                cfg.windows = parse_windows(w);
+                cfg.windows = parse_window_list(w).expect("valid windows");
             }
             cfg.out_of_orderness_ms = num(&m, "ooo", cfg.out_of_orderness_ms);
             cfg.grace_ms = num(&m, "grace", cfg.grace_ms);

@@ -166,6 +166,55 @@ impl WindowSpec {
     }
 }
 
+/// Parses a comma-separated list of window definitions:
+/// `tumbling:NAME:SIZE_MS:BY`, `sliding:NAME:SIZE_MS:SLIDE_MS:BY`,
+/// `session:NAME:GAP_MS` (BY is currency, region or customer).
+pub fn parse_window_list(text: &str) -> Result<Vec<WindowSpec>, String> {
+    let mut out = Vec::new();
+    for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let f: Vec<&str> = item.split(':').collect();
+        let ms = |s: &str| {
+            s.parse::<i64>()
+                .map_err(|_| format!("{item:?}: {s:?} is not a whole number of milliseconds"))
+        };
+        let by = |s: &str| {
+            GroupBy::parse(s)
+                .ok_or_else(|| format!("{item:?}: group {s:?} is not currency, region or customer"))
+        };
+        let spec = match f.as_slice() {
+            ["tumbling", name, size, b] => WindowSpec::tumbling(name, ms(size)?, by(b)?),
+            ["sliding", name, size, slide, b] => WindowSpec::sliding(name, ms(size)?, ms(slide)?, by(b)?),
+            ["session", name, gap] => WindowSpec::session(name, ms(gap)?),
+            _ => {
+                return Err(format!(
+                    "{item:?} is not tumbling:NAME:SIZE:BY, sliding:NAME:SIZE:SLIDE:BY or session:NAME:GAP"
+                ))
+            }
+        };
+        spec.validate()?;
+        out.push(spec);
+    }
+    if out.is_empty() {
+        return Err("at least one window is required".into());
+    }
+    Ok(out)
+}
+
+/// The inverse of [`parse_window_list`].
+pub fn format_window_list(specs: &[WindowSpec]) -> String {
+    specs
+        .iter()
+        .map(|s| match s.kind {
+            WindowKind::Tumbling { size_ms } => format!("tumbling:{}:{size_ms}:{}", s.name, s.by),
+            WindowKind::Sliding { size_ms, slide_ms } => {
+                format!("sliding:{}:{size_ms}:{slide_ms}:{}", s.name, s.by)
+            }
+            WindowKind::Session { gap_ms } => format!("session:{}:{gap_ms}", s.name),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Start of the tumbling window of `size` that holds `t`.
 pub fn tumbling_start(t: i64, size: i64) -> i64 {
     t - t.rem_euclid(size)
@@ -239,6 +288,22 @@ mod tests {
         for (s, e) in &at_edge {
             assert!(*s <= 300 && 300 < *e);
         }
+    }
+
+    #[test]
+    fn window_lists_round_trip_and_reject_nonsense() {
+        let d = WindowSpec::defaults();
+        assert_eq!(parse_window_list(&format_window_list(&d)).unwrap(), d);
+        assert!(parse_window_list("tumbling:x:abc:region")
+            .unwrap_err()
+            .contains("whole number"));
+        assert!(parse_window_list("tumbling:x:10:planet")
+            .unwrap_err()
+            .contains("planet"));
+        assert!(parse_window_list("hopping:x:10")
+            .unwrap_err()
+            .contains("is not"));
+        assert!(parse_window_list(" ").is_err());
     }
 
     #[test]

@@ -119,3 +119,5 @@ pub fn rel(t: i64) -> String {
 pub fn micros(m: i128) -> String {
     format!("{}.{:06}", m / 1_000_000, (m % 1_000_000).abs())
 }
+
+pub mod kafka;

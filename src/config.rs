@@ -1,0 +1,468 @@
+//! The pod's configuration: one struct, read from flags, `TALLY_*`
+//! environment variables and an optional TOML file (`--config`), in that
+//! order of precedence. Every field is validated at startup and an invalid
+//! value is an error that names the field.
+
+use std::path::{Path, PathBuf};
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+use crate::core::order::{Limits, MICROS};
+use crate::core::window::{format_window_list, parse_window_list};
+use crate::core::{CoreConfig, WindowSpec};
+
+/// What happens to an order that is late for every window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LatePolicy {
+    /// Write it to the late topic (and count it).
+    Topic,
+    /// Only count it (`tally_events_total{outcome="late"}`).
+    Count,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Configuration of one consumer pod (`tally run`), also used by `tally demo`.
+#[derive(Clone, Debug, Args, Serialize, Deserialize, PartialEq)]
+pub struct PodConfig {
+    /// A TOML file with any of these settings (keys as the long flag names,
+    /// with `_` or `-`). Flags and environment variables win over it.
+    #[arg(long, env = "TALLY_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "TALLY_BROKERS", default_value = "localhost:9092")]
+    pub brokers: String,
+    /// Consumer group id; every pod of one deployment uses the same.
+    #[arg(long, env = "TALLY_GROUP", default_value = "tally")]
+    pub group: String,
+    /// Static membership id (`group.instance.id`), e.g. the pod name.
+    #[arg(long, env = "TALLY_GROUP_INSTANCE_ID")]
+    pub group_instance_id: Option<String>,
+    /// Directory of the local RocksDB state.
+    #[arg(long, env = "TALLY_STATE_DIR", default_value = "./tally-state")]
+    pub state_dir: PathBuf,
+    /// Address of the HTTP server.
+    #[arg(long, env = "TALLY_HTTP", default_value = "0.0.0.0:8080")]
+    pub http: String,
+    /// Directory of the topic declarations.
+    #[arg(long, env = "TALLY_TOPICS_DIR", default_value = "topics")]
+    pub topics_dir: PathBuf,
+    /// Create missing topics at startup (skipped when the broker cannot).
+    #[arg(long, env = "TALLY_APPLY_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub apply_topics: bool,
+
+    /// Input topic.
+    #[arg(long, env = "TALLY_INPUT_TOPIC", default_value = "raw-orders")]
+    pub input_topic: String,
+    #[arg(long, env = "TALLY_ENRICHED_TOPIC", default_value = "enriched-orders")]
+    pub enriched_topic: String,
+    #[arg(long, env = "TALLY_DLQ_TOPIC", default_value = "orders-dlq")]
+    pub dlq_topic: String,
+    #[arg(long, env = "TALLY_LATE_TOPIC", default_value = "orders-late")]
+    pub late_topic: String,
+    #[arg(long, env = "TALLY_WINDOWS_TOPIC", default_value = "revenue-windows")]
+    pub windows_topic: String,
+    #[arg(long, env = "TALLY_FX_TOPIC", default_value = "fx-rates")]
+    pub fx_topic: String,
+    #[arg(long, env = "TALLY_ALERTS_TOPIC", default_value = "order-alerts")]
+    pub alerts_topic: String,
+
+    /// Flush after this many input records...
+    #[arg(long, env = "TALLY_FLUSH_MAX_EVENTS", default_value_t = 20_000)]
+    pub flush_max_events: usize,
+    /// ...or after this many milliseconds, whichever comes first.
+    #[arg(long, env = "TALLY_FLUSH_INTERVAL_MS", default_value_t = 100)]
+    pub flush_interval_ms: u64,
+
+    /// Window definitions: `tumbling:NAME:SIZE_MS:BY`,
+    /// `sliding:NAME:SIZE_MS:SLIDE_MS:BY`, `session:NAME:GAP_MS`, comma separated.
+    #[arg(long, env = "TALLY_WINDOWS", default_value_t = format_window_list(&WindowSpec::defaults()))]
+    pub windows: String,
+    /// Allowed out-of-orderness, ms.
+    #[arg(long, env = "TALLY_OUT_OF_ORDERNESS_MS", default_value_t = 5_000)]
+    pub out_of_orderness_ms: i64,
+    /// Grace after a window's end before it closes, ms.
+    #[arg(long, env = "TALLY_GRACE_MS", default_value_t = 10_000)]
+    pub grace_ms: i64,
+    /// Wall-clock time without records after which a partition is idle, ms.
+    #[arg(long, env = "TALLY_IDLE_TIMEOUT_MS", default_value_t = 30_000)]
+    pub idle_timeout_ms: i64,
+    /// Event-time span within which a repeated order_id is a duplicate, ms.
+    #[arg(long, env = "TALLY_DEDUP_HORIZON_MS", default_value_t = 3_600_000)]
+    pub dedup_horizon_ms: i64,
+    /// What to do with orders late for every window.
+    #[arg(long, env = "TALLY_LATE_POLICY", value_enum, default_value_t = LatePolicy::Topic)]
+    pub late_policy: LatePolicy,
+    /// Orders worth at least this many USD go to the alerts topic.
+    #[arg(long, env = "TALLY_ALERT_THRESHOLD_USD", default_value_t = 5_000.0)]
+    pub alert_threshold_usd: f64,
+
+    /// Larger input messages go to the DLQ as `oversize`.
+    #[arg(long, env = "TALLY_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    pub max_message_bytes: usize,
+    /// Earliest accepted event time (RFC 3339).
+    #[arg(
+        long,
+        env = "TALLY_MIN_EVENT_TIME",
+        default_value = "2000-01-01T00:00:00Z"
+    )]
+    pub min_event_time: String,
+    /// Latest accepted event time, exclusive (RFC 3339).
+    #[arg(
+        long,
+        env = "TALLY_MAX_EVENT_TIME",
+        default_value = "2100-01-01T00:00:00Z"
+    )]
+    pub max_event_time: String,
+    /// Largest accepted amount, in units of the order's currency.
+    #[arg(long, env = "TALLY_MAX_AMOUNT", default_value_t = 1e9)]
+    pub max_amount: f64,
+    /// A file of default FX rates (`CUR = rate` lines, TOML); built-in table if absent.
+    #[arg(long, env = "TALLY_FX_DEFAULTS")]
+    pub fx_defaults: Option<PathBuf>,
+
+    /// Kafka consumer session timeout, ms.
+    #[arg(long, env = "TALLY_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
+    pub session_timeout_ms: u64,
+    /// Kafka max.poll.interval.ms; a rebalance callback never outlives it.
+    #[arg(long, env = "TALLY_MAX_POLL_INTERVAL_MS", default_value_t = 300_000)]
+    pub max_poll_interval_ms: u64,
+    /// Time allowed for the final flush and commit at shutdown, ms.
+    #[arg(long, env = "TALLY_SHUTDOWN_TIMEOUT_MS", default_value_t = 20_000)]
+    pub shutdown_timeout_ms: u64,
+    /// Extra librdkafka properties, `key=value` comma separated (for TLS, SASL, ...).
+    #[arg(long, env = "TALLY_KAFKA_PROPERTIES", default_value = "")]
+    pub kafka_properties: String,
+
+    /// Log format.
+    #[arg(long, env = "TALLY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid {field}: {message}")]
+    Invalid { field: String, message: String },
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.to_string(),
+        message: message.into(),
+    }
+}
+
+impl PodConfig {
+    /// The defaults of `tally run`, with any `TALLY_*` variables applied.
+    pub fn from_env_and_defaults() -> Result<PodConfig, clap::Error> {
+        use clap::{CommandFactory, FromArgMatches, Parser};
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            pod: PodConfig,
+        }
+        let m = Only::command().try_get_matches_from(["tally"])?;
+        Ok(Only::from_arg_matches(&m)?.pod)
+    }
+
+    /// Builds the config from parsed flags/env and, if given, the TOML file.
+    /// A value from the file is used only where neither a flag nor an
+    /// environment variable set the field.
+    pub fn resolve(matches: &ArgMatches, parsed: PodConfig) -> Result<PodConfig, ConfigError> {
+        let Some(path) = parsed.config.clone() else {
+            parsed.validate()?;
+            return Ok(parsed);
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let merged = Self::merge_file(matches, parsed, &path, &text)?;
+        merged.validate()?;
+        Ok(merged)
+    }
+
+    fn merge_file(
+        matches: &ArgMatches,
+        parsed: PodConfig,
+        path: &Path,
+        text: &str,
+    ) -> Result<PodConfig, ConfigError> {
+        let file_err = |message: String| ConfigError::File {
+            path: path.to_path_buf(),
+            message,
+        };
+        let table: toml::Table = toml::from_str(text).map_err(|e| file_err(e.to_string()))?;
+        let mut value = serde_json::to_value(&parsed).map_err(|e| file_err(e.to_string()))?;
+        let obj = value
+            .as_object_mut()
+            .ok_or_else(|| file_err("internal: config is not an object".into()))?;
+        for (key, v) in table {
+            let id = key.replace('-', "_");
+            if !obj.contains_key(&id) {
+                return Err(file_err(format!("unknown setting {key:?}")));
+            }
+            let explicit = matches!(
+                matches.value_source(&id),
+                Some(ValueSource::CommandLine) | Some(ValueSource::EnvVariable)
+            );
+            if !explicit {
+                let json = serde_json::to_value(&v).map_err(|e| file_err(e.to_string()))?;
+                obj.insert(id, json);
+            }
+        }
+        let mut merged: PodConfig =
+            serde_json::from_value(value).map_err(|e| file_err(e.to_string()))?;
+        merged.config = Some(path.to_path_buf());
+        Ok(merged)
+    }
+
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.brokers.trim().is_empty() {
+            return Err(invalid("brokers", "must name at least one host:port"));
+        }
+        for b in self.brokers.split(',') {
+            let b = b.trim();
+            let port_ok = b
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if !port_ok {
+                return Err(invalid("brokers", format!("{b:?} is not host:port")));
+            }
+        }
+        if self.group.trim().is_empty() {
+            return Err(invalid("group", "must not be empty"));
+        }
+        if self.http.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "http",
+                format!("{:?} is not an address like 0.0.0.0:8080", self.http),
+            ));
+        }
+        for (field, t) in [
+            ("input_topic", &self.input_topic),
+            ("enriched_topic", &self.enriched_topic),
+            ("dlq_topic", &self.dlq_topic),
+            ("late_topic", &self.late_topic),
+            ("windows_topic", &self.windows_topic),
+            ("fx_topic", &self.fx_topic),
+            ("alerts_topic", &self.alerts_topic),
+        ] {
+            let ok = !t.is_empty()
+                && t.len() <= 249
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if !ok {
+                return Err(invalid(
+                    field,
+                    format!("{t:?} is not a valid Kafka topic name"),
+                ));
+            }
+        }
+        if self.flush_max_events == 0 {
+            return Err(invalid("flush_max_events", "must be > 0"));
+        }
+        if self.flush_interval_ms == 0 {
+            return Err(invalid("flush_interval_ms", "must be > 0"));
+        }
+        if !(self.alert_threshold_usd.is_finite() && self.alert_threshold_usd > 0.0) {
+            return Err(invalid("alert_threshold_usd", "must be a positive number"));
+        }
+        if !(self.max_amount.is_finite() && self.max_amount > 0.0 && self.max_amount <= 1e12) {
+            return Err(invalid("max_amount", "must be in (0, 1e12]"));
+        }
+        if self.session_timeout_ms < 1_000 {
+            return Err(invalid("session_timeout_ms", "must be ≥ 1000"));
+        }
+        if self.max_poll_interval_ms < self.session_timeout_ms {
+            return Err(invalid(
+                "max_poll_interval_ms",
+                "must be ≥ session_timeout_ms",
+            ));
+        }
+        if self.shutdown_timeout_ms == 0 {
+            return Err(invalid("shutdown_timeout_ms", "must be > 0"));
+        }
+        self.kafka_properties()?;
+        if let Some(f) = &self.fx_defaults {
+            if !f.is_file() {
+                return Err(invalid(
+                    "fx_defaults",
+                    format!("{} is not a readable file", f.display()),
+                ));
+            }
+        }
+        self.core()?;
+        Ok(())
+    }
+
+    /// Extra librdkafka properties as pairs.
+    pub fn kafka_properties(&self) -> Result<Vec<(String, String)>, ConfigError> {
+        let mut out = Vec::new();
+        for item in self
+            .kafka_properties
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            let Some((k, v)) = item.split_once('=') else {
+                return Err(invalid(
+                    "kafka_properties",
+                    format!("{item:?} is not key=value"),
+                ));
+            };
+            out.push((k.trim().to_string(), v.trim().to_string()));
+        }
+        Ok(out)
+    }
+
+    /// The core's configuration derived from this one.
+    pub fn core(&self) -> Result<CoreConfig, ConfigError> {
+        let windows = parse_window_list(&self.windows).map_err(|m| invalid("windows", m))?;
+        let time = |field: &str, s: &str| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .map(|t| t.timestamp_millis())
+                .map_err(|e| invalid(field, format!("{s:?} is not RFC 3339: {e}")))
+        };
+        let limits = Limits {
+            max_message_bytes: self.max_message_bytes,
+            min_event_ms: time("min_event_time", &self.min_event_time)?,
+            max_event_ms: time("max_event_time", &self.max_event_time)?,
+            max_amount_micros: (self.max_amount * MICROS as f64).round() as i64,
+        };
+        let core = CoreConfig {
+            windows,
+            out_of_orderness_ms: self.out_of_orderness_ms,
+            grace_ms: self.grace_ms,
+            idle_timeout_ms: self.idle_timeout_ms,
+            dedup_horizon_ms: self.dedup_horizon_ms,
+            limits,
+            alert_threshold_usd_micros: (self.alert_threshold_usd * MICROS as f64).round() as i64,
+        };
+        core.validate().map_err(|e| invalid(&e.field, e.message))?;
+        Ok(core)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, FromArgMatches, Parser};
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        pod: PodConfig,
+    }
+
+    fn parse(args: &[&str], file: Option<&str>) -> Result<PodConfig, ConfigError> {
+        let mut argv = vec!["t"];
+        argv.extend_from_slice(args);
+        let m = T::command()
+            .try_get_matches_from(argv)
+            .expect("flags parse");
+        let t = T::from_arg_matches(&m).expect("from matches");
+        match file {
+            None => {
+                t.pod.validate()?;
+                Ok(t.pod)
+            }
+            Some(text) => {
+                PodConfig::merge_file(&m, t.pod, Path::new("x.toml"), text).and_then(|c| {
+                    c.validate()?;
+                    Ok(c)
+                })
+            }
+        }
+    }
+
+    fn field(e: ConfigError) -> String {
+        match e {
+            ConfigError::Invalid { field, .. } => field,
+            other => format!("{other}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = parse(&[], None).unwrap();
+        assert_eq!(c.core().unwrap(), CoreConfig::default());
+    }
+
+    #[test]
+    fn each_bad_value_names_its_field() {
+        assert_eq!(
+            field(parse(&["--brokers", "nohost"], None).unwrap_err()),
+            "brokers"
+        );
+        assert_eq!(field(parse(&["--http", "8080"], None).unwrap_err()), "http");
+        assert_eq!(
+            field(parse(&["--flush-max-events", "0"], None).unwrap_err()),
+            "flush_max_events"
+        );
+        assert_eq!(
+            field(parse(&["--windows", "tumbling:x:0:region"], None).unwrap_err()),
+            "windows"
+        );
+        assert_eq!(
+            field(parse(&["--grace-ms", "-5"], None).unwrap_err()),
+            "grace_ms"
+        );
+        assert_eq!(
+            field(parse(&["--dedup-horizon-ms", "10"], None).unwrap_err()),
+            "dedup_horizon_ms"
+        );
+        assert_eq!(
+            field(parse(&["--min-event-time", "yesterday"], None).unwrap_err()),
+            "min_event_time"
+        );
+        assert_eq!(
+            field(parse(&["--dlq-topic", "bad topic"], None).unwrap_err()),
+            "dlq_topic"
+        );
+        assert_eq!(
+            field(parse(&["--kafka-properties", "acks"], None).unwrap_err()),
+            "kafka_properties"
+        );
+        assert_eq!(
+            field(parse(&["--alert-threshold-usd", "-1"], None).unwrap_err()),
+            "alert_threshold_usd"
+        );
+    }
+
+    #[test]
+    fn the_file_fills_in_what_flags_did_not_set() {
+        let c = parse(
+            &["--group", "from-flag"],
+            Some("group = \"from-file\"\nflush-interval-ms = 250\n"),
+        )
+        .unwrap();
+        assert_eq!(c.group, "from-flag");
+        assert_eq!(c.flush_interval_ms, 250);
+        let e = parse(&[], Some("flush_intervall_ms = 1\n")).unwrap_err();
+        assert!(e.to_string().contains("unknown setting"), "{e}");
+        let e = parse(&[], Some("flush_interval_ms = \"soon\"\n")).unwrap_err();
+        assert!(e.to_string().contains("x.toml"), "{e}");
+        let e = parse(&[], Some("grace_ms = -1\n")).unwrap_err();
+        assert_eq!(field(e), "grace_ms");
+    }
+}

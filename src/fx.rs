@@ -1,0 +1,230 @@
+//! The FX table adapter: reads the compacted `fx-rates` topic to its end at
+//! startup (seeding it from the defaults when it is empty), then follows it.
+//!
+//! A record's key is the currency; its value is a rate, either a bare JSON
+//! number or an object with a `rate` field. A tombstone removes the currency.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::Value;
+
+use crate::core::{Currency, FxTable, Rate};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FxError {
+    #[error("FX defaults file {path}: {message}")]
+    Defaults { path: String, message: String },
+    #[error("Kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("topic {0} does not exist")]
+    NoTopic(String),
+    #[error("timed out reading {0} to its end")]
+    Timeout(String),
+}
+
+/// Parses one `fx-rates` record. `Ok((c, None))` is a tombstone.
+pub fn parse_record(
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+) -> Result<(Currency, Option<Rate>), String> {
+    let key = key.ok_or("no key")?;
+    let code = std::str::from_utf8(key).map_err(|_| "key is not UTF-8".to_string())?;
+    let currency =
+        Currency::parse(code.trim()).ok_or_else(|| format!("{code:?} is not a currency"))?;
+    let Some(payload) = payload else {
+        return Ok((currency, None));
+    };
+    let v: Value = serde_json::from_slice(payload).map_err(|e| format!("not JSON: {e}"))?;
+    let x = match &v {
+        Value::Number(n) => n.as_f64(),
+        Value::Object(o) => o.get("rate").and_then(Value::as_f64),
+        _ => None,
+    }
+    .ok_or("no numeric rate")?;
+    let rate = Rate::from_f64(x).ok_or_else(|| format!("{x} is not a positive rate"))?;
+    Ok((currency, Some(rate)))
+}
+
+/// The default table: built in, or from a TOML file of `CUR = rate` lines.
+pub fn defaults(path: Option<&Path>) -> Result<FxTable, FxError> {
+    let Some(path) = path else {
+        return Ok(FxTable::with_defaults());
+    };
+    let err = |message: String| FxError::Defaults {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+    let mut fx = FxTable::empty();
+    for (k, v) in table {
+        let c = Currency::parse(&k).ok_or_else(|| err(format!("{k:?} is not a currency")))?;
+        let x = v
+            .as_float()
+            .or_else(|| v.as_integer().map(|i| i as f64))
+            .ok_or_else(|| err(format!("{k}: rate must be a number")))?;
+        let r = Rate::from_f64(x).ok_or_else(|| err(format!("{k}: {x} is not a positive rate")))?;
+        fx.set(c, r);
+    }
+    Ok(fx)
+}
+
+/// Follows `fx-rates` after the initial load.
+pub struct FxFollower {
+    consumer: BaseConsumer,
+    /// Records that could not be used (logged, never fatal).
+    pub invalid: u64,
+}
+
+fn base_config(brokers: &str, extra: &[(String, String)]) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("group.id", "tally-fx-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false");
+    for (k, v) in extra {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Loads the table: the topic's content over the defaults. If the topic is
+/// empty, the defaults are produced to it first.
+pub fn bootstrap(
+    brokers: &str,
+    extra: &[(String, String)],
+    topic: &str,
+    defaults: &FxTable,
+    timeout: Duration,
+) -> Result<(FxTable, FxFollower), FxError> {
+    let consumer: BaseConsumer = base_config(brokers, extra).create()?;
+    let md = consumer.fetch_metadata(Some(topic), timeout)?;
+    let partitions: Vec<i32> = md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(FxError::NoTopic(topic.to_string()));
+    }
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = Vec::new();
+    for p in &partitions {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
+        let (_, high) = consumer.fetch_watermarks(topic, *p, timeout)?;
+        ends.push((*p, high));
+    }
+    consumer.assign(&tpl)?;
+    let mut fx = defaults.clone();
+    let mut follower = FxFollower {
+        consumer,
+        invalid: 0,
+    };
+    if ends.iter().all(|(_, h)| *h == 0) {
+        seed(brokers, extra, topic, defaults, timeout)?;
+        return Ok((fx, follower));
+    }
+    let deadline = Instant::now() + timeout;
+    let mut pos: std::collections::HashMap<i32, i64> = partitions.iter().map(|p| (*p, 0)).collect();
+    while ends.iter().any(|(p, h)| pos[p] < *h) {
+        if Instant::now() > deadline {
+            return Err(FxError::Timeout(topic.to_string()));
+        }
+        if let Some(Ok(m)) = follower.consumer.poll(Duration::from_millis(100)) {
+            pos.insert(m.partition(), m.offset() + 1);
+            let (k, p) = (m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec));
+            drop(m);
+            follower.apply(k.as_deref(), p.as_deref(), &mut fx);
+        }
+    }
+    Ok((fx, follower))
+}
+
+fn seed(
+    brokers: &str,
+    extra: &[(String, String)],
+    topic: &str,
+    fx: &FxTable,
+    timeout: Duration,
+) -> Result<(), FxError> {
+    let mut c = base_config(brokers, extra);
+    c.set("enable.idempotence", "true").set("acks", "all");
+    let producer: BaseProducer = c.create()?;
+    for (cur, rate) in fx.entries() {
+        let payload =
+            serde_json::json!({ "currency": cur.to_string(), "rate": rate.as_f64() }).to_string();
+        let key = cur.to_string();
+        producer
+            .send(BaseRecord::to(topic).key(&key).payload(&payload))
+            .map_err(|(e, _)| e)?;
+    }
+    producer.flush(timeout)?;
+    Ok(())
+}
+
+impl FxFollower {
+    fn apply(&mut self, key: Option<&[u8]>, payload: Option<&[u8]>, fx: &mut FxTable) {
+        match parse_record(key, payload) {
+            Ok((c, Some(r))) => fx.set(c, r),
+            Ok((c, None)) => fx.remove(c),
+            Err(e) => {
+                self.invalid += 1;
+                tracing::warn!(error = %e, "ignoring an unusable fx-rates record");
+            }
+        }
+    }
+
+    /// Applies every update available now, without waiting.
+    pub fn poll_updates(&mut self, fx: &mut FxTable) -> usize {
+        let mut n = 0;
+        while let Some(r) = self.consumer.poll(Duration::ZERO) {
+            if let Ok(m) = r {
+                let (k, p) = (m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec));
+                drop(m);
+                self.apply(k.as_deref(), p.as_deref(), fx);
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_parse_as_number_object_or_tombstone() {
+        let (c, r) = parse_record(Some(b"eur"), Some(b"1.1")).unwrap();
+        assert_eq!((c.as_str(), r), ("EUR", Rate::from_f64(1.1)));
+        let (_, r) =
+            parse_record(Some(b"GBP"), Some(br#"{"currency":"GBP","rate":1.25}"#)).unwrap();
+        assert_eq!(r, Rate::from_f64(1.25));
+        assert_eq!(parse_record(Some(b"JPY"), None).unwrap().1, None);
+        assert!(parse_record(None, Some(b"1")).is_err());
+        assert!(parse_record(Some(b"EUR"), Some(b"-1")).is_err());
+        assert!(parse_record(Some(b"EURO"), Some(b"1")).is_err());
+    }
+
+    #[test]
+    fn a_defaults_file_is_checked() {
+        let dir = std::env::temp_dir().join(format!("tally-fx-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("fx.toml");
+        std::fs::write(&f, "USD = 1\nEUR = 1.1\n").unwrap();
+        assert_eq!(defaults(Some(&f)).unwrap().len(), 2);
+        std::fs::write(&f, "USD = \"one\"\n").unwrap();
+        assert!(defaults(Some(&f))
+            .unwrap_err()
+            .to_string()
+            .contains("fx.toml"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

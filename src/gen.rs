@@ -1,0 +1,375 @@
+//! The load generator: deterministic order streams with a known truth.
+//!
+//! [`generate`] is pure: a seed and a [`GenSpec`] give the same records and
+//! the same [`Truth`] every time. [`produce`] sends them to any broker, at a
+//! fixed rate or as fast as possible.
+//!
+//! The stream's event times advance by `1000 / rate` ms per order (10 ms
+//! when unthrottled) from `start_ms`, each moved back by up to `disorder_ms`.
+//! Keep `disorder_ms` within the pod's allowed out-of-orderness and every
+//! valid order counts. Special records, by percentage:
+//! - invalid: one of several malformed shapes, with the reason expected;
+//! - duplicate: the exact key and bytes of a recent valid order, again;
+//! - very late: a customer already seen, with an event time 3 h in the
+//!   past, so every window it belongs to has closed on its partition.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use serde::{Deserialize, Serialize};
+
+use crate::core::order::{usd_micros, MICROS};
+use crate::core::{Currency, FxTable, Reason};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenSpec {
+    pub count: u64,
+    /// Orders per second; 0 = as fast as possible.
+    pub rate: f64,
+    pub seed: u64,
+    pub customers: u64,
+    /// Event time of the first order, ms.
+    pub start_ms: i64,
+    pub disorder_ms: i64,
+    pub invalid_pct: f64,
+    pub duplicate_pct: f64,
+    pub late_pct: f64,
+}
+
+impl Default for GenSpec {
+    fn default() -> Self {
+        GenSpec {
+            count: 10_000,
+            rate: 0.0,
+            seed: 1,
+            customers: 1_000,
+            start_ms: 1_700_000_000_000,
+            disorder_ms: 2_000,
+            invalid_pct: 1.0,
+            duplicate_pct: 1.0,
+            late_pct: 0.5,
+        }
+    }
+}
+
+/// What one generated record is, and what tally must make of it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Expect {
+    Valid {
+        order_id: String,
+        customer_id: String,
+        currency: String,
+        region: String,
+        amount_micros: i64,
+        usd_micros: i64,
+        created_at_ms: i64,
+    },
+    Invalid {
+        reason: Reason,
+    },
+    Duplicate {
+        order_id: String,
+    },
+    Late {
+        order_id: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenRecord {
+    pub key: Vec<u8>,
+    pub payload: Vec<u8>,
+    pub expect: Expect,
+}
+
+const CURRENCIES: [&str; 6] = ["USD", "EUR", "GBP", "JPY", "CAD", "AUD"];
+const REGIONS: [&str; 4] = ["eu", "us", "apac", "latam"];
+
+/// SplitMix64: small, fast and stable across versions, so a seed always
+/// means the same stream.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn pct(&mut self, p: f64) -> bool {
+        (self.next() % 1_000_000) as f64 / 10_000.0 < p
+    }
+}
+
+/// Generates the stream for `spec`. Valid orders use the default FX table.
+pub fn generate(spec: &GenSpec) -> Vec<GenRecord> {
+    let fx = FxTable::with_defaults();
+    let mut rng = Rng(spec.seed);
+    let step = if spec.rate > 0.0 {
+        (1000.0 / spec.rate).max(1.0) as i64
+    } else {
+        10
+    };
+    let mut out: Vec<GenRecord> = Vec::with_capacity(spec.count as usize);
+    let mut recent_valid: Vec<usize> = Vec::new();
+    for i in 0..spec.count {
+        let t =
+            spec.start_ms + i as i64 * step - rng.below(spec.disorder_ms.max(0) as u64 + 1) as i64;
+        let customer = format!("c{}", rng.below(spec.customers));
+        let roll = rng.next() % 1_000_000;
+        let pct = |p: f64| (p * 10_000.0) as u64;
+        let (inv, dup, late) = (
+            pct(spec.invalid_pct),
+            pct(spec.duplicate_pct),
+            pct(spec.late_pct),
+        );
+        if roll < inv {
+            out.push(invalid(&mut rng, i, &customer, t));
+        } else if roll < inv + dup && !recent_valid.is_empty() {
+            let j = recent_valid[rng.below(recent_valid.len() as u64) as usize];
+            let orig = out[j].clone();
+            let Expect::Valid { order_id, .. } = &orig.expect else {
+                continue;
+            };
+            out.push(GenRecord {
+                key: orig.key.clone(),
+                payload: orig.payload.clone(),
+                expect: Expect::Duplicate {
+                    order_id: order_id.clone(),
+                },
+            });
+        } else if roll < inv + dup + late && !recent_valid.is_empty() {
+            let j = recent_valid[rng.below(recent_valid.len() as u64) as usize];
+            let Expect::Valid { customer_id, .. } = &out[j].expect else {
+                continue;
+            };
+            let customer_id = customer_id.clone();
+            let id = format!("late-{}-{i}", spec.seed);
+            let json = format!(
+                r#"{{"order_id":"{id}","customer_id":"{customer_id}","amount":12.5,"currency":"USD","created_at":{}}}"#,
+                t - 3 * 3_600_000
+            );
+            out.push(GenRecord {
+                key: customer_id.into_bytes(),
+                payload: json.into_bytes(),
+                expect: Expect::Late { order_id: id },
+            });
+        } else {
+            let currency = CURRENCIES[rng.below(CURRENCIES.len() as u64) as usize];
+            let region = REGIONS[rng.below(REGIONS.len() as u64) as usize];
+            // Mostly 1.00 to 500.00; one in a hundred is a big order.
+            let cents = if rng.pct(1.0) {
+                500_000 + rng.below(2_000_000)
+            } else {
+                100 + rng.below(49_900)
+            } as i64;
+            let amount_micros = cents * (MICROS / 100);
+            let cur =
+                Currency::parse(currency).unwrap_or_else(|| unreachable!("constant currency"));
+            let rate = fx
+                .get(cur)
+                .unwrap_or_else(|| unreachable!("default currencies have rates"));
+            let id = format!("o-{}-{i}", spec.seed);
+            let amount = format!("{}.{:02}", cents / 100, cents % 100);
+            // Vary the accepted shapes: string amounts, epoch seconds, lower-case currency.
+            let json = match i % 4 {
+                0 => format!(
+                    r#"{{"order_id":"{id}","customer_id":"{customer}","amount":{amount},"currency":"{currency}","created_at":{t},"region":"{region}","channel":"web"}}"#
+                ),
+                1 => format!(
+                    r#"{{"order_id":"{id}","customer_id":"{customer}","amount":"{amount}","currency":"{}","created_at":"{}","region":"{region}"}}"#,
+                    currency.to_lowercase(),
+                    crate::output::rfc3339(t)
+                ),
+                2 => format!(
+                    r#"{{"order_id":"{id}","customer_id":"{customer}","amount":{amount},"currency":"{currency}","created_at":{}.{:03},"region":"{region}"}}"#,
+                    t / 1000,
+                    t % 1000
+                ),
+                _ => format!(
+                    r#"{{"order_id":"{id}","customer_id":"{customer}","amount":{amount},"currency":"{currency}","created_at":{t},"region":"{region}"}}"#
+                ),
+            };
+            recent_valid.push(out.len());
+            if recent_valid.len() > 200 {
+                recent_valid.remove(0);
+            }
+            out.push(GenRecord {
+                key: customer.clone().into_bytes(),
+                payload: json.into_bytes(),
+                expect: Expect::Valid {
+                    order_id: id,
+                    customer_id: customer,
+                    currency: currency.to_string(),
+                    region: region.to_string(),
+                    amount_micros,
+                    usd_micros: usd_micros(amount_micros, rate),
+                    created_at_ms: t,
+                },
+            });
+        }
+    }
+    out
+}
+
+fn invalid(rng: &mut Rng, i: u64, customer: &str, t: i64) -> GenRecord {
+    let id = format!("bad-{i}");
+    let (payload, reason) = match rng.below(6) {
+        0 => (
+            format!("{{\"order_id\":\"{id}\",\"amount\":"),
+            Reason::NotJson,
+        ),
+        1 => (
+            format!(r#"{{"order_id":"{id}","amount":5,"currency":"USD","created_at":{t}}}"#),
+            Reason::MissingField,
+        ),
+        2 => (
+            format!(
+                r#"{{"order_id":"{id}","customer_id":"{customer}","amount":-5,"currency":"USD","created_at":{t}}}"#
+            ),
+            Reason::NonPositiveAmount,
+        ),
+        3 => (
+            format!(
+                r#"{{"order_id":"{id}","customer_id":"{customer}","amount":5,"currency":"XXX","created_at":{t}}}"#
+            ),
+            Reason::UnknownCurrency,
+        ),
+        4 => (
+            format!(
+                r#"{{"order_id":"{id}","customer_id":"{customer}","amount":5,"currency":"USD","created_at":"1990-01-01T00:00:00Z"}}"#
+            ),
+            Reason::TimestampOutOfRange,
+        ),
+        _ => (
+            format!(
+                r#"{{"order_id":"{id}","customer_id":"{customer}","amount":[5],"currency":"USD","created_at":{t}}}"#
+            ),
+            Reason::WrongType,
+        ),
+    };
+    GenRecord {
+        key: customer.as_bytes().to_vec(),
+        payload: payload.into_bytes(),
+        expect: Expect::Invalid { reason },
+    }
+}
+
+/// Writes the truth as JSON lines, one per record, in send order.
+pub fn write_truth(records: &[GenRecord], w: &mut impl Write) -> std::io::Result<()> {
+    for r in records {
+        serde_json::to_writer(&mut *w, &r.expect)?;
+        w.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
+/// Sends the records, paced at `rate` per second (0 = unthrottled), and
+/// waits for every acknowledgement. Returns how many were sent.
+pub fn produce(
+    brokers: &str,
+    topic: &str,
+    extra: &[(String, String)],
+    records: &[GenRecord],
+    rate: f64,
+    stop: &dyn Fn() -> bool,
+) -> Result<u64, KafkaError> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5");
+    for (k, v) in extra {
+        c.set(k, v);
+    }
+    let producer: BaseProducer = c.create()?;
+    let started = Instant::now();
+    let mut sent = 0u64;
+    for r in records {
+        if stop() {
+            break;
+        }
+        if rate > 0.0 {
+            let due = started + Duration::from_secs_f64(sent as f64 / rate);
+            let now = Instant::now();
+            if due > now {
+                producer.poll(due - now);
+            }
+        }
+        loop {
+            match producer.send(
+                BaseRecord::to(topic)
+                    .key(r.key.as_slice())
+                    .payload(r.payload.as_slice()),
+            ) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    producer.poll(Duration::from_millis(10));
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+        sent += 1;
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(60))?;
+    Ok(sent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::{validate, Limits};
+
+    #[test]
+    fn the_stream_is_deterministic_and_its_truth_holds() {
+        let spec = GenSpec {
+            count: 2_000,
+            invalid_pct: 5.0,
+            duplicate_pct: 5.0,
+            late_pct: 2.0,
+            ..GenSpec::default()
+        };
+        let a = generate(&spec);
+        assert_eq!(a, generate(&spec));
+        let fx = FxTable::with_defaults();
+        let mut kinds = [0; 4];
+        for r in &a {
+            let v = validate(&r.payload, &Limits::default(), &fx, 0);
+            match &r.expect {
+                Expect::Valid {
+                    usd_micros,
+                    order_id,
+                    ..
+                } => {
+                    let o = v.unwrap();
+                    assert_eq!(
+                        (&o.order.order_id, o.amount_usd_micros),
+                        (order_id, *usd_micros)
+                    );
+                    kinds[0] += 1;
+                }
+                Expect::Invalid { reason } => {
+                    assert_eq!(
+                        v.unwrap_err().reason,
+                        *reason,
+                        "{}",
+                        String::from_utf8_lossy(&r.payload)
+                    );
+                    kinds[1] += 1;
+                }
+                Expect::Duplicate { .. } => kinds[2] += 1,
+                Expect::Late { .. } => kinds[3] += 1,
+            }
+        }
+        assert!(kinds.iter().all(|k| *k > 0), "{kinds:?}");
+    }
+}

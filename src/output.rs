@@ -1,0 +1,266 @@
+//! Effects to Kafka records: the wire format of every output topic.
+//!
+//! - `enriched-orders`, `orders-late`: the original JSON object with
+//!   `currency` and `region` normalised and `amount_usd`, `processed_at` and
+//!   `source` added; other fields pass through. Key: `customer_id`.
+//! - `orders-dlq`: the original bytes and key, untouched; headers
+//!   `reason`, `field`, `detail`, `source_topic`, `source_partition`,
+//!   `source_offset`.
+//! - `order-alerts`: the enriched order plus `threshold_usd`. Key: `order_id`.
+//! - `revenue-windows`: a [`WindowRecord`], keyed by
+//!   `window_id|p<partition>`, since every input partition publishes its own
+//!   partial aggregate; a retracted session is a tombstone (no value).
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::config::{LatePolicy, PodConfig};
+use crate::core::order::MICROS;
+use crate::core::{
+    window_id, Aggregate, EnrichedOrder, Partition, Rejection, WindowKey, WindowUpdate,
+};
+
+/// One record to produce.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutRecord {
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Where the input record came from.
+#[derive(Clone, Copy, Debug)]
+pub struct Source<'a> {
+    pub topic: &'a str,
+    pub partition: Partition,
+    pub offset: i64,
+}
+
+pub fn usd(micros: i128) -> f64 {
+    micros as f64 / MICROS as f64
+}
+
+/// A window result as published on `revenue-windows`. `agg` carries the
+/// mergeable aggregate so any reader can combine partitions exactly.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WindowRecord {
+    pub window_id: String,
+    pub spec: String,
+    pub kind: String,
+    pub by: String,
+    pub key: String,
+    pub start: i64,
+    pub end: i64,
+    #[serde(rename = "final")]
+    pub is_final: bool,
+    pub partition: Partition,
+    pub offset: i64,
+    pub count: u64,
+    pub revenue_usd: f64,
+    pub revenue_usd_micros: i128,
+    pub revenue_by_currency: Map<String, Value>,
+    pub unique_customers: usize,
+    pub avg_usd: Option<f64>,
+    pub min_usd: Option<f64>,
+    pub max_usd: Option<f64>,
+    pub p95_usd: Option<f64>,
+    pub agg: Aggregate,
+}
+
+impl WindowRecord {
+    pub fn from_update(w: &WindowUpdate) -> WindowRecord {
+        let a = &w.row.agg;
+        WindowRecord {
+            window_id: w.window_id(),
+            spec: w.spec_name.clone(),
+            kind: w.kind.name().to_string(),
+            by: w.by.name().to_string(),
+            key: w.key.group.clone(),
+            start: w.key.start,
+            end: w.row.end,
+            is_final: w.row.closed,
+            partition: w.partition,
+            offset: w.row.offset,
+            count: a.count,
+            revenue_usd: usd(a.revenue_usd_micros),
+            revenue_usd_micros: a.revenue_usd_micros,
+            revenue_by_currency: a
+                .revenue_by_currency
+                .iter()
+                .map(|(c, m)| (c.to_string(), Value::from(usd(*m))))
+                .collect(),
+            unique_customers: a.unique_customers(),
+            avg_usd: a.avg_usd_micros().map(|m| usd(m.into())),
+            min_usd: a.min_usd().map(|m| usd(m.into())),
+            max_usd: a.max_usd().map(|m| usd(m.into())),
+            p95_usd: a.p95_usd(),
+            agg: a.clone(),
+        }
+    }
+
+    /// The record key: one row per window and input partition.
+    pub fn record_key(window_id: &str, partition: Partition) -> String {
+        format!("{window_id}|p{partition}")
+    }
+}
+
+/// The enriched JSON: the original object, normalised and extended.
+pub fn enriched_json(original: &[u8], o: &EnrichedOrder, src: Source<'_>) -> Vec<u8> {
+    let mut obj: Map<String, Value> = serde_json::from_slice(original).unwrap_or_default();
+    obj.insert("order_id".into(), Value::from(o.order.order_id.clone()));
+    obj.insert(
+        "customer_id".into(),
+        Value::from(o.order.customer_id.clone()),
+    );
+    obj.insert(
+        "amount".into(),
+        Value::from(usd(o.order.amount_micros.into())),
+    );
+    obj.insert("currency".into(), Value::from(o.order.currency.to_string()));
+    obj.insert(
+        "created_at".into(),
+        Value::from(rfc3339(o.order.created_at_ms)),
+    );
+    obj.insert("region".into(), Value::from(o.order.region.clone()));
+    obj.insert(
+        "amount_usd".into(),
+        Value::from(usd(o.amount_usd_micros.into())),
+    );
+    obj.insert("fx_rate".into(), Value::from(o.rate.as_f64()));
+    obj.insert(
+        "processed_at".into(),
+        Value::from(rfc3339(o.processed_at_ms)),
+    );
+    obj.insert(
+        "source".into(),
+        serde_json::json!({"topic": src.topic, "partition": src.partition, "offset": src.offset}),
+    );
+    serde_json::to_vec(&obj).unwrap_or_default()
+}
+
+pub fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}
+
+/// Records for the outputs of the pod, all addressed by the configured topic names.
+pub struct Outputs<'a> {
+    pub cfg: &'a PodConfig,
+}
+
+impl Outputs<'_> {
+    pub fn accepted(
+        &self,
+        original: &[u8],
+        o: &EnrichedOrder,
+        alert: bool,
+        src: Source<'_>,
+        out: &mut Vec<OutRecord>,
+    ) {
+        let json = enriched_json(original, o, src);
+        if alert {
+            out.push(self.alert(&json, o));
+        }
+        out.push(OutRecord {
+            topic: self.cfg.enriched_topic.clone(),
+            key: Some(o.order.customer_id.clone().into_bytes()),
+            payload: Some(json),
+            headers: Vec::new(),
+        });
+    }
+
+    pub fn late(
+        &self,
+        original: &[u8],
+        o: &EnrichedOrder,
+        alert: bool,
+        src: Source<'_>,
+        out: &mut Vec<OutRecord>,
+    ) {
+        let json = enriched_json(original, o, src);
+        if alert {
+            out.push(self.alert(&json, o));
+        }
+        if self.cfg.late_policy == LatePolicy::Topic {
+            out.push(OutRecord {
+                topic: self.cfg.late_topic.clone(),
+                key: Some(o.order.customer_id.clone().into_bytes()),
+                payload: Some(json),
+                headers: Vec::new(),
+            });
+        }
+    }
+
+    fn alert(&self, enriched: &[u8], o: &EnrichedOrder) -> OutRecord {
+        let mut obj: Map<String, Value> = serde_json::from_slice(enriched).unwrap_or_default();
+        obj.insert(
+            "threshold_usd".into(),
+            Value::from(self.cfg.alert_threshold_usd),
+        );
+        OutRecord {
+            topic: self.cfg.alerts_topic.clone(),
+            key: Some(o.order.order_id.clone().into_bytes()),
+            payload: Some(serde_json::to_vec(&obj).unwrap_or_default()),
+            headers: Vec::new(),
+        }
+    }
+
+    pub fn rejected(
+        &self,
+        original: &[u8],
+        key: Option<&[u8]>,
+        r: &Rejection,
+        src: Source<'_>,
+        out: &mut Vec<OutRecord>,
+    ) {
+        let mut headers = vec![
+            ("reason".to_string(), r.reason.as_str().as_bytes().to_vec()),
+            ("detail".to_string(), r.detail.clone().into_bytes()),
+            ("source_topic".to_string(), src.topic.as_bytes().to_vec()),
+            (
+                "source_partition".to_string(),
+                src.partition.to_string().into_bytes(),
+            ),
+            (
+                "source_offset".to_string(),
+                src.offset.to_string().into_bytes(),
+            ),
+        ];
+        if let Some(f) = r.field {
+            headers.push(("field".to_string(), f.as_bytes().to_vec()));
+        }
+        out.push(OutRecord {
+            topic: self.cfg.dlq_topic.clone(),
+            key: key.map(<[u8]>::to_vec),
+            payload: Some(original.to_vec()),
+            headers,
+        });
+    }
+
+    pub fn window(&self, w: &WindowUpdate, out: &mut Vec<OutRecord>) {
+        let rec = WindowRecord::from_update(w);
+        out.push(OutRecord {
+            topic: self.cfg.windows_topic.clone(),
+            key: Some(WindowRecord::record_key(&rec.window_id, w.partition).into_bytes()),
+            payload: Some(serde_json::to_vec(&rec).unwrap_or_default()),
+            headers: Vec::new(),
+        });
+    }
+
+    pub fn retracted(
+        &self,
+        partition: Partition,
+        spec_name: &str,
+        key: &WindowKey,
+        out: &mut Vec<OutRecord>,
+    ) {
+        out.push(OutRecord {
+            topic: self.cfg.windows_topic.clone(),
+            key: Some(WindowRecord::record_key(&window_id(spec_name, key), partition).into_bytes()),
+            payload: None,
+            headers: Vec::new(),
+        });
+    }
+}

@@ -1,0 +1,795 @@
+//! The consumer pod: Kafka in, the core in the middle, outputs and RocksDB out.
+//!
+//! **Guarantee.** Window results are exact (no order lost or counted twice)
+//! across crashes and rebalances; output topics are at-least-once. This
+//! holds because of the flush order:
+//! 1. produce every output of the micro-batch and wait for all acks
+//!    (idempotent producer, `acks=all`);
+//! 2. write the dirty rows and the partition meta (next offset, watermark)
+//!    to RocksDB in one synced batch;
+//! 3. commit the offsets to Kafka.
+//!
+//! A crash before 2 loses nothing: the pod resumes from the offsets in
+//! RocksDB, and the core ignores records already folded into a row. A crash
+//! between 2 and 3 is harmless too: RocksDB wins over the group's committed
+//! offsets. **Precondition:** a partition's state directory is used by one
+//! pod at a time; Kafka's group assignment provides that.
+//!
+//! One thread runs the loop. Rebalance callbacks run inside `poll` on the
+//! same thread; they lock the processor, which the loop never holds while
+//! polling.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::{debug, error, info, info_span, trace_span, warn};
+
+use crate::config::PodConfig;
+use crate::core::{Effect, Engine, FlushId, Partition, StateChange, StateRow};
+use crate::fx::{self, FxFollower};
+use crate::output::{OutRecord, Outputs, Source};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error("configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("state store: {0}")]
+    Store(#[from] StoreError),
+    #[error("Kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("FX rates: {0}")]
+    Fx(#[from] fx::FxError),
+    #[error("input topic {0} does not exist (create it, or run `tally topics apply`)")]
+    NoInputTopic(String),
+    #[error("outputs were not acknowledged within {0:?}")]
+    ProduceTimeout(Duration),
+    #[error("cannot create the state directory {dir}: {source}")]
+    StateDir { dir: String, source: std::io::Error },
+    #[error("the pod thread panicked")]
+    Panicked,
+}
+
+/// Counters of what the pod did. Updated once per record batch or flush.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub records: AtomicU64,
+    pub valid: AtomicU64,
+    pub invalid: AtomicU64,
+    pub late: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub flushes: AtomicU64,
+    pub flush_failures: AtomicU64,
+    pub commit_failures: AtomicU64,
+    pub rebalances: AtomicU64,
+    pub restored_rows: AtomicU64,
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+const PENDING: u8 = 0;
+const IN_FLIGHT: u8 = 1;
+const ACKED: u8 = 2;
+const FAILED: u8 = 3;
+
+/// Records delivery results by index into the current flush's outputs.
+#[derive(Default)]
+pub struct AckContext {
+    status: Mutex<Vec<u8>>,
+}
+
+impl ClientContext for AckContext {}
+
+impl ProducerContext for AckContext {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, index: usize) {
+        let ok = result.is_ok();
+        if let Err((e, _)) = result {
+            warn!(error = %e, "an output was not delivered; it will be sent again");
+        }
+        if let Ok(mut s) = self.status.lock() {
+            if let Some(slot) = s.get_mut(index) {
+                *slot = if ok { ACKED } else { FAILED };
+            }
+        }
+    }
+}
+
+/// Everything the loop and the rebalance callbacks share.
+pub struct Processor {
+    cfg: PodConfig,
+    engine: Engine,
+    store: Store,
+    producer: BaseProducer<AckContext>,
+    out: Vec<OutRecord>,
+    /// Outputs of the batch are being retried: keep their delivery status.
+    retrying: bool,
+    /// The drained state changes waiting for their outputs' acks.
+    pending_changes: Option<(FlushId, Vec<StateChange>)>,
+    effects: Vec<Effect>,
+    pending: usize,
+    last_flush: Instant,
+    held: BTreeSet<Partition>,
+    stats: Arc<Stats>,
+    fx_follower: Option<FxFollower>,
+}
+
+fn lock(p: &Mutex<Processor>) -> MutexGuard<'_, Processor> {
+    // A panic while holding the lock leaves nothing half-done that a
+    // restart would not redo, so a poisoned lock is still usable.
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Processor {
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn held(&self) -> &BTreeSet<Partition> {
+        &self.held
+    }
+
+    /// Converts effects to output records.
+    fn emit(&mut self, original: Option<(&[u8], Option<&[u8]>)>, src: Source<'_>) {
+        let outputs = Outputs { cfg: &self.cfg };
+        let (mut valid, mut invalid, mut late, mut dup) = (0, 0, 0, 0);
+        let payload = original.map(|o| o.0).unwrap_or_default();
+        for e in self.effects.drain(..) {
+            match e {
+                Effect::Accepted {
+                    order,
+                    alert,
+                    offset,
+                    partition,
+                    ..
+                } => {
+                    valid += 1;
+                    outputs.accepted(
+                        payload,
+                        &order,
+                        alert,
+                        Source {
+                            offset,
+                            partition,
+                            ..src
+                        },
+                        &mut self.out,
+                    );
+                }
+                Effect::Late {
+                    order,
+                    alert,
+                    offset,
+                    partition,
+                } => {
+                    late += 1;
+                    outputs.late(
+                        payload,
+                        &order,
+                        alert,
+                        Source {
+                            offset,
+                            partition,
+                            ..src
+                        },
+                        &mut self.out,
+                    );
+                }
+                Effect::Rejected {
+                    rejection,
+                    offset,
+                    partition,
+                } => {
+                    invalid += 1;
+                    debug!(topic = src.topic, partition, offset, reason = %rejection.reason, "rejected");
+                    let key = original.and_then(|o| o.1);
+                    outputs.rejected(
+                        payload,
+                        key,
+                        &rejection,
+                        Source {
+                            offset,
+                            partition,
+                            ..src
+                        },
+                        &mut self.out,
+                    );
+                }
+                Effect::Duplicate { .. } => dup += 1,
+                Effect::Window(w) => outputs.window(&w, &mut self.out),
+                Effect::Retracted {
+                    partition,
+                    spec_name,
+                    key,
+                } => outputs.retracted(partition, &spec_name, &key, &mut self.out),
+            }
+        }
+        add(&self.stats.valid, valid);
+        add(&self.stats.invalid, invalid);
+        add(&self.stats.late, late);
+        add(&self.stats.duplicates, dup);
+    }
+
+    fn on_message(&mut self, p: Partition, offset: i64, key: Option<&[u8]>, payload: &[u8]) {
+        let topic = self.cfg.input_topic.clone();
+        let _span = trace_span!("record", topic = %topic, partition = p, offset).entered();
+        self.engine
+            .on_record(p, offset, payload, now_ms(), &mut self.effects);
+        self.emit(
+            Some((payload, key)),
+            Source {
+                topic: &topic,
+                partition: p,
+                offset,
+            },
+        );
+        self.pending += 1;
+        add(&self.stats.records, 1);
+    }
+
+    fn tick(&mut self) {
+        self.engine.tick(now_ms(), &mut self.effects);
+        let topic = self.cfg.input_topic.clone();
+        self.emit(
+            None,
+            Source {
+                topic: &topic,
+                partition: -1,
+                offset: -1,
+            },
+        );
+        if let Some(f) = self.fx_follower.as_mut() {
+            let n = f.poll_updates(self.engine.fx_mut());
+            if n > 0 {
+                info!(updates = n, "applied FX rate updates");
+            }
+        }
+    }
+
+    /// Takes over a partition: its state from RocksDB if there is any.
+    /// Returns the offset to resume from (`None`: from the beginning).
+    fn take_partition(&mut self, p: Partition) -> Result<Option<i64>, StoreError> {
+        let rows = self.store.load_partition(p)?;
+        let next = rows.iter().find_map(|r| match r {
+            StateRow::Meta(m) => Some(m.next_offset),
+            _ => None,
+        });
+        add(&self.stats.restored_rows, rows.len() as u64);
+        info!(partition = p, rows = rows.len(), resume_from = ?next, "partition assigned");
+        self.engine.restore(p, rows, now_ms(), &mut self.effects);
+        let topic = self.cfg.input_topic.clone();
+        self.emit(
+            None,
+            Source {
+                topic: &topic,
+                partition: p,
+                offset: -1,
+            },
+        );
+        self.held.insert(p);
+        Ok(next)
+    }
+
+    fn release_partition(&mut self, p: Partition) {
+        self.engine.revoke(p);
+        self.held.remove(&p);
+        info!(partition = p, "partition released");
+    }
+
+    /// The flush: outputs acknowledged, then one RocksDB batch, then the
+    /// Kafka commit. On a produce timeout nothing is written or committed,
+    /// and the next call retries the same outputs.
+    fn flush(
+        &mut self,
+        consumer: &BaseConsumer<PodContext>,
+        budget: Duration,
+    ) -> Result<(), PodError> {
+        let span = info_span!("flush", topic = %self.cfg.input_topic, records = self.pending);
+        let _g = span.enter();
+        let started = Instant::now();
+        if !self.retrying {
+            let mut changes = Vec::new();
+            let id = self.engine.flush(&mut self.effects, &mut changes);
+            let topic = self.cfg.input_topic.clone();
+            self.emit(
+                None,
+                Source {
+                    topic: &topic,
+                    partition: -1,
+                    offset: -1,
+                },
+            );
+            self.pending_changes = Some((id, changes));
+            if let Ok(mut s) = self.producer.context().status.lock() {
+                *s = vec![PENDING; self.out.len()];
+            }
+        }
+        if let Err(e) = self.produce_all(started + budget) {
+            self.retrying = true;
+            add(&self.stats.flush_failures, 1);
+            return Err(e);
+        }
+        self.retrying = false;
+        let Some((id, changes)) = self.pending_changes.take() else {
+            return Ok(());
+        };
+        self.store.write(&changes)?;
+        self.commit(consumer);
+        self.engine.on_durable(id);
+        add(&self.stats.flushes, 1);
+        debug!(
+            outputs = self.out.len(),
+            rows = changes.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "flushed"
+        );
+        self.out.clear();
+        self.pending = 0;
+        self.last_flush = Instant::now();
+        Ok(())
+    }
+
+    fn produce_all(&mut self, deadline: Instant) -> Result<(), PodError> {
+        loop {
+            let status = self
+                .producer
+                .context()
+                .status
+                .lock()
+                .map(|s| s.clone())
+                .unwrap_or_default();
+            for (i, rec) in self.out.iter().enumerate() {
+                if status.get(i).is_some_and(|s| *s == PENDING || *s == FAILED) {
+                    send(&self.producer, rec, i, deadline)?;
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let _ = self.producer.flush(left);
+            let status = self
+                .producer
+                .context()
+                .status
+                .lock()
+                .map(|s| s.clone())
+                .unwrap_or_default();
+            if status.iter().all(|s| *s == ACKED) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(PodError::ProduceTimeout(self.last_flush.elapsed()));
+            }
+            self.producer.poll(Duration::from_millis(100));
+        }
+    }
+
+    fn commit(&self, consumer: &BaseConsumer<PodContext>) {
+        let mut tpl = TopicPartitionList::new();
+        for p in &self.held {
+            if let Some(s) = self.engine.status(*p) {
+                if s.next_offset > 0 {
+                    let _ = tpl.add_partition_offset(
+                        &self.cfg.input_topic,
+                        *p,
+                        Offset::Offset(s.next_offset),
+                    );
+                }
+            }
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+            // Not fatal: RocksDB holds the offsets and wins on restart.
+            add(&self.stats.commit_failures, 1);
+            warn!(error = %e, "offset commit failed; will commit again after the next flush");
+        }
+    }
+
+    fn due(&self) -> bool {
+        self.pending >= self.cfg.flush_max_events
+            || self.retrying
+            || self.last_flush.elapsed() >= Duration::from_millis(self.cfg.flush_interval_ms)
+    }
+}
+
+fn send(
+    producer: &BaseProducer<AckContext>,
+    rec: &OutRecord,
+    i: usize,
+    deadline: Instant,
+) -> Result<(), PodError> {
+    loop {
+        let mut r: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(&rec.topic, i);
+        if let Some(k) = &rec.key {
+            r = r.key(k.as_slice());
+        }
+        if let Some(p) = &rec.payload {
+            r = r.payload(p.as_slice());
+        }
+        if !rec.headers.is_empty() {
+            let mut h = OwnedHeaders::new();
+            for (k, v) in &rec.headers {
+                h = h.insert(Header {
+                    key: k,
+                    value: Some(v),
+                });
+            }
+            r = r.headers(h);
+        }
+        match producer.send(r) {
+            Ok(()) => {
+                if let Ok(mut s) = producer.context().status.lock() {
+                    if let Some(slot) = s.get_mut(i) {
+                        *slot = IN_FLIGHT;
+                    }
+                }
+                return Ok(());
+            }
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                if Instant::now() >= deadline {
+                    return Err(PodError::ProduceTimeout(Duration::ZERO));
+                }
+                producer.poll(Duration::from_millis(10));
+            }
+            Err((e, _)) => return Err(e.into()),
+        }
+    }
+}
+
+/// The consumer's context: rebalance callbacks flush and restore.
+pub struct PodContext {
+    proc: Arc<Mutex<Processor>>,
+    input_topic: String,
+    stats: Arc<Stats>,
+    callback_budget: Duration,
+}
+
+impl ClientContext for PodContext {}
+
+impl ConsumerContext for PodContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        add(&self.stats.rebalances, 1);
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let partitions: Vec<Partition> = tpl
+            .elements_for_topic(&self.input_topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let mut proc = lock(&self.proc);
+                for p in &partitions {
+                    // RocksDB wins over the group's committed offset; without
+                    // local state the partition is rebuilt from the start of the log.
+                    let offset = match proc.take_partition(*p) {
+                        Ok(Some(next)) => Offset::Offset(next),
+                        Ok(None) => Offset::Beginning,
+                        Err(e) => {
+                            error!(partition = p, error = %e, "cannot read local state; rebuilding from the log");
+                            Offset::Beginning
+                        }
+                    };
+                    let _ = tpl.set_partition_offset(&self.input_topic, *p, offset);
+                }
+                drop(proc);
+                let r = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Err(e) = r {
+                    error!(error = %e, "assign failed");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let mut proc = lock(&self.proc);
+                // Bounded, so a rebalance never outlives max.poll.interval.ms.
+                // If outputs cannot be acknowledged in time, the partition is
+                // released without a commit: its next owner resumes from the
+                // last committed (durable) offsets, so nothing is lost. The
+                // drained changes stay pending and are written once their
+                // outputs are acknowledged, keeping RocksDB consistent.
+                if let Err(e) = proc.flush(consumer, self.callback_budget) {
+                    warn!(error = %e, "flush on revoke did not finish in time; releasing without a commit");
+                }
+                for p in &partitions {
+                    proc.release_partition(*p);
+                }
+                drop(proc);
+                let r = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = r {
+                    error!(error = %e, "unassign failed");
+                }
+            }
+            other => {
+                error!(error = ?other, "rebalance error");
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+/// A running pod.
+pub struct PodHandle {
+    shutdown: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<(), PodError>>>,
+    pub processor: Arc<Mutex<Processor>>,
+    pub stats: Arc<Stats>,
+}
+
+impl PodHandle {
+    /// Asks the loop to stop: final flush, commit, leave the group.
+    pub fn stop(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Stops and waits for the loop to end.
+    pub fn join(mut self) -> Result<(), PodError> {
+        self.stop();
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| PodError::Panicked)?,
+            None => Ok(()),
+        }
+    }
+
+    /// Next offset per held partition.
+    pub fn positions(&self) -> Vec<(Partition, i64)> {
+        let p = lock(&self.processor);
+        p.engine
+            .partitions()
+            .map(|(id, s)| (id, s.next_offset))
+            .collect()
+    }
+}
+
+fn consumer_config(cfg: &PodConfig) -> Result<ClientConfig, PodError> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("group.id", &cfg.group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
+        .set("max.poll.interval.ms", cfg.max_poll_interval_ms.to_string())
+        .set("enable.partition.eof", "false");
+    if let Some(id) = &cfg.group_instance_id {
+        c.set("group.instance.id", id);
+    }
+    for (k, v) in cfg.kafka_properties()? {
+        c.set(k, v);
+    }
+    Ok(c)
+}
+
+fn producer_config(cfg: &PodConfig) -> Result<ClientConfig, PodError> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set("message.timeout.ms", "30000");
+    for (k, v) in cfg.kafka_properties()? {
+        c.set(k, v);
+    }
+    Ok(c)
+}
+
+/// Starts a pod: checks the input topic, loads FX rates, opens the state
+/// store, joins the group, and runs the loop on its own thread.
+pub fn start(cfg: PodConfig) -> Result<PodHandle, PodError> {
+    cfg.validate()?;
+    let core_cfg = cfg.core()?;
+    let extra = cfg.kafka_properties()?;
+    let probe: BaseConsumer = consumer_config(&cfg)?.create()?;
+    let md = probe.fetch_metadata(Some(&cfg.input_topic), Duration::from_secs(10))?;
+    let exists = md
+        .topics()
+        .iter()
+        .any(|t| t.name() == cfg.input_topic && t.error().is_none() && !t.partitions().is_empty());
+    if !exists {
+        return Err(PodError::NoInputTopic(cfg.input_topic.clone()));
+    }
+    drop(probe);
+
+    let defaults = fx::defaults(cfg.fx_defaults.as_deref())?;
+    let (fx_table, follower) = fx::bootstrap(
+        &cfg.brokers,
+        &extra,
+        &cfg.fx_topic,
+        &defaults,
+        Duration::from_secs(30),
+    )?;
+    info!(currencies = fx_table.len(), "FX table loaded");
+
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| PodError::StateDir {
+        dir: cfg.state_dir.display().to_string(),
+        source,
+    })?;
+    let store = Store::open(&cfg.state_dir, core_cfg.state_fingerprint())?;
+    let engine =
+        Engine::new(core_cfg, fx_table).map_err(|e| crate::config::ConfigError::Invalid {
+            field: e.field,
+            message: e.message,
+        })?;
+    let producer: BaseProducer<AckContext> =
+        producer_config(&cfg)?.create_with_context(AckContext::default())?;
+    let stats = Arc::new(Stats::default());
+    let processor = Arc::new(Mutex::new(Processor {
+        cfg: cfg.clone(),
+        engine,
+        store,
+        producer,
+        out: Vec::new(),
+        retrying: false,
+        pending_changes: None,
+        effects: Vec::new(),
+        pending: 0,
+        last_flush: Instant::now(),
+        held: BTreeSet::new(),
+        stats: stats.clone(),
+        fx_follower: Some(follower),
+    }));
+    let ctx = PodContext {
+        proc: processor.clone(),
+        input_topic: cfg.input_topic.clone(),
+        stats: stats.clone(),
+        callback_budget: Duration::from_millis(cfg.max_poll_interval_ms / 3),
+    };
+    let consumer: BaseConsumer<PodContext> = consumer_config(&cfg)?.create_with_context(ctx)?;
+    consumer.subscribe(&[&cfg.input_topic])?;
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let (shutdown, processor) = (shutdown.clone(), processor.clone());
+        std::thread::Builder::new()
+            .name("tally-pod".into())
+            .spawn(move || run_loop(consumer, processor, shutdown, cfg))
+            .map_err(|e| PodError::Kafka(KafkaError::ClientCreation(e.to_string())))?
+    };
+    Ok(PodHandle {
+        shutdown,
+        thread: Some(thread),
+        processor,
+        stats,
+    })
+}
+
+fn run_loop(
+    consumer: BaseConsumer<PodContext>,
+    processor: Arc<Mutex<Processor>>,
+    shutdown: Arc<AtomicBool>,
+    cfg: PodConfig,
+) -> Result<(), PodError> {
+    info!(topic = %cfg.input_topic, group = %cfg.group, "pod running");
+    let flush_budget = Duration::from_millis((cfg.max_poll_interval_ms / 3).min(10_000));
+    let mut last_tick = Instant::now();
+    let mut paused = false;
+    while !shutdown.load(Ordering::SeqCst) {
+        match consumer.poll(Duration::from_millis(20)) {
+            Some(Ok(m)) => {
+                let mut proc = lock(&processor);
+                proc.on_message(
+                    m.partition(),
+                    m.offset(),
+                    m.key(),
+                    m.payload().unwrap_or_default(),
+                );
+                drop(m);
+                // Drain what is already fetched under one lock.
+                for _ in 0..1024 {
+                    match consumer.poll(Duration::ZERO) {
+                        Some(Ok(m)) => proc.on_message(
+                            m.partition(),
+                            m.offset(),
+                            m.key(),
+                            m.payload().unwrap_or_default(),
+                        ),
+                        Some(Err(e)) => {
+                            warn!(error = %e, "consume error");
+                            break;
+                        }
+                        None => break,
+                    }
+                    if proc.pending >= cfg.flush_max_events {
+                        break;
+                    }
+                }
+            }
+            Some(Err(e)) => warn!(error = %e, "consume error"),
+            None => {}
+        }
+        let mut proc = lock(&processor);
+        if last_tick.elapsed() >= Duration::from_millis(500) {
+            proc.tick();
+            last_tick = Instant::now();
+        }
+        if proc.due() {
+            match proc.flush(&consumer, flush_budget) {
+                Ok(()) => {
+                    if paused {
+                        if let Ok(a) = consumer.assignment() {
+                            let _ = consumer.resume(&a);
+                        }
+                        paused = false;
+                        info!("outputs acknowledged again; consumption resumed");
+                    }
+                }
+                Err(PodError::ProduceTimeout(_)) => {
+                    // Keep polling (the group must see us alive) but stop
+                    // fetching until the outputs are acknowledged.
+                    if !paused {
+                        if let Ok(a) = consumer.assignment() {
+                            let _ = consumer.pause(&a);
+                        }
+                        paused = true;
+                        warn!("outputs not acknowledged; consumption paused until they are");
+                    }
+                }
+                Err(e) => {
+                    error!(error = %e, "flush failed");
+                    return Err(e);
+                }
+            }
+        }
+    }
+    info!("shutting down: final flush and commit");
+    let deadline = Instant::now() + Duration::from_millis(cfg.shutdown_timeout_ms);
+    let mut proc = lock(&processor);
+    proc.tick();
+    loop {
+        match proc.flush(
+            &consumer,
+            deadline.saturating_duration_since(Instant::now()),
+        ) {
+            Ok(()) => break,
+            Err(PodError::ProduceTimeout(_)) if Instant::now() < deadline => continue,
+            Err(e) => {
+                warn!(error = %e, "final flush failed; the next owner redoes the work from the last durable offsets");
+                proc.retrying = false;
+                proc.out.clear();
+                proc.pending_changes = None;
+                break;
+            }
+        }
+    }
+    drop(proc);
+    // Dropping the consumer closes it: the group sees us leave at once.
+    drop(consumer);
+    info!("pod stopped");
+    Ok(())
+}

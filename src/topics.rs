@@ -1,0 +1,211 @@
+//! Topic declarations (`topics/*.toml`, one file per topic) and applying
+//! them to a broker: create what is missing, report drift in what exists.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: i32,
+    #[serde(default = "one")]
+    pub replication_factor: i32,
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+}
+
+fn one() -> i32 {
+    1
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopicError {
+    #[error("cannot read topic declarations in {dir}: {source}")]
+    ReadDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("topic file {file}: {message}")]
+    File { file: PathBuf, message: String },
+    #[error("Kafka admin: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("topic {0} does not exist and could not be created")]
+    Missing(String),
+}
+
+/// Reads every `*.toml` in `dir`, sorted by name.
+pub fn load_dir(dir: &Path) -> Result<Vec<TopicSpec>, TopicError> {
+    let rd = std::fs::read_dir(dir).map_err(|source| TopicError::ReadDir {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
+    let mut files: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    let mut specs = Vec::new();
+    for file in files {
+        let err = |message: String| TopicError::File {
+            file: file.clone(),
+            message,
+        };
+        let text = std::fs::read_to_string(&file).map_err(|e| err(e.to_string()))?;
+        let spec: TopicSpec = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        if spec.partitions < 1 {
+            return Err(err("partitions must be ≥ 1".into()));
+        }
+        if spec.replication_factor < 1 {
+            return Err(err("replication_factor must be ≥ 1".into()));
+        }
+        specs.push(spec);
+    }
+    Ok(specs)
+}
+
+/// What `apply` found for one topic.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TopicStatus {
+    Created,
+    Matches,
+    /// Exists, but differs from its declaration (the message says how).
+    Drift(String),
+    /// The broker refused to create it (the message says why).
+    NotCreated(String),
+}
+
+fn client_config(brokers: &str, extra: &[(String, String)]) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers);
+    for (k, v) in extra {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Partition count of every topic on the broker.
+pub fn existing(
+    brokers: &str,
+    extra: &[(String, String)],
+) -> Result<BTreeMap<String, i32>, TopicError> {
+    let consumer: BaseConsumer = client_config(brokers, extra).create()?;
+    let md = consumer.fetch_metadata(None, Duration::from_secs(10))?;
+    Ok(md
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none())
+        .map(|t| (t.name().to_string(), t.partitions().len() as i32))
+        .collect())
+}
+
+/// Creates the missing topics and compares partition counts of the rest.
+/// Config drift is not checked: DescribeConfigs is missing on some brokers.
+pub async fn apply(
+    brokers: &str,
+    extra: &[(String, String)],
+    specs: &[TopicSpec],
+) -> Result<Vec<(String, TopicStatus)>, TopicError> {
+    let have = existing(brokers, extra)?;
+    let mut report = Vec::new();
+    let missing: Vec<&TopicSpec> = specs
+        .iter()
+        .filter(|s| !have.contains_key(&s.name))
+        .collect();
+    for s in specs {
+        if let Some(n) = have.get(&s.name) {
+            let status = if *n == s.partitions {
+                TopicStatus::Matches
+            } else {
+                TopicStatus::Drift(format!("{n} partitions, declared {}", s.partitions))
+            };
+            report.push((s.name.clone(), status));
+        }
+    }
+    if !missing.is_empty() {
+        let admin: AdminClient<DefaultClientContext> = client_config(brokers, extra).create()?;
+        let new: Vec<NewTopic> = missing
+            .iter()
+            .map(|s| {
+                let mut t = NewTopic::new(
+                    &s.name,
+                    s.partitions,
+                    TopicReplication::Fixed(s.replication_factor),
+                );
+                for (k, v) in &s.config {
+                    t = t.set(k, v);
+                }
+                t
+            })
+            .collect();
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        match admin.create_topics(new.iter(), &opts).await {
+            Ok(results) => {
+                for r in results {
+                    match r {
+                        Ok(name) => report.push((name, TopicStatus::Created)),
+                        Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                            report.push((name, TopicStatus::Matches))
+                        }
+                        Err((name, code)) => {
+                            report.push((name, TopicStatus::NotCreated(code.to_string())))
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                for s in missing {
+                    report.push((s.name.clone(), TopicStatus::NotCreated(e.to_string())));
+                }
+            }
+        }
+    }
+    report.sort();
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_repository_declarations_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("topics");
+        let specs = load_dir(&dir).unwrap();
+        let names: Vec<_> = specs.iter().map(|s| s.name.as_str()).collect();
+        for t in [
+            "raw-orders",
+            "enriched-orders",
+            "orders-dlq",
+            "orders-late",
+            "revenue-windows",
+            "fx-rates",
+            "order-alerts",
+        ] {
+            assert!(names.contains(&t), "{t} is not declared");
+        }
+        let windows = specs.iter().find(|s| s.name == "revenue-windows").unwrap();
+        assert_eq!(windows.config["cleanup.policy"], "compact");
+    }
+
+    #[test]
+    fn a_bad_file_names_itself() {
+        let dir = std::env::temp_dir().join(format!("tally-topics-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("x.toml"), "name = \"x\"\npartitions = 0\n").unwrap();
+        let e = load_dir(&dir).unwrap_err().to_string();
+        assert!(e.contains("x.toml") && e.contains("partitions"), "{e}");
+        std::fs::write(dir.join("x.toml"), "name = \"x\"\npartitons = 3\n").unwrap();
+        let e = load_dir(&dir).unwrap_err().to_string();
+        assert!(e.contains("partitons"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,277 @@
+//! Kafka helpers for the pod's integration tests (mock cluster, no sleeps:
+//! everything waits by polling against a deadline).
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use tally::config::PodConfig;
+use tally::core::window::{assign, tumbling_start};
+use tally::core::{WindowKind, WindowSpec};
+use tally::gen::{Expect, GenRecord};
+use tally::output::WindowRecord;
+
+pub struct Rec {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: HashMap<String, String>,
+}
+
+/// Every record of `topic`, read from the beginning to the high watermark.
+pub fn read_all(brokers: &str, topic: &str) -> Vec<Rec> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "tally-test-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("reader");
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let parts: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    for p in &parts {
+        let (lo, hi) = consumer
+            .fetch_watermarks(topic, *p, Duration::from_secs(10))
+            .expect("watermarks");
+        if hi > lo {
+            tpl.add_partition_offset(topic, *p, Offset::Offset(lo))
+                .unwrap();
+            ends.insert(*p, hi);
+        }
+    }
+    let mut out = Vec::new();
+    if ends.is_empty() {
+        return out;
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut pos: HashMap<i32, i64> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ends
+        .iter()
+        .any(|(p, hi)| pos.get(p).copied().unwrap_or(-1) + 1 < *hi)
+    {
+        assert!(Instant::now() < deadline, "timed out reading {topic}");
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            pos.insert(m.partition(), m.offset());
+            let mut headers = HashMap::new();
+            if let Some(h) = m.headers() {
+                for hd in h.iter() {
+                    headers.insert(
+                        hd.key.to_string(),
+                        String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned(),
+                    );
+                }
+            }
+            out.push(Rec {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                payload: m.payload().map(<[u8]>::to_vec),
+                headers,
+            });
+        }
+    }
+    out
+}
+
+/// High watermark of every partition of `topic`.
+pub fn end_offsets(brokers: &str, topic: &str) -> BTreeMap<i32, i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    md.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| {
+            (
+                p.id(),
+                consumer
+                    .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                    .unwrap()
+                    .1,
+            )
+        })
+        .collect()
+}
+
+/// The group's committed offsets for `topic`.
+pub fn committed(brokers: &str, group: &str, topic: &str) -> BTreeMap<i32, i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in end_offsets(brokers, topic).keys() {
+        tpl.add_partition(topic, *p);
+    }
+    let c = match consumer.committed_offsets(tpl, Duration::from_secs(10)) {
+        Ok(c) => c,
+        Err(_) => return BTreeMap::new(),
+    };
+    c.elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Polls `cond` every 50 ms until it holds or `timeout` passes.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::park_timeout(Duration::from_millis(50));
+    }
+}
+
+pub fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "tally-it-{name}-{}-{}",
+        std::process::id(),
+        tally::pod::now_ms()
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// A pod config for tests: short session timeout, quick flushes.
+pub fn pod_config(brokers: &str, group: &str, state_dir: PathBuf) -> PodConfig {
+    let mut c = PodConfig::from_env_and_defaults().expect("defaults");
+    c.brokers = brokers.to_string();
+    c.group = group.to_string();
+    c.state_dir = state_dir;
+    c.apply_topics = false;
+    c.session_timeout_ms = 6_000;
+    c.flush_interval_ms = 50;
+    c.http = "127.0.0.1:0".into();
+    c
+}
+
+pub type Totals = BTreeMap<(String, String, i64), (u64, i128)>;
+
+/// Expected (count, USD micros) per (window definition, group, start) for
+/// the default windows, from the generator's truth.
+pub fn truth_totals(records: &[GenRecord]) -> Totals {
+    let mut t: Totals = BTreeMap::new();
+    let mut sessions: BTreeMap<String, Vec<(i64, i64)>> = BTreeMap::new();
+    for r in records {
+        let Expect::Valid {
+            currency,
+            region,
+            customer_id,
+            usd_micros,
+            created_at_ms,
+            ..
+        } = &r.expect
+        else {
+            continue;
+        };
+        for spec in WindowSpec::defaults() {
+            let group = match spec.by {
+                tally::core::GroupBy::Currency => currency.clone(),
+                tally::core::GroupBy::Region => region.clone(),
+                tally::core::GroupBy::Customer => customer_id.clone(),
+            };
+            match spec.kind {
+                WindowKind::Session { .. } => sessions
+                    .entry(customer_id.clone())
+                    .or_default()
+                    .push((*created_at_ms, *usd_micros)),
+                k => {
+                    for (start, _) in assign(&k, *created_at_ms) {
+                        let e = t
+                            .entry((spec.name.clone(), group.clone(), start))
+                            .or_default();
+                        e.0 += 1;
+                        e.1 += i128::from(*usd_micros);
+                    }
+                }
+            }
+        }
+    }
+    let gap = 1_800_000;
+    for (c, mut evs) in sessions {
+        evs.sort();
+        let mut cur: Option<(i64, i64, u64, i128)> = None;
+        for (t0, usd) in evs {
+            cur = match cur {
+                Some((s, last, n, sum)) if t0 - last < gap => {
+                    Some((s, t0, n + 1, sum + i128::from(usd)))
+                }
+                Some((s, _, n, sum)) => {
+                    t.insert(("session_30m_customer".into(), c.clone(), s), (n, sum));
+                    Some((t0, t0, 1, i128::from(usd)))
+                }
+                None => Some((t0, t0, 1, i128::from(usd))),
+            };
+        }
+        if let Some((s, _, n, sum)) = cur {
+            t.insert(("session_30m_customer".into(), c.clone(), s), (n, sum));
+        }
+    }
+    let _ = tumbling_start;
+    t
+}
+
+/// The latest value of every `revenue-windows` key, merged across input
+/// partitions: (count, USD micros) per (definition, group, start).
+pub fn published_totals(brokers: &str) -> Totals {
+    let mut latest: BTreeMap<Vec<u8>, Option<WindowRecord>> = BTreeMap::new();
+    for r in read_all(brokers, "revenue-windows") {
+        let v = r
+            .payload
+            .map(|p| serde_json::from_slice::<WindowRecord>(&p).expect("window record"));
+        latest.insert(r.key.expect("keyed"), v);
+    }
+    let mut t: Totals = BTreeMap::new();
+    for w in latest.into_values().flatten() {
+        let e = t.entry((w.spec, w.key, w.start)).or_default();
+        e.0 += w.count;
+        e.1 += w.revenue_usd_micros;
+    }
+    t
+}
+
+/// Panics with the first differences, if any.
+pub fn assert_totals_equal(got: &Totals, want: &Totals) {
+    let mut diffs = Vec::new();
+    for (k, v) in want {
+        if got.get(k) != Some(v) {
+            diffs.push(format!("{k:?}: want {v:?}, got {:?}", got.get(k)));
+        }
+    }
+    for (k, v) in got {
+        if !want.contains_key(k) {
+            diffs.push(format!("{k:?}: unexpected {v:?}"));
+        }
+    }
+    assert!(
+        diffs.is_empty(),
+        "{} of {} windows differ:\n{}",
+        diffs.len(),
+        want.len(),
+        diffs
+            .iter()
+            .take(20)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
