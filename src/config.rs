@@ -424,7 +424,7 @@ mod tests {
             "windows"
         );
         assert_eq!(
-            field(parse(&["--grace-ms", "-5"], None).unwrap_err()),
+            field(parse(&["--grace-ms=-5"], None).unwrap_err()),
             "grace_ms"
         );
         assert_eq!(
@@ -444,7 +444,7 @@ mod tests {
             "kafka_properties"
         );
         assert_eq!(
-            field(parse(&["--alert-threshold-usd", "-1"], None).unwrap_err()),
+            field(parse(&["--alert-threshold-usd=-1"], None).unwrap_err()),
             "alert_threshold_usd"
         );
     }
