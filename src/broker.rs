@@ -1,34 +1,61 @@
 //! The embedded broker: librdkafka's mock cluster, which speaks the real
-//! Kafka protocol on a loopback port, so other processes can use it too.
+//! Kafka protocol on loopback ports, so other processes can use it too.
 //! For `tally demo`, `tally broker` and tests; not for production.
 
-use rdkafka::error::KafkaError;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
+use rdkafka::producer::{BaseProducer, DefaultProducerContext, Producer};
 
 use crate::topics::TopicSpec;
 
 pub struct EmbeddedBroker {
-    cluster: MockCluster<'static, DefaultProducerContext>,
+    /// The client that owns the cluster: created with `test.mock.num.brokers`,
+    /// the cluster lives as long as it does.
+    owner: BaseProducer<DefaultProducerContext>,
+    bootstrap: String,
 }
 
 impl EmbeddedBroker {
     /// Starts a cluster of `brokers` brokers and creates `topics` (the mock
     /// cluster has no CreateTopics API, so they are created directly).
+    ///
+    /// The group coordinator's initial rebalance delay (3 s by default, like
+    /// Kafka's `group.initial.rebalance.delay.ms`) is set to zero, so a pod
+    /// that joins an empty group is assigned partitions at once.
     pub fn start(brokers: i32, topics: &[TopicSpec]) -> Result<EmbeddedBroker, KafkaError> {
-        let cluster = MockCluster::new(brokers)?;
+        let owner: BaseProducer<DefaultProducerContext> = ClientConfig::new()
+            .set("test.mock.num.brokers", brokers.to_string())
+            .create()?;
+        let cluster = owner
+            .client()
+            .mock_cluster()
+            .ok_or(KafkaError::MockCluster(RDKafkaErrorCode::Fail))?;
         for t in topics {
             cluster.create_topic(&t.name, t.partitions, t.replication_factor.min(brokers))?;
         }
-        Ok(EmbeddedBroker { cluster })
+        // SAFETY: the pointer comes from the live client that owns the mock
+        // cluster, and the call only sets an integer in it.
+        unsafe {
+            let mc = rdkafka::bindings::rd_kafka_handle_mock_cluster(owner.client().native_ptr());
+            if !mc.is_null() {
+                rdkafka::bindings::rd_kafka_mock_group_initial_rebalance_delay_ms(mc, 0);
+            }
+        }
+        let bootstrap = cluster.bootstrap_servers();
+        drop(cluster);
+        Ok(EmbeddedBroker { owner, bootstrap })
     }
 
     pub fn bootstrap_servers(&self) -> String {
-        self.cluster.bootstrap_servers()
+        self.bootstrap.clone()
     }
 
     /// The cluster itself, for fault injection in tests.
-    pub fn cluster(&self) -> &MockCluster<'static, DefaultProducerContext> {
-        &self.cluster
+    pub fn cluster(&self) -> MockCluster<'_, DefaultProducerContext> {
+        self.owner
+            .client()
+            .mock_cluster()
+            .unwrap_or_else(|| unreachable!("the owner was created with a mock cluster"))
     }
 }

@@ -304,12 +304,7 @@ impl PodConfig {
         }
         self.kafka_properties()?;
         if let Some(f) = &self.fx_defaults {
-            if !f.is_file() {
-                return Err(invalid(
-                    "fx_defaults",
-                    format!("{} is not a readable file", f.display()),
-                ));
-            }
+            crate::fx::defaults(Some(f)).map_err(|e| invalid("fx_defaults", e.to_string()))?;
         }
         self.core()?;
         Ok(())

@@ -154,8 +154,13 @@ fn seed(
     fx: &FxTable,
     timeout: Duration,
 ) -> Result<(), FxError> {
-    let mut c = base_config(brokers, extra);
-    c.set("enable.idempotence", "true").set("acks", "all");
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all");
+    for (k, v) in extra {
+        c.set(k, v);
+    }
     let producer: BaseProducer = c.create()?;
     for (cur, rate) in fx.entries() {
         let payload =

@@ -585,6 +585,12 @@ fn consumer_config(cfg: &PodConfig) -> Result<ClientConfig, PodError> {
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
+        // A third of the session timeout, as Kafka recommends; librdkafka's
+        // fixed 3 s default would expire short sessions between heartbeats.
+        .set(
+            "heartbeat.interval.ms",
+            (cfg.session_timeout_ms / 3).max(100).to_string(),
+        )
         .set("max.poll.interval.ms", cfg.max_poll_interval_ms.to_string())
         .set("enable.partition.eof", "false");
     if let Some(id) = &cfg.group_instance_id {

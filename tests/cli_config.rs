@@ -1,0 +1,107 @@
+//! Every misconfiguration is a clear error naming the field, a non-zero
+//! exit, and never a panic.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use tally::broker::EmbeddedBroker;
+use tally::topics;
+
+fn tally(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tally"));
+    c.args(args).env("TALLY_LOG", "error");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run tally")
+}
+
+fn assert_rejected(out: &Output, mentions: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected a failure mentioning {mentions:?}; stderr: {err}"
+    );
+    assert!(
+        err.contains(mentions),
+        "stderr should mention {mentions:?}: {err}"
+    );
+    assert!(!err.contains("panicked"), "panicked: {err}");
+}
+
+#[test]
+fn bad_flags_env_and_files_name_the_field() {
+    let run = |args: &[&str]| {
+        let mut a = vec!["run"];
+        a.extend_from_slice(args);
+        tally(&a, &[])
+    };
+    assert_rejected(&run(&["--flush-max-events", "0"]), "flush_max_events");
+    assert_rejected(&run(&["--flush-interval-ms", "0"]), "flush_interval_ms");
+    assert_rejected(&run(&["--brokers", "nohost"]), "brokers");
+    assert_rejected(&run(&["--http", "everywhere"]), "http");
+    assert_rejected(&run(&["--windows", "sliding:x:100:30:region"]), "windows");
+    assert_rejected(&run(&["--dedup-horizon-ms", "1000"]), "dedup_horizon_ms");
+    assert_rejected(&run(&["--max-event-time", "never"]), "max_event_time");
+    assert_rejected(&run(&["--session-timeout-ms", "10"]), "session_timeout_ms");
+    assert_rejected(&run(&["--late-policy", "maybe"]), "late-policy");
+    assert_rejected(&run(&["--flush-max-events", "many"]), "flush-max-events");
+    assert_rejected(&tally(&["run"], &[("TALLY_GRACE_MS", "-1")]), "grace_ms");
+    assert_rejected(
+        &tally(&["run"], &[("TALLY_INPUT_TOPIC", "raw orders")]),
+        "input_topic",
+    );
+
+    let dir = support::kafka::temp_dir("cfg");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tally.toml");
+    let path = file.to_str().unwrap();
+    std::fs::write(&file, "flush_interval_ms = 0\n").unwrap();
+    assert_rejected(&run(&["--config", path]), "flush_interval_ms");
+    std::fs::write(&file, "flush_intervall_ms = 5\n").unwrap();
+    assert_rejected(&run(&["--config", path]), "flush_intervall_ms");
+    std::fs::write(&file, "grace_ms = \"soon\"\n").unwrap();
+    assert_rejected(&run(&["--config", path]), "tally.toml");
+    std::fs::write(&file, "this is not toml\n").unwrap();
+    assert_rejected(&run(&["--config", path]), "tally.toml");
+    assert_rejected(
+        &run(&["--config", "/nonexistent/tally.toml"]),
+        "/nonexistent/tally.toml",
+    );
+    let fx = dir.join("fx.toml");
+    std::fs::write(&fx, "EUR = -1\n").unwrap();
+    assert_rejected(
+        &run(&["--fx-defaults", fx.to_str().unwrap()]),
+        "fx_defaults",
+    );
+    assert_rejected(
+        &run(&["--fx-defaults", "/nonexistent/fx.toml"]),
+        "fx_defaults",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+
+    assert_rejected(&tally(&["gen", "--invalid-pct", "200"], &[]), "invalid_pct");
+    assert_rejected(&tally(&["gen", "--start", "tomorrow"], &[]), "start");
+}
+
+#[test]
+fn a_missing_input_topic_is_a_clear_error() {
+    let specs = topics::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
+    let broker = EmbeddedBroker::start(1, &specs).unwrap();
+    let dir = support::kafka::temp_dir("notopic");
+    let out = tally(
+        &[
+            "run",
+            "--brokers",
+            &broker.bootstrap_servers(),
+            "--apply-topics=false",
+            "--input-topic",
+            "no-such-topic",
+        ],
+        &[("TALLY_STATE_DIR", dir.to_str().unwrap())],
+    );
+    assert_rejected(&out, "no-such-topic");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,192 @@
+//! Crash safety: the pod runs as a child process and is SIGKILLed at random
+//! moments (mid-batch, mid-flush, mid-rebalance) while orders keep arriving.
+//! After the last restart catches up, every window total equals the truth
+//! exactly, and no DLQ or late record is missing.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::kafka::*;
+use tally::broker::EmbeddedBroker;
+use tally::gen::{self, Expect, GenSpec};
+use tally::topics;
+
+/// SIGKILLs that must land on a pod that was processing.
+const KILLS: usize = 20;
+const MAX_KILLS: usize = 50;
+
+fn spawn_pod(brokers: &str, state: &Path, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "run",
+            "--brokers",
+            brokers,
+            "--group",
+            "crash",
+            "--http",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--apply-topics=false",
+            "--session-timeout-ms",
+            "1000",
+            "--flush-interval-ms",
+            "30",
+        ])
+        .args(["--flush-max-events", "500"])
+        .arg("--state-dir")
+        .arg(state)
+        .env("TALLY_LOG", "warn,tally=info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn tally run")
+}
+
+/// Lets the child run until `at`, failing if it dies on its own.
+fn run_until(child: &mut Child, at: Instant, log: &Path) {
+    while Instant::now() < at {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "the pod exited by itself ({status}); log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn sigkill_at_random_moments_loses_and_doubles_nothing() {
+    let specs = topics::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
+    let broker = EmbeddedBroker::start(1, &specs).unwrap();
+    let brokers = broker.bootstrap_servers();
+    let records = gen::generate(&GenSpec {
+        count: 40_000,
+        seed: 11,
+        customers: 400,
+        invalid_pct: 2.0,
+        duplicate_pct: 2.0,
+        late_pct: 1.0,
+        ..GenSpec::default()
+    });
+    // Orders keep arriving for the whole kill phase.
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = {
+        let (brokers, records, stop) = (brokers.clone(), records.clone(), stop.clone());
+        std::thread::spawn(move || {
+            gen::produce(&brokers, "raw-orders", &[], &records, 450.0, &|| {
+                stop.load(Ordering::SeqCst)
+            })
+            .unwrap()
+        })
+    };
+
+    let state = temp_dir("crash");
+    let log = state.with_extension("log");
+    let mut rng: u64 = 0x5eed;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    // Kills that landed while the pod was making progress (committed
+    // offsets moved since the previous kill): the ones that test anything.
+    let mut progressed = 0;
+    let mut last_committed = 0i64;
+    let mut kills = 0;
+    while progressed < KILLS && kills < MAX_KILLS {
+        kills += 1;
+        let mut child = spawn_pod(&brokers, &state, &log);
+        let after = Duration::from_millis(1_500 + next() % 2_000);
+        run_until(&mut child, Instant::now() + after, &log);
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let now: i64 = committed(&brokers, "crash", "raw-orders").values().sum();
+        if now > last_committed {
+            progressed += 1;
+        }
+        eprintln!("kill {kills} after {after:?}: {now} offsets committed");
+        last_committed = now;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let sent = producer.join().unwrap() as usize;
+    assert!(
+        progressed >= KILLS,
+        "only {progressed} of {kills} kills hit a pod that was processing"
+    );
+    eprintln!("{kills} SIGKILLs, {progressed} while processing; {sent} records sent");
+    let records = &records[..sent];
+
+    let ends = end_offsets(&brokers, "raw-orders");
+    let mut child = spawn_pod(&brokers, &state, &log);
+    wait_until("the last pod to catch up", Duration::from_secs(180), || {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "the pod exited ({status}); log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        committed(&brokers, "crash", "raw-orders") == ends
+    });
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pod did not stop within 30 s of SIGTERM"
+        );
+        std::thread::park_timeout(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit after SIGTERM: {status}");
+
+    assert_totals_equal(&published_totals(&brokers), &truth_totals(records));
+
+    let dlq: BTreeSet<Vec<u8>> = read_all(&brokers, "orders-dlq")
+        .into_iter()
+        .filter_map(|r| r.payload)
+        .collect();
+    let late: BTreeSet<String> = read_all(&brokers, "orders-late")
+        .iter()
+        .map(|r| {
+            serde_json::from_slice::<serde_json::Value>(r.payload.as_ref().unwrap()).unwrap()
+                ["order_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    for r in records {
+        match &r.expect {
+            Expect::Invalid { .. } => assert!(
+                dlq.contains(&r.payload),
+                "lost DLQ record {}",
+                String::from_utf8_lossy(&r.payload)
+            ),
+            Expect::Late { order_id } => {
+                assert!(late.contains(order_id), "lost late record {order_id}")
+            }
+            _ => {}
+        }
+    }
+    let _ = std::fs::remove_dir_all(&state);
+    let _ = std::fs::remove_file(&log);
+}

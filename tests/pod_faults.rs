@@ -1,0 +1,98 @@
+//! Broker faults, injected with the mock cluster: request errors on Produce,
+//! Fetch and OffsetCommit, and a broker that goes down and comes back. The
+//! pod retries, does not crash, and loses or doubles nothing.
+
+mod support;
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rdkafka::mocking::MockCoordinator;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use support::kafka::*;
+use tally::broker::EmbeddedBroker;
+use tally::gen::{self, GenSpec};
+use tally::{pod, topics};
+
+#[test]
+fn request_errors_and_a_broker_outage_lose_and_double_nothing() {
+    let specs = topics::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
+    let broker = EmbeddedBroker::start(3, &specs).unwrap();
+    let brokers = broker.bootstrap_servers();
+    let cluster = broker.cluster();
+    // Keep the group coordinator on broker 2, so taking broker 1 down hits
+    // partition leaders and the pod's outputs, not the group itself.
+    cluster
+        .coordinator(MockCoordinator::Group("faults".into()), 2)
+        .unwrap();
+
+    let records = gen::generate(&GenSpec {
+        count: 9_000,
+        seed: 23,
+        customers: 300,
+        invalid_pct: 2.0,
+        duplicate_pct: 2.0,
+        late_pct: 1.0,
+        ..GenSpec::default()
+    });
+    let (a, rest) = records.split_at(3_000);
+    let (b, c) = rest.split_at(3_000);
+
+    let mut cfg = pod_config(&brokers, "faults", temp_dir("faults"));
+    // A short flush budget, so an unacknowledged flush shows up quickly.
+    cfg.max_poll_interval_ms = 9_000;
+    let handle = pod::start(cfg.clone()).unwrap();
+    let stats = handle.stats.clone();
+    let caught_up = |what: &str| {
+        let ends = end_offsets(&brokers, "raw-orders");
+        wait_until(what, Duration::from_secs(120), || {
+            committed(&brokers, "faults", "raw-orders") == ends
+        });
+    };
+
+    gen::produce(&brokers, "raw-orders", &[], a, 0.0, &|| false).unwrap();
+    caught_up("the first third");
+
+    // Retriable errors on every request kind the pod depends on.
+    let err = |e: RDKafkaRespErr, n: usize| vec![e; n];
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &err(RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS, 8),
+    );
+    cluster.request_errors(
+        RDKafkaApiKey::Fetch,
+        &err(
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+            8,
+        ),
+    );
+    cluster.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &err(RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT, 4),
+    );
+    gen::produce(&brokers, "raw-orders", &[], b, 0.0, &|| false).unwrap();
+    caught_up("the second third, through request errors");
+
+    // A broker outage: its partitions cannot be written until it returns.
+    let flush_failures_before = stats.flush_failures.load(Ordering::Relaxed);
+    cluster.broker_down(1).unwrap();
+    let producer = {
+        let (brokers, c) = (brokers.clone(), c.to_vec());
+        std::thread::spawn(move || gen::produce(&brokers, "raw-orders", &[], &c, 0.0, &|| false))
+    };
+    wait_until(
+        "the pod to notice unacknowledged outputs",
+        Duration::from_secs(60),
+        || stats.flush_failures.load(Ordering::Relaxed) > flush_failures_before,
+    );
+    assert!(!handle.is_finished(), "the pod must survive the outage");
+    cluster.broker_up(1).unwrap();
+    producer.join().unwrap().unwrap();
+    caught_up("the last third, after the outage");
+
+    assert!(!handle.is_finished());
+    handle.join().unwrap();
+    assert_totals_equal(&published_totals(&brokers), &truth_totals(&records));
+    let _ = std::fs::remove_dir_all(&cfg.state_dir);
+}
