@@ -12,7 +12,9 @@
 //! - [`gen`]: the load generator with ground truth.
 //! - [`broker`]: the embedded (mock) broker.
 //! - [`http`]: the HTTP adapter.
+//! - [`bench`]: measured scenarios (`tally bench`).
 
+pub mod bench;
 pub mod broker;
 pub mod config;
 pub mod core;

@@ -52,6 +52,17 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         brokers: i32,
     },
+    /// Measured scenarios on the embedded broker; one JSON line each.
+    Bench {
+        /// Scenario: flush (throughput for several flush settings).
+        #[arg(long, default_value = "flush")]
+        scenario: String,
+        /// Input records per run.
+        #[arg(long, default_value_t = 100_000)]
+        events: u64,
+        #[arg(long, default_value = "topics")]
+        topics_dir: PathBuf,
+    },
     /// Topic management.
     Topics {
         #[command(subcommand)]
@@ -160,6 +171,22 @@ fn main() -> anyhow::Result<()> {
             let broker = EmbeddedBroker::start(brokers, &specs)?;
             println!("{}", broker.bootstrap_servers());
             runtime.block_on(shutdown_signal());
+            Ok(())
+        }
+        Command::Bench {
+            scenario,
+            events,
+            topics_dir,
+        } => {
+            init_logging(log_format_from_env());
+            let specs = topics::load_dir(&topics_dir)?;
+            let base = PodConfig::from_env_and_defaults()?;
+            match scenario.as_str() {
+                "flush" => {
+                    tally::bench::flush_sweep(&specs, &base, events)?;
+                }
+                other => bail!("invalid scenario: {other:?} (known: flush)"),
+            }
             Ok(())
         }
         Command::Topics {

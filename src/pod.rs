@@ -322,6 +322,7 @@ impl Processor {
                 *s = vec![PENDING; self.out.len()];
             }
         }
+        let produce_started = Instant::now();
         if let Err(e) = self.produce_all(started + budget) {
             self.retrying = true;
             add(&self.stats.flush_failures, 1);
@@ -331,14 +332,19 @@ impl Processor {
         let Some((id, changes)) = self.pending_changes.take() else {
             return Ok(());
         };
+        let produced = produce_started.elapsed();
         self.store.write(&changes)?;
+        let written = produce_started.elapsed();
         self.commit(consumer);
         self.engine.on_durable(id);
         add(&self.stats.flushes, 1);
         debug!(
             outputs = self.out.len(),
             rows = changes.len(),
-            ms = started.elapsed().as_millis() as u64,
+            engine_us = (produce_started - started).as_micros() as u64,
+            produce_us = produced.as_micros() as u64,
+            write_us = (written - produced).as_micros() as u64,
+            commit_us = (produce_started.elapsed() - written).as_micros() as u64,
             "flushed"
         );
         self.out.clear();
@@ -347,36 +353,42 @@ impl Processor {
         Ok(())
     }
 
+    fn statuses(&self) -> Vec<u8> {
+        self.producer
+            .context()
+            .status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+
+    /// Sends every output not yet acknowledged and waits for the acks;
+    /// failed ones are sent again, until `deadline`.
     fn produce_all(&mut self, deadline: Instant) -> Result<(), PodError> {
         loop {
-            let status = self
-                .producer
-                .context()
-                .status
-                .lock()
-                .map(|s| s.clone())
-                .unwrap_or_default();
+            let status = self.statuses();
             for (i, rec) in self.out.iter().enumerate() {
                 if status.get(i).is_some_and(|s| *s == PENDING || *s == FAILED) {
                     send(&self.producer, rec, i, deadline)?;
                 }
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            let _ = self.producer.flush(left);
-            let status = self
-                .producer
-                .context()
-                .status
-                .lock()
-                .map(|s| s.clone())
-                .unwrap_or_default();
-            if status.iter().all(|s| *s == ACKED) {
-                return Ok(());
+            // Not `Producer::flush`: in rdkafka 0.39 `BaseProducer::poll(t)`
+            // always runs for the whole of `t`, so `flush` waits out a 100 ms
+            // poll on every call. Short polls return as soon as the last
+            // delivery report is served.
+            loop {
+                let status = self.statuses();
+                if status.iter().all(|s| *s == ACKED) {
+                    return Ok(());
+                }
+                if Instant::now() >= deadline {
+                    return Err(PodError::ProduceTimeout(self.last_flush.elapsed()));
+                }
+                if status.contains(&FAILED) {
+                    break;
+                }
+                self.producer.poll(Duration::from_millis(1));
             }
-            if Instant::now() >= deadline {
-                return Err(PodError::ProduceTimeout(self.last_flush.elapsed()));
-            }
-            self.producer.poll(Duration::from_millis(100));
         }
     }
 

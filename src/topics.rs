@@ -146,7 +146,10 @@ pub async fn apply(
                 t
             })
             .collect();
-        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        // Bounded: some Kafka-compatible brokers never answer CreateTopics.
+        let opts = AdminOptions::new()
+            .operation_timeout(Some(Duration::from_secs(10)))
+            .request_timeout(Some(Duration::from_secs(10)));
         match admin.create_topics(new.iter(), &opts).await {
             Ok(results) => {
                 for r in results {

@@ -1,0 +1,124 @@
+//! FX rates followed live, and topic declarations applied with drift reported.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use support::kafka::*;
+use tally::broker::EmbeddedBroker;
+use tally::pod;
+use tally::topics::{self, TopicSpec, TopicStatus};
+
+fn specs() -> Vec<TopicSpec> {
+    topics::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap()
+}
+
+fn send(brokers: &str, topic: &str, key: &str, payload: &str) {
+    let p: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    p.send(BaseRecord::to(topic).key(key).payload(payload))
+        .unwrap();
+    p.flush(Duration::from_secs(10)).unwrap();
+}
+
+fn order(id: &str, currency: &str) -> String {
+    format!(
+        r#"{{"order_id":"{id}","customer_id":"c1","amount":10,"currency":"{currency}","created_at":"2024-05-01T12:00:00Z"}}"#
+    )
+}
+
+#[test]
+fn fx_rates_are_seeded_then_followed_live() {
+    let broker = EmbeddedBroker::start(1, &specs()).unwrap();
+    let brokers = broker.bootstrap_servers();
+    let handle = pod::start(pod_config(&brokers, "fx", temp_dir("fx"))).unwrap();
+    // The empty topic was seeded with the defaults.
+    wait_until("fx-rates to be seeded", Duration::from_secs(30), || {
+        read_all(&brokers, "fx-rates").len() >= 6
+    });
+
+    send(&brokers, "raw-orders", "c1", &order("before", "NZD"));
+    wait_until(
+        "the NZD order to be rejected",
+        Duration::from_secs(30),
+        || {
+            read_all(&brokers, "orders-dlq")
+                .iter()
+                .any(|r| r.headers.get("reason").map(String::as_str) == Some("unknown_currency"))
+        },
+    );
+    send(
+        &brokers,
+        "fx-rates",
+        "NZD",
+        r#"{"currency":"NZD","rate":0.6}"#,
+    );
+    // Orders processed after the update see the new rate.
+    wait_until(
+        "an NZD order to be enriched",
+        Duration::from_secs(30),
+        || {
+            send(
+                &brokers,
+                "raw-orders",
+                "c1",
+                &order(&format!("after-{}", tally::pod::now_ms()), "NZD"),
+            );
+            read_all(&brokers, "enriched-orders").iter().any(|r| {
+                let v: serde_json::Value =
+                    serde_json::from_slice(r.payload.as_ref().unwrap()).unwrap();
+                v["currency"] == "NZD" && v["amount_usd"] == 6.0
+            })
+        },
+    );
+    handle.join().unwrap();
+}
+
+#[test]
+fn topics_apply_reports_what_exists_and_what_drifted() {
+    let mut declared = specs();
+    // The broker has raw-orders with fewer partitions than declared.
+    let mut on_broker = declared.clone();
+    on_broker
+        .iter_mut()
+        .find(|t| t.name == "raw-orders")
+        .unwrap()
+        .partitions = 3;
+    let broker = EmbeddedBroker::start(1, &on_broker).unwrap();
+    declared.push(TopicSpec {
+        name: "brand-new".into(),
+        partitions: 2,
+        replication_factor: 1,
+        config: Default::default(),
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report = rt
+        .block_on(topics::apply(&broker.bootstrap_servers(), &[], &declared))
+        .unwrap();
+    let status = |n: &str| {
+        report
+            .iter()
+            .find(|(name, _)| name == n)
+            .map(|(_, s)| s.clone())
+            .unwrap()
+    };
+    assert_eq!(
+        status("raw-orders"),
+        TopicStatus::Drift("3 partitions, declared 6".into())
+    );
+    assert_eq!(status("revenue-windows"), TopicStatus::Matches);
+    // The mock cluster may or may not implement CreateTopics; either way the
+    // missing topic is reported, never silently ignored.
+    assert!(
+        matches!(
+            status("brand-new"),
+            TopicStatus::Created | TopicStatus::NotCreated(_)
+        ),
+        "{report:?}"
+    );
+}
