@@ -144,6 +144,15 @@ pub struct PodConfig {
     #[arg(long, env = "TALLY_KAFKA_PROPERTIES", default_value = "")]
     pub kafka_properties: String,
 
+    /// Secret for the webhook's HMAC-SHA256 signatures; the webhook is
+    /// disabled without it. Never read from the config file.
+    #[arg(long, env = "TALLY_WEBHOOK_SECRET", hide_env_values = true)]
+    #[serde(skip)]
+    pub webhook_secret: Option<String>,
+    /// Consumer lag (records) at or below which the pod reports ready.
+    #[arg(long, env = "TALLY_READY_MAX_LAG", default_value_t = 20_000)]
+    pub ready_max_lag: u64,
+
     /// Log format.
     #[arg(long, env = "TALLY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -211,12 +220,18 @@ impl PodConfig {
             message,
         };
         let table: toml::Table = toml::from_str(text).map_err(|e| file_err(e.to_string()))?;
+        let parsed_secret = parsed.webhook_secret.clone();
         let mut value = serde_json::to_value(&parsed).map_err(|e| file_err(e.to_string()))?;
         let obj = value
             .as_object_mut()
             .ok_or_else(|| file_err("internal: config is not an object".into()))?;
         for (key, v) in table {
             let id = key.replace('-', "_");
+            if id == "webhook_secret" {
+                return Err(file_err(
+                    "webhook_secret is read from TALLY_WEBHOOK_SECRET only, not from a file".into(),
+                ));
+            }
             if !obj.contains_key(&id) {
                 return Err(file_err(format!("unknown setting {key:?}")));
             }
@@ -232,6 +247,7 @@ impl PodConfig {
         let mut merged: PodConfig =
             serde_json::from_value(value).map_err(|e| file_err(e.to_string()))?;
         merged.config = Some(path.to_path_buf());
+        merged.webhook_secret = parsed_secret;
         Ok(merged)
     }
 
@@ -303,6 +319,9 @@ impl PodConfig {
             return Err(invalid("shutdown_timeout_ms", "must be > 0"));
         }
         self.kafka_properties()?;
+        if self.webhook_secret.as_ref().is_some_and(|s| s.len() < 16) {
+            return Err(invalid("webhook_secret", "must be at least 16 bytes"));
+        }
         if let Some(f) = &self.fx_defaults {
             crate::fx::defaults(Some(f)).map_err(|e| invalid("fx_defaults", e.to_string()))?;
         }

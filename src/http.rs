@@ -1,79 +1,525 @@
-//! The HTTP adapter. For now: liveness and a live view of the windows this
-//! pod holds (`/revenue`), enough for `tally demo`.
+//! The HTTP adapter (axum). `app(state)` builds the router; tests drive it
+//! with `oneshot`, no socket.
+//!
+//! Every client mistake is a 4xx with a JSON body `{"error", "detail"}`;
+//! data this pod cannot vouch for yet (the view is still reading
+//! `revenue-windows`) is a 503 with `Retry-After`.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
-use axum::extract::State;
-use axum::response::{Html, IntoResponse};
-use axum::routing::get;
+use axum::body::{Body, Bytes};
+use axum::extract::{MatchedPath, Path, RawQuery, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
 use axum::{Json, Router};
+use hmac::{Hmac, Mac};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{json, Value};
+use sha2::Sha256;
 
-use crate::core::WindowKind;
-use crate::output::usd;
-use crate::pod::Processor;
+use crate::core::{parse_order, Limits};
+use crate::metrics::Metrics;
+use crate::pod::Stats;
+use crate::view::{View, WindowQuery};
+
+/// The webhook's ingest path: verified bodies go to the input topic.
+pub struct Webhook {
+    pub secret: Option<Vec<u8>>,
+    pub producer: FutureProducer,
+    pub topic: String,
+    pub limits: Limits,
+}
 
 #[derive(Clone)]
 pub struct AppState {
-    pub processor: Arc<Mutex<Processor>>,
+    pub view: Arc<RwLock<View>>,
+    pub view_caught_up: Arc<AtomicBool>,
+    /// The local pod, if this process runs one (readiness: joined, caught up).
+    pub pod: Option<Arc<Stats>>,
+    /// Readiness requires the pod's lag to be at most this.
+    pub ready_max_lag: u64,
+    pub metrics: Arc<Metrics>,
+    pub webhook: Option<Arc<Webhook>>,
+}
+
+/// A JSON error response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    error: &'static str,
+    detail: String,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            error: "bad_request",
+            detail: detail.into(),
+            retry_after: None,
+        }
+    }
+
+    fn new(status: StatusCode, error: &'static str, detail: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            error,
+            detail: detail.into(),
+            retry_after: None,
+        }
+    }
+
+    fn not_ready() -> Self {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            error: "not_ready",
+            detail: "still reading revenue-windows; retry shortly".into(),
+            retry_after: Some(1),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (
+            self.status,
+            Json(json!({"error": self.error, "detail": self.detail})),
+        )
+            .into_response();
+        if let Some(s) = self.retry_after {
+            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        r
+    }
 }
 
 pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
         .route("/revenue", get(revenue))
+        .route("/revenue/windows", get(windows))
+        .route("/revenue/sessions/{customer_id}", get(sessions))
+        .route("/webhook/orders", post(webhook))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such endpoint; see /openapi.json",
+            )
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }
 
-/// Revenue of the tumbling windows this pod holds, per definition and key:
-/// closed windows not yet purged count as `final`, open ones as `live`.
-fn summary(state: &AppState) -> Value {
-    let proc = state.processor.lock().unwrap_or_else(|e| e.into_inner());
-    let mut by: BTreeMap<String, BTreeMap<String, (i128, i128)>> = BTreeMap::new();
-    for w in proc.engine().snapshot() {
-        if !matches!(w.kind, WindowKind::Tumbling { .. }) {
-            continue;
+/// Records request latency per route, method and status.
+async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().to_string();
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    state
+        .metrics
+        .http_duration
+        .with_label_values(&[&route, &method, resp.status().as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+fn readiness(state: &AppState) -> (bool, Value) {
+    let view = state.view_caught_up.load(Ordering::Relaxed);
+    let (joined, lag) = match &state.pod {
+        Some(s) => (
+            s.joined.load(Ordering::Relaxed),
+            s.lag.load(Ordering::Relaxed),
+        ),
+        None => (true, 0),
+    };
+    let caught_up = lag <= state.ready_max_lag;
+    let ready = view && joined && caught_up;
+    state.metrics.ready.set(if ready { 1.0 } else { 0.0 });
+    (
+        ready,
+        json!({"ready": ready, "view_caught_up": view, "joined_group": joined, "consumer_lag": lag, "max_lag": state.ready_max_lag}),
+    )
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let (ready, body) = readiness(&state);
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let mut r = (status, Json(body)).into_response();
+    if !ready {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    r
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    readiness(&state);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Query parameters: every name must be known, and appear once.
+fn params(raw: Option<String>, known: &[&str]) -> Result<HashMap<String, String>, ApiError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
+        .map_err(|e| ApiError::bad_request(format!("query string: {e}")))?;
+    let mut out = HashMap::new();
+    for (k, v) in pairs {
+        if !known.contains(&k.as_str()) {
+            return Err(ApiError::bad_request(format!(
+                "unknown parameter {k:?}; known: {}",
+                known.join(", ")
+            )));
         }
-        let e = by
-            .entry(w.by.name().to_string())
-            .or_default()
-            .entry(w.key.group.clone())
-            .or_default();
-        if w.row.closed {
-            e.0 += w.row.agg.revenue_usd_micros;
-        } else {
-            e.1 += w.row.agg.revenue_usd_micros;
+        if out.insert(k.clone(), v).is_some() {
+            return Err(ApiError::bad_request(format!(
+                "parameter {k:?} given twice"
+            )));
         }
     }
-    let as_of: Vec<Value> = proc
-        .engine()
-        .partitions()
-        .map(|(p, s)| json!({"partition": p, "next_offset": s.next_offset, "watermark": s.watermark, "idle": s.idle}))
-        .collect();
-    let groups: BTreeMap<String, Value> = by
-        .into_iter()
-        .map(|(k, m)| {
-            let rows: BTreeMap<String, Value> = m
-                .into_iter()
-                .map(|(g, (f, l))| (g, json!({"final_usd": usd(f), "live_usd": usd(l), "combined_usd": usd(f + l)})))
-                .collect();
-            (k, json!(rows))
+    Ok(out)
+}
+
+/// A time: epoch milliseconds or RFC 3339.
+fn time_param(p: &HashMap<String, String>, name: &str) -> Result<Option<i64>, ApiError> {
+    let Some(v) = p.get(name) else {
+        return Ok(None);
+    };
+    if let Ok(ms) = v.parse::<i64>() {
+        return Ok(Some(ms));
+    }
+    chrono::DateTime::parse_from_rfc3339(v)
+        .map(|t| Some(t.timestamp_millis()))
+        .map_err(|_| {
+            ApiError::bad_request(format!(
+                "{name}: {v:?} is neither epoch milliseconds nor RFC 3339"
+            ))
         })
-        .collect();
-    json!({"scope": "windows held by this pod", "by": groups, "as_of": as_of})
 }
 
-async fn revenue(State(state): State<AppState>) -> impl IntoResponse {
-    Json(summary(&state))
+fn range(p: &HashMap<String, String>) -> Result<(Option<i64>, Option<i64>), ApiError> {
+    let (from, to) = (time_param(p, "from")?, time_param(p, "to")?);
+    if let (Some(f), Some(t)) = (from, to) {
+        if f > t {
+            return Err(ApiError::bad_request("from must not be after to"));
+        }
+    }
+    Ok((from, to))
 }
 
-async fn index(State(state): State<AppState>) -> impl IntoResponse {
-    let body = serde_json::to_string_pretty(&summary(&state)).unwrap_or_default();
-    Html(format!(
-        "<!doctype html><meta charset=utf-8><meta http-equiv=refresh content=2><title>tally</title>\
-         <h1>tally: live revenue</h1><pre>{}</pre>",
-        body.replace('<', "&lt;")
+fn read_view(state: &AppState) -> Result<std::sync::RwLockReadGuard<'_, View>, ApiError> {
+    if !state.view_caught_up.load(Ordering::Relaxed) {
+        return Err(ApiError::not_ready());
+    }
+    state.view.read().map_err(|_| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "view lock poisoned",
+        )
+    })
+}
+
+/// `GET /revenue`: final + live = combined per currency and per region, over
+/// tumbling windows starting in [from, to). Default range: every window the
+/// view holds (what `revenue-windows` retains).
+async fn revenue(
+    State(state): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let p = params(q, &["from", "to"])?;
+    let (from, to) = range(&p)?;
+    let view = read_view(&state)?;
+    let by_currency = view.revenue_split("currency", from, to);
+    let by_region = view.revenue_split("region", from, to);
+    let total = |m: &BTreeMap<String, crate::view::Split>| {
+        let (f, l): (f64, f64) = m
+            .values()
+            .fold((0.0, 0.0), |a, s| (a.0 + s.final_usd, a.1 + s.live_usd));
+        json!({"final_usd": f, "live_usd": l, "combined_usd": f + l})
+    };
+    Ok(Json(json!({
+        "range": {"from": from, "to": to},
+        "total": total(&by_currency),
+        "by_currency": by_currency,
+        "by_region": by_region,
+        "as_of": view.as_of(),
+    })))
+}
+
+/// `GET /revenue/windows`: one row per merged window.
+async fn windows(
+    State(state): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let p = params(q, &["kind", "by", "key", "from", "to", "final", "limit"])?;
+    let kind = p.get("kind").cloned().unwrap_or_else(|| "tumbling".into());
+    if !["tumbling", "sliding", "session"].contains(&kind.as_str()) {
+        return Err(ApiError::bad_request(format!(
+            "kind: {kind:?} is not tumbling, sliding or session"
+        )));
+    }
+    let default_by = if kind == "session" {
+        "customer"
+    } else {
+        "currency"
+    };
+    let by = p.get("by").cloned().unwrap_or_else(|| default_by.into());
+    if !["currency", "region", "customer"].contains(&by.as_str()) {
+        return Err(ApiError::bad_request(format!(
+            "by: {by:?} is not currency, region or customer"
+        )));
+    }
+    if kind == "session" && by != "customer" {
+        return Err(ApiError::bad_request("sessions are by customer"));
+    }
+    let is_final = match p.get("final").map(String::as_str) {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(v) => {
+            return Err(ApiError::bad_request(format!(
+                "final: {v:?} is not true or false"
+            )))
+        }
+    };
+    let limit = match p.get("limit") {
+        None => 1_000,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=100_000).contains(&n) => n,
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "limit: {v:?} is not a number from 1 to 100000"
+                )))
+            }
+        },
+    };
+    let (from, to) = range(&p)?;
+    let view = read_view(&state)?;
+    let known = view.kinds();
+    if !known.is_empty() && !known.contains(&(kind.clone(), by.clone())) {
+        let list: Vec<String> = known.iter().map(|(k, b)| format!("{k}/{b}")).collect();
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_such_window",
+            format!("no {kind} windows by {by}; defined: {}", list.join(", ")),
+        ));
+    }
+    let q = WindowQuery {
+        kind,
+        by,
+        key: p.get("key").cloned(),
+        from,
+        to,
+        is_final,
+        limit,
+    };
+    let rows = view.windows(&q);
+    Ok(Json(
+        json!({"windows": rows, "count": rows.len(), "as_of": view.as_of()}),
     ))
+}
+
+/// `GET /revenue/sessions/{customer_id}`.
+async fn sessions(
+    State(state): State<AppState>,
+    Path(customer): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    params(q, &[])?;
+    if customer.is_empty() || customer.len() > 1_024 {
+        return Err(ApiError::bad_request("customer_id must be 1 to 1024 bytes"));
+    }
+    let view = read_view(&state)?;
+    let rows = view.customer_sessions(&customer);
+    Ok(Json(
+        json!({"customer_id": customer, "sessions": rows, "as_of": view.as_of()}),
+    ))
+}
+
+/// Signature header: `sha256=<hex>` (or bare hex) of HMAC-SHA256(secret, body).
+pub const SIGNATURE_HEADER: &str = "x-tally-signature";
+
+pub fn sign(secret: &[u8], body: &[u8]) -> String {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    mac.update(body);
+    let out = mac.finalize().into_bytes();
+    format!(
+        "sha256={}",
+        out.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+fn verify(secret: &[u8], body: &[u8], header: Option<&HeaderValue>) -> Result<(), ApiError> {
+    let unauthorized = |d: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", d);
+    let h = header
+        .and_then(|h| h.to_str().ok())
+        .ok_or_else(|| unauthorized("missing x-tally-signature header"))?;
+    let hex = h.trim().strip_prefix("sha256=").unwrap_or(h.trim());
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(unauthorized("signature is not sha256=<64 hex digits>"));
+    }
+    let sig: Vec<u8> = (0..32)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap_or(0))
+        .collect();
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    mac.update(body);
+    // Constant-time comparison.
+    mac.verify_slice(&sig)
+        .map_err(|_| unauthorized("signature does not match the body"))
+}
+
+/// `POST /webhook/orders`: size limit (413), signature (401), order
+/// validation (400), then produced to the input topic keyed by customer_id
+/// and acknowledged (202).
+async fn webhook(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let count = |r: &str| state.metrics.webhook_requests.with_label_values(&[r]).inc();
+    let Some(hook) = state.webhook.clone() else {
+        count("disabled");
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "webhook_disabled",
+            "this pod has no webhook",
+        ));
+    };
+    let Some(secret) = hook.secret.clone() else {
+        count("disabled");
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "webhook_disabled",
+            "set TALLY_WEBHOOK_SECRET to enable the webhook",
+        ));
+    };
+    let limit = hook.limits.max_message_bytes;
+    let bytes: Bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(_) => {
+            count("too_large");
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the body exceeds {limit} bytes"),
+            ));
+        }
+    };
+    if let Err(e) = verify(&secret, &bytes, headers.get(SIGNATURE_HEADER)) {
+        count("unauthorized");
+        return Err(e);
+    }
+    let order = match parse_order(&bytes, &hook.limits) {
+        Ok(o) => o,
+        Err(r) => {
+            count("invalid");
+            return Err(ApiError {
+                status: StatusCode::BAD_REQUEST,
+                error: "invalid_order",
+                detail: format!("{}: {}", r.reason, r),
+                retry_after: None,
+            });
+        }
+    };
+    let record = FutureRecord::to(&hook.topic)
+        .key(&order.customer_id)
+        .payload(bytes.as_ref());
+    match hook.producer.send(record, Duration::from_secs(10)).await {
+        Ok(delivery) => {
+            count("accepted");
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({"accepted": true, "order_id": order.order_id, "partition": delivery.partition, "offset": delivery.offset})),
+            )
+                .into_response())
+        }
+        Err((e, _)) => {
+            count("unavailable");
+            Err(ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                error: "unavailable",
+                detail: format!("could not write to {}: {e}", hook.topic),
+                retry_after: Some(1),
+            })
+        }
+    }
+}
+
+async fn openapi() -> Json<Value> {
+    Json(openapi_doc())
+}
+
+/// The OpenAPI 3 description of every endpoint.
+pub fn openapi_doc() -> Value {
+    let err = json!({"description": "client error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+    let unavailable = json!({"description": "not ready (Retry-After)", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+    let time = |name: &str, what: &str| json!({"name": name, "in": "query", "required": false, "description": what, "schema": {"type": "string"}});
+    json!({
+        "openapi": "3.0.3",
+        "info": {"title": "tally", "version": env!("CARGO_PKG_VERSION"), "description": "Live, exact order revenue from Kafka."},
+        "paths": {
+            "/revenue": {"get": {
+                "summary": "Final + live = combined revenue per currency and per region (tumbling windows)",
+                "parameters": [time("from", "window start ≥ from (epoch ms or RFC 3339); default: all retained"), time("to", "window start < to")],
+                "responses": {"200": {"description": "summary with as_of"}, "400": err, "503": unavailable}}},
+            "/revenue/windows": {"get": {
+                "summary": "One row per merged window with every aggregate",
+                "parameters": [
+                    {"name": "kind", "in": "query", "schema": {"type": "string", "enum": ["tumbling", "sliding", "session"], "default": "tumbling"}},
+                    {"name": "by", "in": "query", "schema": {"type": "string", "enum": ["currency", "region", "customer"]}},
+                    {"name": "key", "in": "query", "schema": {"type": "string"}},
+                    time("from", "window start ≥ from"), time("to", "window start < to"),
+                    {"name": "final", "in": "query", "schema": {"type": "boolean"}},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100000, "default": 1000}}],
+                "responses": {"200": {"description": "windows with as_of"}, "400": err, "404": err, "503": unavailable}}},
+            "/revenue/sessions/{customer_id}": {"get": {
+                "summary": "A customer's sessions",
+                "parameters": [{"name": "customer_id", "in": "path", "required": true, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "sessions with as_of"}, "400": err, "503": unavailable}}},
+            "/webhook/orders": {"post": {
+                "summary": "Ingest one order; HMAC-SHA256 of the raw body in x-tally-signature (sha256=<hex>)",
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object"}}}},
+                "responses": {"202": {"description": "written to raw-orders"}, "400": err, "401": err, "413": err, "503": unavailable}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics (text format)", "responses": {"200": {"description": "metrics"}}}},
+            "/livez": {"get": {"summary": "The process is alive", "responses": {"200": {"description": "ok"}}}},
+            "/readyz": {"get": {"summary": "Joined the group, restored, caught up, view read", "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
+            "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3"}}}},
+            "/": {"get": {"summary": "Live page", "responses": {"200": {"description": "HTML"}}}}
+        },
+        "components": {"schemas": {"Error": {"type": "object", "required": ["error", "detail"], "properties": {"error": {"type": "string"}, "detail": {"type": "string"}}}}}
+    })
+}
+
+async fn index() -> Html<&'static str> {
+    Html(include_str!("page.html"))
 }

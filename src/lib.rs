@@ -11,8 +11,11 @@
 //! - [`topics`]: topic declarations and applying them.
 //! - [`gen`]: the load generator with ground truth.
 //! - [`broker`]: the embedded (mock) broker.
-//! - [`http`]: the HTTP adapter.
+//! - [`http`]: the HTTP adapter (axum): revenue, windows, sessions, webhook, metrics, health, live page.
+//! - [`serving`]: feeds the view from `revenue-windows`.
 //! - [`bench`]: measured scenarios (`tally bench`).
+//! - [`metrics`]: Prometheus metrics.
+//! - [`view`]: the global serving view (pure), fed from `revenue-windows`.
 
 pub mod bench;
 pub mod broker;
@@ -21,7 +24,10 @@ pub mod core;
 pub mod fx;
 pub mod gen;
 pub mod http;
+pub mod metrics;
 pub mod output;
 pub mod pod;
+pub mod serving;
 pub mod store;
 pub mod topics;
+pub mod view;

@@ -12,6 +12,8 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use tally::broker::EmbeddedBroker;
 use tally::config::{LogFormat, PodConfig};
 use tally::gen::{self, GenSpec};
+use tally::metrics::Metrics;
+use tally::serving::{self, ViewFollower};
 use tally::topics::{self, TopicStatus};
 use tally::{http, pod};
 
@@ -227,6 +229,52 @@ async fn shutdown_signal() {
     }
 }
 
+/// Starts the view follower and the HTTP server for a pod (or, with
+/// `pod = None`, for a serving-only process).
+async fn start_serving(
+    cfg: &PodConfig,
+    metrics: Arc<Metrics>,
+    pod: Option<Arc<pod::Stats>>,
+) -> anyhow::Result<ViewFollower> {
+    let core = cfg.core()?;
+    let extra = cfg.kafka_properties()?;
+    let follower = {
+        let (brokers, topic, extra, metrics) = (
+            cfg.brokers.clone(),
+            cfg.windows_topic.clone(),
+            extra.clone(),
+            metrics.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            serving::follow(&brokers, &extra, &topic, core.grace_ms, metrics)
+        })
+        .await??
+    };
+    let mut pc = rdkafka::ClientConfig::new();
+    pc.set("bootstrap.servers", &cfg.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all");
+    for (k, v) in &extra {
+        pc.set(k, v);
+    }
+    let webhook = http::Webhook {
+        secret: cfg.webhook_secret.clone().map(String::into_bytes),
+        producer: pc.create()?,
+        topic: cfg.input_topic.clone(),
+        limits: cfg.core()?.limits,
+    };
+    let state = http::AppState {
+        view: follower.view.clone(),
+        view_caught_up: follower.caught_up.clone(),
+        pod,
+        ready_max_lag: cfg.ready_max_lag,
+        metrics,
+        webhook: Some(Arc::new(webhook)),
+    };
+    serve(&cfg.http, state).await?;
+    Ok(follower)
+}
+
 async fn serve(addr: &str, state: http::AppState) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -266,16 +314,13 @@ async fn run(cfg: PodConfig, _matches: &ArgMatches) -> anyhow::Result<()> {
             Err(e) => tracing::warn!(error = %e, "no topic declarations applied"),
         }
     }
-    let http_addr = cfg.http.clone();
-    let handle = tokio::task::spawn_blocking(move || pod::start(cfg)).await??;
-    serve(
-        &http_addr,
-        http::AppState {
-            processor: handle.processor.clone(),
-        },
-    )
-    .await?;
-    tracing::info!(http = %http_addr, "serving");
+    let metrics = Arc::new(Metrics::new());
+    let handle = {
+        let (cfg, metrics) = (cfg.clone(), metrics.clone());
+        tokio::task::spawn_blocking(move || pod::start_with_metrics(cfg, metrics)).await??
+    };
+    let follower = start_serving(&cfg, metrics, Some(handle.stats.clone())).await?;
+    tracing::info!(http = %cfg.http, "serving");
     loop {
         tokio::select! {
             _ = shutdown_signal() => break,
@@ -287,6 +332,7 @@ async fn run(cfg: PodConfig, _matches: &ArgMatches) -> anyhow::Result<()> {
         }
     }
     tokio::task::spawn_blocking(move || handle.join()).await??;
+    follower.stop();
     Ok(())
 }
 
@@ -422,14 +468,12 @@ async fn demo(http_addr: String, rate: f64, topics_dir: PathBuf) -> anyhow::Resu
     cfg.http = http_addr.clone();
     cfg.apply_topics = false;
     cfg.session_timeout_ms = 6_000;
-    let handle = tokio::task::spawn_blocking(move || pod::start(cfg)).await??;
-    serve(
-        &http_addr,
-        http::AppState {
-            processor: handle.processor.clone(),
-        },
-    )
-    .await?;
+    let metrics = Arc::new(Metrics::new());
+    let handle = {
+        let (cfg, metrics) = (cfg.clone(), metrics.clone());
+        tokio::task::spawn_blocking(move || pod::start_with_metrics(cfg, metrics)).await??
+    };
+    let _follower = start_serving(&cfg, metrics, Some(handle.stats.clone())).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let generator = {
         let (stop, brokers) = (stop.clone(), brokers.clone());

@@ -19,7 +19,7 @@
 //! same thread; they lock the processor, which the loop never holds while
 //! polling.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -36,10 +36,12 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, error, info, info_span, trace_span, warn};
 
 use crate::config::PodConfig;
-use crate::core::{Effect, Engine, FlushId, Partition, StateChange, StateRow};
+use crate::core::{Effect, Engine, FlushId, Partition, Reason, StateChange, StateRow};
 use crate::fx::{self, FxFollower};
+use crate::metrics::Metrics;
 use crate::output::{OutRecord, Outputs, Source};
 use crate::store::{Store, StoreError};
+use crate::view::ProgressRecord;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodError {
@@ -74,6 +76,10 @@ pub struct Stats {
     pub commit_failures: AtomicU64,
     pub rebalances: AtomicU64,
     pub restored_rows: AtomicU64,
+    /// Set once the group has given this pod an assignment (possibly empty).
+    pub joined: AtomicBool,
+    /// Consumer lag summed over the held partitions, at the last check.
+    pub lag: AtomicU64,
 }
 
 fn add(c: &AtomicU64, n: u64) {
@@ -130,6 +136,21 @@ pub struct Processor {
     held: BTreeSet<Partition>,
     stats: Arc<Stats>,
     fx_follower: Option<FxFollower>,
+    metrics: Arc<Metrics>,
+    /// Counts not yet added to the Prometheus counters (updated per flush).
+    unreported: Counts,
+    /// The progress last published per partition.
+    published: HashMap<Partition, (i64, Option<i64>, bool)>,
+}
+
+/// Per-batch counts, added to the metrics at flush.
+#[derive(Default)]
+struct Counts {
+    records: u64,
+    valid: u64,
+    late: u64,
+    duplicate: u64,
+    invalid: [u64; Reason::ALL.len()],
 }
 
 fn lock(p: &Mutex<Processor>) -> MutexGuard<'_, Processor> {
@@ -199,6 +220,9 @@ impl Processor {
                     partition,
                 } => {
                     invalid += 1;
+                    if let Some(i) = Reason::ALL.iter().position(|r| *r == rejection.reason) {
+                        self.unreported.invalid[i] += 1;
+                    }
                     debug!(topic = src.topic, partition, offset, reason = %rejection.reason, "rejected");
                     let key = original.and_then(|o| o.1);
                     outputs.rejected(
@@ -226,6 +250,9 @@ impl Processor {
         add(&self.stats.invalid, invalid);
         add(&self.stats.late, late);
         add(&self.stats.duplicates, dup);
+        self.unreported.valid += valid;
+        self.unreported.late += late;
+        self.unreported.duplicate += dup;
     }
 
     fn on_message(&mut self, p: Partition, offset: i64, key: Option<&[u8]>, payload: &[u8]) {
@@ -242,6 +269,7 @@ impl Processor {
             },
         );
         self.pending += 1;
+        self.unreported.records += 1;
         add(&self.stats.records, 1);
     }
 
@@ -267,7 +295,9 @@ impl Processor {
     /// Takes over a partition: its state from RocksDB if there is any.
     /// Returns the offset to resume from (`None`: from the beginning).
     fn take_partition(&mut self, p: Partition) -> Result<Option<i64>, StoreError> {
+        let started = Instant::now();
         let rows = self.store.load_partition(p)?;
+        self.metrics.restore_records.inc_by(rows.len() as u64);
         let next = rows.iter().find_map(|r| match r {
             StateRow::Meta(m) => Some(m.next_offset),
             _ => None,
@@ -285,12 +315,26 @@ impl Processor {
             },
         );
         self.held.insert(p);
+        self.metrics.assigned_partitions.set(self.held.len() as i64);
+        self.metrics
+            .restore_duration
+            .observe(started.elapsed().as_secs_f64());
         Ok(next)
     }
 
     fn release_partition(&mut self, p: Partition) {
         self.engine.revoke(p);
         self.held.remove(&p);
+        self.published.remove(&p);
+        self.metrics.assigned_partitions.set(self.held.len() as i64);
+        let label = p.to_string();
+        let _ = self.metrics.watermark.remove_label_values(&[&label]);
+        let _ = self.metrics.watermark_delay.remove_label_values(&[&label]);
+        let _ = self.metrics.consumergroup_lag.remove_label_values(&[
+            &self.cfg.group,
+            &self.cfg.input_topic,
+            &label,
+        ]);
         info!(partition = p, "partition released");
     }
 
@@ -317,6 +361,7 @@ impl Processor {
                     offset: -1,
                 },
             );
+            self.publish_progress();
             self.pending_changes = Some((id, changes));
             if let Ok(mut s) = self.producer.context().status.lock() {
                 *s = vec![PENDING; self.out.len()];
@@ -326,6 +371,7 @@ impl Processor {
         if let Err(e) = self.produce_all(started + budget) {
             self.retrying = true;
             add(&self.stats.flush_failures, 1);
+            self.metrics.flush_failures.inc();
             return Err(e);
         }
         self.retrying = false;
@@ -338,6 +384,8 @@ impl Processor {
         self.commit(consumer);
         self.engine.on_durable(id);
         add(&self.stats.flushes, 1);
+        self.report(started);
+        self.update_lag(consumer);
         debug!(
             outputs = self.out.len(),
             rows = changes.len(),
@@ -411,8 +459,102 @@ impl Processor {
         if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
             // Not fatal: RocksDB holds the offsets and wins on restart.
             add(&self.stats.commit_failures, 1);
+            self.metrics.commit_failures.inc();
             warn!(error = %e, "offset commit failed; will commit again after the next flush");
         }
+    }
+
+    /// Progress rows (next offset, watermark) for the serving view's
+    /// `as_of`, for partitions whose progress changed.
+    fn publish_progress(&mut self) {
+        for p in self.held.iter().copied().collect::<Vec<_>>() {
+            let Some(s) = self.engine.status(p) else {
+                continue;
+            };
+            let now = (s.next_offset, s.watermark, s.idle);
+            if self.published.get(&p) == Some(&now) {
+                continue;
+            }
+            self.published.insert(p, now);
+            let rec = ProgressRecord {
+                partition: p,
+                next_offset: s.next_offset,
+                watermark: s.watermark,
+                idle: s.idle,
+            };
+            self.out.push(OutRecord {
+                topic: self.cfg.windows_topic.clone(),
+                key: Some(ProgressRecord::key(p).into_bytes()),
+                payload: serde_json::to_vec(&rec).ok(),
+                headers: Vec::new(),
+            });
+        }
+    }
+
+    /// Per-flush metric updates.
+    fn report(&mut self, started: Instant) {
+        let m = &self.metrics;
+        let c = std::mem::take(&mut self.unreported);
+        m.flush_duration.observe(started.elapsed().as_secs_f64());
+        m.flush_records.observe(c.records as f64);
+        m.records_consumed.inc_by(c.records);
+        m.events.with_label_values(&["valid"]).inc_by(c.valid);
+        m.events.with_label_values(&["late"]).inc_by(c.late);
+        m.events
+            .with_label_values(&["duplicate"])
+            .inc_by(c.duplicate);
+        m.events
+            .with_label_values(&["invalid"])
+            .inc_by(c.invalid.iter().sum());
+        for (i, n) in c.invalid.iter().enumerate() {
+            if *n > 0 {
+                m.invalid_events
+                    .with_label_values(&[Reason::ALL[i].as_str()])
+                    .inc_by(*n);
+            }
+        }
+        for (kind, n) in self.engine.open_windows() {
+            m.open_windows.with_label_values(&[kind]).set(n as i64);
+        }
+        let now = now_ms();
+        for (p, s) in self.engine.partitions() {
+            if let Some(wm) = s
+                .watermark
+                .filter(|w| *w > i64::MIN / 2 && *w < i64::MAX / 2)
+            {
+                let label = p.to_string();
+                m.watermark
+                    .with_label_values(&[&label])
+                    .set(wm as f64 / 1000.0);
+                m.watermark_delay
+                    .with_label_values(&[&label])
+                    .set((now - wm) as f64 / 1000.0);
+            }
+        }
+    }
+
+    /// Lag per held partition from the cached high watermarks (no request).
+    fn update_lag(&self, consumer: &BaseConsumer<PodContext>) {
+        let mut sum = 0i64;
+        for p in &self.held {
+            let Some(s) = self.engine.status(*p) else {
+                continue;
+            };
+            let Some(high) = cached_high_watermark(consumer, &self.cfg.input_topic, *p) else {
+                continue;
+            };
+            let lag = (high - s.next_offset).max(0);
+            sum += lag;
+            self.metrics
+                .consumergroup_lag
+                .with_label_values(&[&self.cfg.group, &self.cfg.input_topic, &p.to_string()])
+                .set(lag);
+        }
+        self.metrics
+            .consumergroup_lag_sum
+            .with_label_values(&[&self.cfg.group, &self.cfg.input_topic])
+            .set(sum);
+        self.stats.lag.store(sum as u64, Ordering::Relaxed);
     }
 
     fn due(&self) -> bool {
@@ -420,6 +562,30 @@ impl Processor {
             || self.retrying
             || self.last_flush.elapsed() >= Duration::from_millis(self.cfg.flush_interval_ms)
     }
+}
+
+/// The partition's high watermark as librdkafka last saw it in a fetch
+/// response: no request, so it is cheap enough to read every tick.
+fn cached_high_watermark(
+    consumer: &BaseConsumer<PodContext>,
+    topic: &str,
+    p: Partition,
+) -> Option<i64> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is live for the borrow of `consumer`, the
+    // topic is a valid C string, and the two out-pointers are locals.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            p,
+            &mut low,
+            &mut high,
+        )
+    };
+
+    (err == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
 }
 
 fn send(
@@ -496,6 +662,7 @@ impl ConsumerContext for PodContext {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let mut proc = lock(&self.proc);
+                proc.metrics.rebalances.with_label_values(&["assign"]).inc();
                 for p in &partitions {
                     // RocksDB wins over the group's committed offset; without
                     // local state the partition is rebuilt from the start of the log.
@@ -518,9 +685,11 @@ impl ConsumerContext for PodContext {
                 if let Err(e) = r {
                     error!(error = %e, "assign failed");
                 }
+                self.stats.joined.store(true, Ordering::SeqCst);
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let mut proc = lock(&self.proc);
+                proc.metrics.rebalances.with_label_values(&["revoke"]).inc();
                 // Bounded, so a rebalance never outlives max.poll.interval.ms.
                 // If outputs cannot be acknowledged in time, the partition is
                 // released without a commit: its next owner resumes from the
@@ -557,6 +726,7 @@ pub struct PodHandle {
     thread: Option<JoinHandle<Result<(), PodError>>>,
     pub processor: Arc<Mutex<Processor>>,
     pub stats: Arc<Stats>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl PodHandle {
@@ -631,6 +801,11 @@ fn producer_config(cfg: &PodConfig) -> Result<ClientConfig, PodError> {
 /// Starts a pod: checks the input topic, loads FX rates, opens the state
 /// store, joins the group, and runs the loop on its own thread.
 pub fn start(cfg: PodConfig) -> Result<PodHandle, PodError> {
+    start_with_metrics(cfg, Arc::new(Metrics::new()))
+}
+
+/// [`start`], updating `metrics` (shared with the HTTP server).
+pub fn start_with_metrics(cfg: PodConfig, metrics: Arc<Metrics>) -> Result<PodHandle, PodError> {
     cfg.validate()?;
     let core_cfg = cfg.core()?;
     let extra = cfg.kafka_properties()?;
@@ -682,6 +857,9 @@ pub fn start(cfg: PodConfig) -> Result<PodHandle, PodError> {
         held: BTreeSet::new(),
         stats: stats.clone(),
         fx_follower: Some(follower),
+        metrics: metrics.clone(),
+        unreported: Counts::default(),
+        published: HashMap::new(),
     }));
     let ctx = PodContext {
         proc: processor.clone(),
@@ -704,6 +882,7 @@ pub fn start(cfg: PodConfig) -> Result<PodHandle, PodError> {
         thread: Some(thread),
         processor,
         stats,
+        metrics,
     })
 }
 
@@ -754,6 +933,7 @@ fn run_loop(
         let mut proc = lock(&processor);
         if last_tick.elapsed() >= Duration::from_millis(500) {
             proc.tick();
+            proc.update_lag(&consumer);
             last_tick = Instant::now();
         }
         if proc.due() {

@@ -235,6 +235,12 @@ pub fn truth_totals(records: &[GenRecord]) -> Totals {
 pub fn published_totals(brokers: &str) -> Totals {
     let mut latest: BTreeMap<Vec<u8>, Option<WindowRecord>> = BTreeMap::new();
     for r in read_all(brokers, "revenue-windows") {
+        if r.key
+            .as_deref()
+            .is_some_and(|k| k.starts_with(tally::view::PROGRESS_PREFIX.as_bytes()))
+        {
+            continue;
+        }
         let v = r
             .payload
             .map(|p| serde_json::from_slice::<WindowRecord>(&p).expect("window record"));

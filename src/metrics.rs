@@ -1,0 +1,340 @@
+//! Prometheus metrics. Names follow Prometheus conventions (snake_case, base
+//! units, `_total` on counters). The pod updates them once per flush or
+//! tick, never per record. Consumer lag comes first, in kafka_exporter's
+//! shape: `tally_consumergroup_lag{consumergroup,topic,partition}` and
+//! `tally_consumergroup_lag_sum{consumergroup,topic}`.
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::core::Reason;
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub consumergroup_lag: IntGaugeVec,
+    pub consumergroup_lag_sum: IntGaugeVec,
+    pub records_consumed: IntCounter,
+    pub events: IntCounterVec,
+    pub invalid_events: IntCounterVec,
+    pub watermark: GaugeVec,
+    pub watermark_delay: GaugeVec,
+    pub open_windows: IntGaugeVec,
+    pub flush_duration: Histogram,
+    pub flush_records: Histogram,
+    pub flush_failures: IntCounter,
+    pub commit_failures: IntCounter,
+    pub rebalances: IntCounterVec,
+    pub assigned_partitions: IntGauge,
+    pub restore_records: IntCounter,
+    pub restore_duration: Histogram,
+    pub view_records: IntCounter,
+    pub view_invalid_records: IntCounter,
+    pub http_duration: HistogramVec,
+    pub webhook_requests: IntCounterVec,
+    pub ready: Gauge,
+}
+
+/// The metric names, for docs and for the dashboard test.
+pub const NAMES: &[&str] = &[
+    "tally_consumergroup_lag",
+    "tally_consumergroup_lag_sum",
+    "tally_records_consumed_total",
+    "tally_events_total",
+    "tally_invalid_events_total",
+    "tally_watermark_seconds",
+    "tally_watermark_delay_seconds",
+    "tally_open_windows",
+    "tally_flush_duration_seconds",
+    "tally_flush_records",
+    "tally_flush_failures_total",
+    "tally_commit_failures_total",
+    "tally_rebalances_total",
+    "tally_assigned_partitions",
+    "tally_restore_records_total",
+    "tally_restore_duration_seconds",
+    "tally_view_records_total",
+    "tally_view_invalid_records_total",
+    "tally_http_request_duration_seconds",
+    "tally_webhook_requests_total",
+    "tally_ready",
+];
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
+    // Names are constants and unique, so registration cannot fail.
+    let _ = r.register(Box::new(m.clone()));
+    m
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let lag = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(Opts::new(name, help), labels)
+        };
+        let m = Metrics {
+            consumergroup_lag: reg(
+                &r,
+                lag(
+                    "tally_consumergroup_lag",
+                    "Consumer lag: log end offset minus committed offset",
+                    &["consumergroup", "topic", "partition"],
+                )
+                .expect("valid metric"),
+            ),
+            consumergroup_lag_sum: reg(
+                &r,
+                lag(
+                    "tally_consumergroup_lag_sum",
+                    "Consumer lag summed over the partitions this pod holds",
+                    &["consumergroup", "topic"],
+                )
+                .expect("valid metric"),
+            ),
+            records_consumed: reg(
+                &r,
+                IntCounter::new("tally_records_consumed_total", "Input records consumed")
+                    .expect("valid metric"),
+            ),
+            events: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tally_events_total",
+                        "Input records by outcome: valid, invalid, late, duplicate",
+                    ),
+                    &["outcome"],
+                )
+                .expect("valid metric"),
+            ),
+            invalid_events: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tally_invalid_events_total",
+                        "Rejected input records by reason",
+                    ),
+                    &["reason"],
+                )
+                .expect("valid metric"),
+            ),
+            watermark: reg(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "tally_watermark_seconds",
+                        "Event-time watermark per input partition (epoch seconds)",
+                    ),
+                    &["partition"],
+                )
+                .expect("valid metric"),
+            ),
+            watermark_delay: reg(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "tally_watermark_delay_seconds",
+                        "Wall clock minus the partition's watermark",
+                    ),
+                    &["partition"],
+                )
+                .expect("valid metric"),
+            ),
+            open_windows: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new("tally_open_windows", "Windows not yet final, by kind"),
+                    &["kind"],
+                )
+                .expect("valid metric"),
+            ),
+            flush_duration: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "tally_flush_duration_seconds",
+                        "Flush time: outputs acked, state written, offsets committed",
+                    )
+                    .buckets(vec![
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                        10.0,
+                    ]),
+                )
+                .expect("valid metric"),
+            ),
+            flush_records: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new("tally_flush_records", "Input records per flush").buckets(
+                        vec![
+                            1.0, 10.0, 100.0, 1_000.0, 5_000.0, 10_000.0, 20_000.0, 50_000.0,
+                            100_000.0,
+                        ],
+                    ),
+                )
+                .expect("valid metric"),
+            ),
+            flush_failures: reg(
+                &r,
+                IntCounter::new(
+                    "tally_flush_failures_total",
+                    "Flushes whose outputs were not acknowledged in time",
+                )
+                .expect("valid metric"),
+            ),
+            commit_failures: reg(
+                &r,
+                IntCounter::new("tally_commit_failures_total", "Failed Kafka offset commits")
+                    .expect("valid metric"),
+            ),
+            rebalances: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("tally_rebalances_total", "Rebalance callbacks by kind"),
+                    &["kind"],
+                )
+                .expect("valid metric"),
+            ),
+            assigned_partitions: reg(
+                &r,
+                IntGauge::new(
+                    "tally_assigned_partitions",
+                    "Input partitions this pod holds",
+                )
+                .expect("valid metric"),
+            ),
+            restore_records: reg(
+                &r,
+                IntCounter::new(
+                    "tally_restore_records_total",
+                    "State rows restored on assignment",
+                )
+                .expect("valid metric"),
+            ),
+            restore_duration: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "tally_restore_duration_seconds",
+                        "Time to restore one partition's state",
+                    )
+                    .buckets(vec![
+                        0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    ]),
+                )
+                .expect("valid metric"),
+            ),
+            view_records: reg(
+                &r,
+                IntCounter::new(
+                    "tally_view_records_total",
+                    "revenue-windows records applied to the serving view",
+                )
+                .expect("valid metric"),
+            ),
+            view_invalid_records: reg(
+                &r,
+                IntCounter::new(
+                    "tally_view_invalid_records_total",
+                    "revenue-windows records the view could not use",
+                )
+                .expect("valid metric"),
+            ),
+            http_duration: reg(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "tally_http_request_duration_seconds",
+                        "HTTP request latency",
+                    )
+                    .buckets(vec![
+                        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
+                        1.0,
+                    ]),
+                    &["route", "method", "status"],
+                )
+                .expect("valid metric"),
+            ),
+            webhook_requests: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("tally_webhook_requests_total", "Webhook requests by result"),
+                    &["result"],
+                )
+                .expect("valid metric"),
+            ),
+            ready: reg(
+                &r,
+                Gauge::new("tally_ready", "1 when /readyz answers 200").expect("valid metric"),
+            ),
+            registry: r,
+        };
+        for outcome in ["valid", "invalid", "late", "duplicate"] {
+            m.events.with_label_values(&[outcome]);
+        }
+        for reason in Reason::ALL {
+            m.invalid_events.with_label_values(&[reason.as_str()]);
+        }
+        for kind in ["assign", "revoke"] {
+            m.rebalances.with_label_values(&[kind]);
+        }
+        for result in [
+            "accepted",
+            "unauthorized",
+            "invalid",
+            "too_large",
+            "disabled",
+            "unavailable",
+        ] {
+            m.webhook_requests.with_label_values(&[result]);
+        }
+        m
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_listed_name_is_exported_and_follows_conventions() {
+        let m = Metrics::new();
+        m.consumergroup_lag
+            .with_label_values(&["g", "raw-orders", "0"])
+            .set(3);
+        m.consumergroup_lag_sum
+            .with_label_values(&["g", "raw-orders"])
+            .set(3);
+        m.watermark.with_label_values(&["0"]).set(1.0);
+        m.watermark_delay.with_label_values(&["0"]).set(1.0);
+        m.open_windows.with_label_values(&["tumbling"]).set(1);
+        m.http_duration
+            .with_label_values(&["/revenue", "GET", "200"])
+            .observe(0.001);
+        m.webhook_requests.with_label_values(&["accepted"]).inc();
+        let text = m.render();
+        for name in NAMES {
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
+            let counter = text.contains(&format!("# TYPE {name} counter"));
+            assert_eq!(
+                counter,
+                name.ends_with("_total"),
+                "{name}: counters and only counters end in _total"
+            );
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! Feeds the serving [`View`] from `revenue-windows` (all partitions, from
+//! the beginning, then following). The view is `caught_up` once it has read
+//! every partition to the end offsets seen at start; until then the HTTP
+//! layer answers data requests with 503 and `Retry-After`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::warn;
+
+use crate::metrics::Metrics;
+use crate::view::View;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServingError {
+    #[error("Kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("topic {0} does not exist")]
+    NoTopic(String),
+}
+
+pub struct ViewFollower {
+    pub view: Arc<RwLock<View>>,
+    pub caught_up: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ViewFollower {
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ViewFollower {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+pub fn follow(
+    brokers: &str,
+    extra: &[(String, String)],
+    topic: &str,
+    grace_ms: i64,
+    metrics: Arc<Metrics>,
+) -> Result<ViewFollower, ServingError> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("group.id", "tally-view")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false");
+    for (k, v) in extra {
+        c.set(k, v);
+    }
+    let consumer: BaseConsumer = c.create()?;
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let parts: Vec<i32> = md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if parts.is_empty() {
+        return Err(ServingError::NoTopic(topic.to_string()));
+    }
+    let mut tpl = TopicPartitionList::new();
+    let mut ends: HashMap<i32, i64> = HashMap::new();
+    for p in &parts {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
+        let (low, high) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(10))?;
+        if high > low {
+            ends.insert(*p, high);
+        }
+    }
+    consumer.assign(&tpl)?;
+    let view = Arc::new(RwLock::new(View::new(grace_ms)));
+    let caught_up = Arc::new(AtomicBool::new(ends.is_empty()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let (view, caught_up, stop) = (view.clone(), caught_up.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("tally-view".into())
+            .spawn(move || run(consumer, view, caught_up, stop, ends, metrics))
+            .map_err(|e| KafkaError::ClientCreation(e.to_string()))?
+    };
+    Ok(ViewFollower {
+        view,
+        caught_up,
+        stop,
+        thread: Some(thread),
+    })
+}
+
+fn run(
+    consumer: BaseConsumer,
+    view: Arc<RwLock<View>>,
+    caught_up: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    mut ends: HashMap<i32, i64>,
+    metrics: Arc<Metrics>,
+) {
+    let mut batch: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::with_capacity(1024);
+    while !stop.load(Ordering::SeqCst) {
+        let mut first = consumer.poll(Duration::from_millis(50));
+        while let Some(r) = first.take().or_else(|| {
+            if batch.len() < 4096 {
+                consumer.poll(Duration::ZERO)
+            } else {
+                None
+            }
+        }) {
+            match r {
+                Ok(m) => {
+                    if ends
+                        .get(&m.partition())
+                        .is_some_and(|end| m.offset() + 1 >= *end)
+                    {
+                        ends.remove(&m.partition());
+                    }
+                    batch.push((
+                        m.key().unwrap_or_default().to_vec(),
+                        m.payload().map(<[u8]>::to_vec),
+                    ));
+                }
+                Err(e) => warn!(error = %e, "revenue-windows consume error"),
+            }
+        }
+        if !batch.is_empty() {
+            let mut invalid = 0;
+            if let Ok(mut v) = view.write() {
+                for (k, p) in batch.iter() {
+                    if let Err(e) = v.apply(k, p.as_deref()) {
+                        invalid += 1;
+                        warn!(error = %e, "ignoring a revenue-windows record");
+                    }
+                }
+            }
+            metrics.view_records.inc_by(batch.len() as u64);
+            metrics.view_invalid_records.inc_by(invalid);
+            batch.clear();
+        }
+        if !ends.is_empty() {
+            // Compaction may have removed the last offsets: the position
+            // (next offset to fetch) says we are past them too.
+            if let Ok(pos) = consumer.position() {
+                for e in pos.elements() {
+                    if let Offset::Offset(o) = e.offset() {
+                        if ends.get(&e.partition()).is_some_and(|end| o >= *end) {
+                            ends.remove(&e.partition());
+                        }
+                    }
+                }
+            }
+        }
+        if ends.is_empty() && !caught_up.load(Ordering::Relaxed) {
+            caught_up.store(true, Ordering::SeqCst);
+        }
+    }
+}

@@ -1,0 +1,563 @@
+//! The global serving view: every pod materialises `revenue-windows` from
+//! all partitions, so any pod answers for the whole group.
+//!
+//! This module is pure (no IO, no clock): records in, answers out. The
+//! follower that feeds it from Kafka lives in `serving.rs`.
+//!
+//! - A window's rows come from several input partitions (one partial
+//!   aggregate each). Answers merge them; the merge is exact (the core's
+//!   aggregate monoid).
+//! - A partial's final is sticky: a non-final row arriving after a final one
+//!   (a replay after a crash) is ignored.
+//! - A tombstone removes a partial (a retracted session).
+//! - A merged tumbling/sliding window is final when every partial is final
+//!   and every input partition's watermark has passed its close time, so a
+//!   lagging partition cannot add to a window already shown as final.
+//! - `__progress|p<partition>` rows carry each input partition's next offset
+//!   and watermark: the `as_of` of every answer.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::core::order::MICROS;
+use crate::core::{Aggregate, Partition};
+use crate::output::{usd, WindowRecord};
+
+/// Key prefix of progress rows on `revenue-windows`.
+pub const PROGRESS_PREFIX: &str = "__progress|p";
+
+/// An input partition's progress, as published by the pod that owns it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProgressRecord {
+    pub partition: Partition,
+    pub next_offset: i64,
+    pub watermark: Option<i64>,
+    pub idle: bool,
+}
+
+impl ProgressRecord {
+    pub fn key(partition: Partition) -> String {
+        format!("{PROGRESS_PREFIX}{partition}")
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ViewError {
+    #[error("record key is not UTF-8")]
+    Key,
+    #[error("record key {0:?} names no partition")]
+    NoPartition(String),
+    #[error("record {key:?} is not a window row: {message}")]
+    Value { key: String, message: String },
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    rec: WindowRecord,
+    partials: BTreeMap<Partition, WindowRecord>,
+}
+
+/// Which windows a query wants.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WindowQuery {
+    pub kind: String,
+    pub by: String,
+    pub key: Option<String>,
+    /// Window start ≥ from (ms).
+    pub from: Option<i64>,
+    /// Window start < to (ms).
+    pub to: Option<i64>,
+    pub is_final: Option<bool>,
+    pub limit: usize,
+}
+
+/// One merged window, as served.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct WindowView {
+    pub window_id: String,
+    pub spec: String,
+    pub kind: String,
+    pub by: String,
+    pub key: String,
+    pub start: i64,
+    pub end: i64,
+    #[serde(rename = "final")]
+    pub is_final: bool,
+    pub partitions: Vec<Partition>,
+    pub count: u64,
+    pub revenue_usd: f64,
+    pub revenue_by_currency: BTreeMap<String, f64>,
+    pub unique_customers: usize,
+    pub avg_usd: Option<f64>,
+    pub min_usd: Option<f64>,
+    pub max_usd: Option<f64>,
+    pub p95_usd: Option<f64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Split {
+    pub final_usd: f64,
+    pub live_usd: f64,
+    pub combined_usd: f64,
+    pub final_orders: u64,
+    pub live_orders: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AsOf {
+    /// Minimum watermark over the input partitions that reported one.
+    pub watermark: Option<i64>,
+    pub partitions: Vec<ProgressRecord>,
+}
+
+/// (start, spec, key): fixed windows sort by time first, for range queries.
+type FixedKey = (i64, String, String);
+
+#[derive(Default)]
+pub struct View {
+    grace_ms: i64,
+    /// Tumbling and sliding windows by (kind, by) then (start, spec, key).
+    fixed: HashMap<(String, String), BTreeMap<FixedKey, Entry>>,
+    /// Sessions by customer, then (spec, start).
+    sessions: HashMap<String, BTreeMap<(String, i64), Entry>>,
+    progress: BTreeMap<Partition, ProgressRecord>,
+    /// window_id → where its entry lives, for tombstones.
+    index: HashMap<String, Slot>,
+    records: u64,
+}
+
+#[derive(Clone, Debug)]
+enum Slot {
+    Fixed((String, String), FixedKey),
+    Session(String, (String, i64)),
+}
+
+fn parse_key(key: &[u8]) -> Result<(String, Partition), ViewError> {
+    let k = std::str::from_utf8(key).map_err(|_| ViewError::Key)?;
+    let (id, p) = k
+        .rsplit_once("|p")
+        .ok_or_else(|| ViewError::NoPartition(k.to_string()))?;
+    let p = p
+        .parse()
+        .map_err(|_| ViewError::NoPartition(k.to_string()))?;
+    Ok((id.to_string(), p))
+}
+
+impl View {
+    pub fn new(grace_ms: i64) -> View {
+        View {
+            grace_ms,
+            ..View::default()
+        }
+    }
+
+    /// Records applied so far.
+    pub fn records(&self) -> u64 {
+        self.records
+    }
+
+    /// Applies one `revenue-windows` record (`None`: a tombstone).
+    pub fn apply(&mut self, key: &[u8], payload: Option<&[u8]>) -> Result<(), ViewError> {
+        self.records += 1;
+        if key.starts_with(PROGRESS_PREFIX.as_bytes()) {
+            if let Some(p) = payload {
+                let rec: ProgressRecord =
+                    serde_json::from_slice(p).map_err(|e| ViewError::Value {
+                        key: String::from_utf8_lossy(key).into_owned(),
+                        message: e.to_string(),
+                    })?;
+                self.progress.insert(rec.partition, rec);
+            }
+            return Ok(());
+        }
+        let (id, partition) = parse_key(key)?;
+        let Some(payload) = payload else {
+            self.remove_partial(&id, partition);
+            return Ok(());
+        };
+        let rec: WindowRecord = serde_json::from_slice(payload).map_err(|e| ViewError::Value {
+            key: String::from_utf8_lossy(key).into_owned(),
+            message: e.to_string(),
+        })?;
+        let slot = if rec.kind == "session" {
+            Slot::Session(rec.key.clone(), (rec.spec.clone(), rec.start))
+        } else {
+            Slot::Fixed(
+                (rec.kind.clone(), rec.by.clone()),
+                (rec.start, rec.spec.clone(), rec.key.clone()),
+            )
+        };
+        let entry = match &slot {
+            Slot::Fixed(a, b) => self
+                .fixed
+                .entry(a.clone())
+                .or_default()
+                .entry(b.clone())
+                .or_insert_with(|| Entry {
+                    rec: rec.clone(),
+                    partials: BTreeMap::new(),
+                }),
+            Slot::Session(a, b) => self
+                .sessions
+                .entry(a.clone())
+                .or_default()
+                .entry(b.clone())
+                .or_insert_with(|| Entry {
+                    rec: rec.clone(),
+                    partials: BTreeMap::new(),
+                }),
+        };
+        let sticky = entry
+            .partials
+            .get(&partition)
+            .is_some_and(|old| old.is_final && !rec.is_final);
+        if !sticky {
+            entry.rec.end = entry.rec.end.max(rec.end);
+            entry.partials.insert(partition, rec);
+        }
+        self.index.insert(id, slot);
+        Ok(())
+    }
+
+    fn remove_partial(&mut self, id: &str, partition: Partition) {
+        let Some(slot) = self.index.get(id).cloned() else {
+            return;
+        };
+        let empty = match &slot {
+            Slot::Fixed(a, b) => self.fixed.get_mut(a).and_then(|m| {
+                let e = m.get_mut(b)?;
+                e.partials.remove(&partition);
+                Some(e.partials.is_empty())
+            }),
+            Slot::Session(a, b) => self.sessions.get_mut(a).and_then(|m| {
+                let e = m.get_mut(b)?;
+                e.partials.remove(&partition);
+                Some(e.partials.is_empty())
+            }),
+        };
+        if empty == Some(true) {
+            match &slot {
+                Slot::Fixed(a, b) => {
+                    if let Some(m) = self.fixed.get_mut(a) {
+                        m.remove(b);
+                    }
+                }
+                Slot::Session(a, b) => {
+                    if let Some(m) = self.sessions.get_mut(a) {
+                        m.remove(b);
+                        if m.is_empty() {
+                            self.sessions.remove(a);
+                        }
+                    }
+                }
+            }
+            self.index.remove(id);
+        }
+    }
+
+    /// The minimum watermark over input partitions that reported one.
+    pub fn global_watermark(&self) -> Option<i64> {
+        self.progress.values().filter_map(|p| p.watermark).min()
+    }
+
+    pub fn as_of(&self) -> AsOf {
+        AsOf {
+            watermark: self.global_watermark(),
+            partitions: self.progress.values().cloned().collect(),
+        }
+    }
+
+    fn merged(&self, e: &Entry) -> WindowView {
+        let mut agg = Aggregate::default();
+        let mut all_final = true;
+        for p in e.partials.values() {
+            agg.merge(&p.agg);
+            all_final &= p.is_final;
+        }
+        let closes_globally = match e.rec.kind.as_str() {
+            "session" => true,
+            _ => self
+                .global_watermark()
+                .is_some_and(|w| w >= e.rec.end.saturating_add(self.grace_ms)),
+        };
+        WindowView {
+            window_id: e.rec.window_id.clone(),
+            spec: e.rec.spec.clone(),
+            kind: e.rec.kind.clone(),
+            by: e.rec.by.clone(),
+            key: e.rec.key.clone(),
+            start: e.rec.start,
+            end: e.rec.end,
+            is_final: all_final && closes_globally && !e.partials.is_empty(),
+            partitions: e.partials.keys().copied().collect(),
+            count: agg.count,
+            revenue_usd: usd(agg.revenue_usd_micros),
+            revenue_by_currency: agg
+                .revenue_by_currency
+                .iter()
+                .map(|(c, m)| (c.to_string(), *m as f64 / MICROS as f64))
+                .collect(),
+            unique_customers: agg.unique_customers(),
+            avg_usd: agg.avg_usd_micros().map(|m| usd(m.into())),
+            min_usd: agg.min_usd().map(|m| usd(m.into())),
+            max_usd: agg.max_usd().map(|m| usd(m.into())),
+            p95_usd: agg.p95_usd(),
+        }
+    }
+
+    /// The (kind, by) pairs that have windows.
+    pub fn kinds(&self) -> BTreeSet<(String, String)> {
+        let mut s: BTreeSet<(String, String)> = self.fixed.keys().cloned().collect();
+        if !self.sessions.is_empty() {
+            s.insert(("session".into(), "customer".into()));
+        }
+        s
+    }
+
+    /// Merged windows matching `q`, sorted by start then key.
+    pub fn windows(&self, q: &WindowQuery) -> Vec<WindowView> {
+        let limit = if q.limit == 0 { usize::MAX } else { q.limit };
+        let keep = |w: &WindowView| {
+            q.key.as_ref().is_none_or(|k| &w.key == k) && q.is_final.is_none_or(|f| w.is_final == f)
+        };
+        let mut out = Vec::new();
+        if q.kind == "session" {
+            let customers: Vec<&String> = match &q.key {
+                Some(k) => self
+                    .sessions
+                    .get_key_value(k)
+                    .map(|(c, _)| c)
+                    .into_iter()
+                    .collect(),
+                None => self.sessions.keys().collect(),
+            };
+            for c in customers {
+                for e in self.sessions[c].values() {
+                    if q.from.is_some_and(|f| e.rec.start < f)
+                        || q.to.is_some_and(|t| e.rec.start >= t)
+                    {
+                        continue;
+                    }
+                    let w = self.merged(e);
+                    if keep(&w) {
+                        out.push(w);
+                    }
+                }
+            }
+            out.sort_by(|a, b| (a.start, &a.key).cmp(&(b.start, &b.key)));
+            out.truncate(limit);
+            return out;
+        }
+        let Some(m) = self.fixed.get(&(q.kind.clone(), q.by.clone())) else {
+            return out;
+        };
+        let lo = (q.from.unwrap_or(i64::MIN), String::new(), String::new());
+        for (k, e) in m.range(lo..) {
+            if q.to.is_some_and(|t| k.0 >= t) || out.len() >= limit {
+                break;
+            }
+            let w = self.merged(e);
+            if keep(&w) {
+                out.push(w);
+            }
+        }
+        out
+    }
+
+    /// All sessions of one customer, oldest first.
+    pub fn customer_sessions(&self, customer: &str) -> Vec<WindowView> {
+        self.sessions
+            .get(customer)
+            .map(|m| m.values().map(|e| self.merged(e)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Final + live = combined revenue per key of the tumbling windows
+    /// grouped `by`, for windows starting in [from, to).
+    pub fn revenue_split(
+        &self,
+        by: &str,
+        from: Option<i64>,
+        to: Option<i64>,
+    ) -> BTreeMap<String, Split> {
+        let mut out: BTreeMap<String, Split> = BTreeMap::new();
+        let q = WindowQuery {
+            kind: "tumbling".into(),
+            by: by.into(),
+            from,
+            to,
+            ..WindowQuery::default()
+        };
+        for w in self.windows(&q) {
+            let s = out.entry(w.key.clone()).or_default();
+            if w.is_final {
+                s.final_usd += w.revenue_usd;
+                s.final_orders += w.count;
+            } else {
+                s.live_usd += w.revenue_usd;
+                s.live_orders += w.count;
+            }
+            s.combined_usd = s.final_usd + s.live_usd;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::too_many_arguments)]
+mod tests {
+    use super::*;
+    use crate::core::{Currency, GroupBy, WindowKey, WindowKind, WindowRow, WindowUpdate};
+
+    fn update(
+        p: Partition,
+        spec: &str,
+        kind: WindowKind,
+        group: &str,
+        start: i64,
+        end: i64,
+        usd: i64,
+        closed: bool,
+    ) -> (Vec<u8>, Vec<u8>) {
+        let mut agg = Aggregate::default();
+        agg.add(
+            usd,
+            Currency::parse("USD").unwrap(),
+            usd,
+            crate::core::customer_hash(group),
+        );
+        let w = WindowUpdate {
+            partition: p,
+            spec_name: spec.into(),
+            kind,
+            by: if matches!(kind, WindowKind::Session { .. }) {
+                GroupBy::Customer
+            } else {
+                GroupBy::Currency
+            },
+            key: WindowKey {
+                spec: 0,
+                group: group.into(),
+                start,
+            },
+            row: WindowRow {
+                end,
+                agg,
+                offset: 1,
+                closed,
+            },
+        };
+        let rec = WindowRecord::from_update(&w);
+        (
+            WindowRecord::record_key(&rec.window_id, p).into_bytes(),
+            serde_json::to_vec(&rec).unwrap(),
+        )
+    }
+
+    fn progress(v: &mut View, p: Partition, wm: i64) {
+        let r = ProgressRecord {
+            partition: p,
+            next_offset: 10,
+            watermark: Some(wm),
+            idle: false,
+        };
+        v.apply(
+            ProgressRecord::key(p).as_bytes(),
+            Some(&serde_json::to_vec(&r).unwrap()),
+        )
+        .unwrap();
+    }
+
+    const T: WindowKind = WindowKind::Tumbling { size_ms: 60_000 };
+
+    #[test]
+    fn partials_merge_and_final_waits_for_every_partition() {
+        let mut v = View::new(10_000);
+        let (k0, v0) = update(0, "t", T, "USD", 0, 60_000, 5_000_000, true);
+        let (k1, v1) = update(1, "t", T, "USD", 0, 60_000, 7_000_000, false);
+        v.apply(&k0, Some(&v0)).unwrap();
+        v.apply(&k1, Some(&v1)).unwrap();
+        progress(&mut v, 0, 80_000);
+        progress(&mut v, 1, 50_000);
+        let q = WindowQuery {
+            kind: "tumbling".into(),
+            by: "currency".into(),
+            ..Default::default()
+        };
+        let w = &v.windows(&q)[0];
+        assert_eq!((w.count, w.revenue_usd, w.is_final), (2, 12.0, false));
+        let (k1, v1) = update(1, "t", T, "USD", 0, 60_000, 7_000_000, true);
+        v.apply(&k1, Some(&v1)).unwrap();
+        assert!(
+            !v.windows(&q)[0].is_final,
+            "partition 1's watermark has not passed the close"
+        );
+        progress(&mut v, 1, 70_000);
+        assert!(v.windows(&q)[0].is_final);
+        let split = v.revenue_split("currency", None, None);
+        assert_eq!(split["USD"].final_usd, 12.0);
+        assert_eq!(split["USD"].combined_usd, 12.0);
+    }
+
+    #[test]
+    fn a_final_is_sticky_and_a_tombstone_removes_a_session() {
+        let mut v = View::new(0);
+        let (k, fin) = update(0, "t", T, "USD", 0, 60_000, 5_000_000, true);
+        let (_, live) = update(0, "t", T, "USD", 0, 60_000, 1_000_000, false);
+        v.apply(&k, Some(&fin)).unwrap();
+        v.apply(&k, Some(&live)).unwrap();
+        progress(&mut v, 0, 100_000);
+        let q = WindowQuery {
+            kind: "tumbling".into(),
+            by: "currency".into(),
+            ..Default::default()
+        };
+        assert_eq!(v.windows(&q)[0].revenue_usd, 5.0);
+        let s = WindowKind::Session { gap_ms: 1000 };
+        let (sk, sv) = update(2, "s", s, "c1", 5, 9, 3_000_000, false);
+        v.apply(&sk, Some(&sv)).unwrap();
+        assert_eq!(v.customer_sessions("c1").len(), 1);
+        v.apply(&sk, None).unwrap();
+        assert!(v.customer_sessions("c1").is_empty());
+    }
+
+    #[test]
+    fn queries_filter_by_range_key_and_final() {
+        let mut v = View::new(0);
+        for (i, cur) in ["EUR", "USD"].iter().enumerate() {
+            for m in 0..5 {
+                let (k, val) = update(
+                    0,
+                    "t",
+                    T,
+                    cur,
+                    m * 60_000,
+                    (m + 1) * 60_000,
+                    1_000_000 * (i as i64 + 1),
+                    m < 3,
+                );
+                v.apply(&k, Some(&val)).unwrap();
+            }
+        }
+        progress(&mut v, 0, 200_000);
+        let q = |from, to, key: Option<&str>, fin| WindowQuery {
+            kind: "tumbling".into(),
+            by: "currency".into(),
+            key: key.map(String::from),
+            from,
+            to,
+            is_final: fin,
+            limit: 0,
+        };
+        assert_eq!(v.windows(&q(None, None, None, None)).len(), 10);
+        assert_eq!(
+            v.windows(&q(Some(60_000), Some(180_000), None, None)).len(),
+            4
+        );
+        assert_eq!(v.windows(&q(None, None, Some("USD"), None)).len(), 5);
+        assert_eq!(v.windows(&q(None, None, None, Some(true))).len(), 6);
+        assert!(v.apply(b"no-partition", Some(b"{}")).is_err());
+        assert!(v.apply(b"t|USD|0|p0", Some(b"nope")).is_err());
+    }
+}

@@ -1,0 +1,457 @@
+//! The HTTP API through `app(state)` with `oneshot` (no socket): every
+//! endpoint, every client mistake as a JSON 4xx, 503 + Retry-After before
+//! the view is ready, the webhook's signature and limits, and a fuzz of
+//! query strings and bodies that must never produce a 5xx or a panic.
+
+mod support;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use proptest::prelude::*;
+use rdkafka::producer::FutureProducer;
+use rdkafka::ClientConfig;
+use serde_json::Value;
+use tally::broker::EmbeddedBroker;
+use tally::core::{
+    Aggregate, Currency, GroupBy, Limits, WindowKey, WindowKind, WindowRow, WindowUpdate,
+};
+use tally::http::{app, sign, AppState, Webhook, SIGNATURE_HEADER};
+use tally::metrics::Metrics;
+use tally::output::WindowRecord;
+use tally::view::{ProgressRecord, View};
+use tower::ServiceExt;
+
+const SECRET: &[u8] = b"0123456789abcdef-secret";
+
+#[allow(clippy::too_many_arguments)]
+fn record(
+    p: i32,
+    spec: &str,
+    kind: WindowKind,
+    by: GroupBy,
+    group: &str,
+    start: i64,
+    end: i64,
+    usd: i64,
+    closed: bool,
+) -> (Vec<u8>, Vec<u8>) {
+    let mut agg = Aggregate::default();
+    agg.add(
+        usd,
+        Currency::parse("EUR").unwrap(),
+        usd,
+        tally::core::customer_hash(group),
+    );
+    let w = WindowUpdate {
+        partition: p,
+        spec_name: spec.into(),
+        kind,
+        by,
+        key: WindowKey {
+            spec: 0,
+            group: group.into(),
+            start,
+        },
+        row: WindowRow {
+            end,
+            agg,
+            offset: 1,
+            closed,
+        },
+    };
+    let rec = WindowRecord::from_update(&w);
+    (
+        WindowRecord::record_key(&rec.window_id, p).into_bytes(),
+        serde_json::to_vec(&rec).unwrap(),
+    )
+}
+
+fn view() -> View {
+    let mut v = View::new(10_000);
+    let t = WindowKind::Tumbling { size_ms: 60_000 };
+    let rows = [
+        record(
+            0,
+            "tumbling_1m_currency",
+            t,
+            GroupBy::Currency,
+            "EUR",
+            0,
+            60_000,
+            10_000_000,
+            true,
+        ),
+        record(
+            1,
+            "tumbling_1m_currency",
+            t,
+            GroupBy::Currency,
+            "EUR",
+            0,
+            60_000,
+            5_000_000,
+            true,
+        ),
+        record(
+            0,
+            "tumbling_1m_currency",
+            t,
+            GroupBy::Currency,
+            "USD",
+            60_000,
+            120_000,
+            2_000_000,
+            false,
+        ),
+        record(
+            0,
+            "tumbling_1m_region",
+            t,
+            GroupBy::Region,
+            "eu",
+            0,
+            60_000,
+            15_000_000,
+            true,
+        ),
+        record(
+            0,
+            "session_30m_customer",
+            WindowKind::Session { gap_ms: 1_800_000 },
+            GroupBy::Customer,
+            "c7",
+            100,
+            900,
+            3_000_000,
+            false,
+        ),
+    ];
+    for (k, val) in rows {
+        v.apply(&k, Some(&val)).unwrap();
+    }
+    for p in [0, 1] {
+        let r = ProgressRecord {
+            partition: p,
+            next_offset: 5,
+            watermark: Some(75_000),
+            idle: false,
+        };
+        v.apply(
+            ProgressRecord::key(p).as_bytes(),
+            Some(&serde_json::to_vec(&r).unwrap()),
+        )
+        .unwrap();
+    }
+    v
+}
+
+fn state(ready: bool, webhook: Option<Arc<Webhook>>) -> AppState {
+    AppState {
+        view: Arc::new(RwLock::new(view())),
+        view_caught_up: Arc::new(AtomicBool::new(ready)),
+        pod: None,
+        ready_max_lag: 0,
+        metrics: Arc::new(Metrics::new()),
+        webhook,
+    }
+}
+
+async fn call(
+    state: &AppState,
+    req: Request<Body>,
+) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    let resp = app(state.clone()).oneshot(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    (
+        parts.status,
+        parts.headers,
+        body.collect().await.unwrap().to_bytes().to_vec(),
+    )
+}
+
+async fn get(state: &AppState, uri: &str) -> (StatusCode, Value) {
+    let (s, _, b) = call(state, Request::get(uri).body(Body::empty()).unwrap()).await;
+    (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn revenue_is_final_plus_live_with_as_of() {
+    let st = state(true, None);
+    let (s, v) = get(&st, "/revenue").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["by_currency"]["EUR"]["final_usd"], 15.0);
+    assert_eq!(v["by_currency"]["USD"]["live_usd"], 2.0);
+    assert_eq!(v["total"]["combined_usd"], 17.0);
+    assert_eq!(v["by_region"]["eu"]["final_usd"], 15.0);
+    assert_eq!(v["as_of"]["watermark"], 75_000);
+    assert_eq!(v["as_of"]["partitions"].as_array().unwrap().len(), 2);
+    let (_, v) = get(&st, "/revenue?from=60000").await;
+    assert_eq!(v["total"]["combined_usd"], 2.0);
+    let (_, v) = get(&st, "/revenue?to=1970-01-01T00:01:00Z").await;
+    assert_eq!(v["total"]["combined_usd"], 15.0);
+}
+
+#[tokio::test]
+async fn windows_and_sessions_carry_every_aggregate() {
+    let st = state(true, None);
+    let (s, v) = get(&st, "/revenue/windows?kind=tumbling&by=currency&key=EUR").await;
+    assert_eq!(s, StatusCode::OK);
+    let w = &v["windows"][0];
+    assert_eq!(
+        (w["count"].as_u64(), w["final"].as_bool()),
+        (Some(2), Some(true))
+    );
+    for k in [
+        "start",
+        "end",
+        "revenue_usd",
+        "revenue_by_currency",
+        "unique_customers",
+        "avg_usd",
+        "min_usd",
+        "max_usd",
+        "p95_usd",
+        "partitions",
+    ] {
+        assert!(w.get(k).is_some(), "missing {k}");
+    }
+    let (_, v) = get(&st, "/revenue/windows?final=false").await;
+    assert_eq!(v["count"], 1);
+    let (s, v) = get(&st, "/revenue/sessions/c7").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["sessions"][0]["revenue_usd"], 3.0);
+    let (_, v) = get(&st, "/revenue/windows?kind=session&key=c7").await;
+    assert_eq!(v["count"], 1);
+}
+
+#[tokio::test]
+async fn client_mistakes_are_json_4xx() {
+    let st = state(true, None);
+    for (uri, code) in [
+        ("/revenue?from=yesterday", 400),
+        ("/revenue?from=10&to=5", 400),
+        ("/revenue?color=blue", 400),
+        ("/revenue?from=1&from=2", 400),
+        ("/revenue/windows?kind=weekly", 400),
+        ("/revenue/windows?by=planet", 400),
+        ("/revenue/windows?kind=session&by=region", 400),
+        ("/revenue/windows?final=maybe", 400),
+        ("/revenue/windows?limit=0", 400),
+        ("/revenue/windows?kind=sliding&by=currency", 404),
+        ("/revenue/windows?%zz", 400),
+        ("/nope", 404),
+    ] {
+        let (s, v) = get(&st, uri).await;
+        assert_eq!(s.as_u16(), code, "{uri}: {v}");
+        assert!(
+            v["error"].is_string() && v["detail"].is_string(),
+            "{uri}: {v}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn data_waits_for_the_view_health_does_not() {
+    let st = state(false, None);
+    let (s, h, _) = call(&st, Request::get("/revenue").body(Body::empty()).unwrap()).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(h["retry-after"], "1");
+    let (s, _) = get(&st, "/readyz").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    let (s, _, b) = call(&st, Request::get("/livez").body(Body::empty()).unwrap()).await;
+    assert_eq!((s, b.as_slice()), (StatusCode::OK, b"ok".as_slice()));
+    st.view_caught_up.store(true, Ordering::SeqCst);
+    assert_eq!(get(&st, "/readyz").await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn metrics_openapi_and_page_are_served() {
+    let st = state(true, None);
+    get(&st, "/revenue").await;
+    let (s, h, b) = call(&st, Request::get("/metrics").body(Body::empty()).unwrap()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(h["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let text = String::from_utf8(b).unwrap();
+    assert!(text.contains("tally_http_request_duration_seconds_bucket{method=\"GET\",route=\"/revenue\",status=\"200\""), "{text}");
+    // Unlabelled and pre-initialised series are there from the start; the
+    // labelled ones appear once a pod sets them (checked in serving_e2e).
+    for name in [
+        "tally_events_total",
+        "tally_invalid_events_total",
+        "tally_flush_duration_seconds",
+        "tally_commit_failures_total",
+        "tally_rebalances_total",
+        "tally_ready",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {name} ")),
+            "{name} not exported"
+        );
+    }
+    let (s, doc) = get(&st, "/openapi.json").await;
+    assert_eq!(s, StatusCode::OK);
+    for path in [
+        "/revenue",
+        "/revenue/windows",
+        "/revenue/sessions/{customer_id}",
+        "/webhook/orders",
+        "/metrics",
+        "/livez",
+        "/readyz",
+        "/openapi.json",
+        "/",
+    ] {
+        assert!(doc["paths"].get(path).is_some(), "{path} not documented");
+    }
+    let (s, _, b) = call(&st, Request::get("/").body(Body::empty()).unwrap()).await;
+    assert_eq!(s, StatusCode::OK);
+    let html = String::from_utf8(b).unwrap();
+    assert!(html.contains("id=\"chart\""));
+    for external in [
+        "src=\"http",
+        "href=\"http",
+        "url(http",
+        "fetch(\"http",
+        "import ",
+    ] {
+        assert!(
+            !html.contains(external),
+            "the page must load nothing from the internet ({external})"
+        );
+    }
+}
+
+fn webhook_state(brokers: &str) -> AppState {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    let hook = Webhook {
+        secret: Some(SECRET.to_vec()),
+        producer,
+        topic: "raw-orders".into(),
+        limits: Limits {
+            max_message_bytes: 2_048,
+            ..Limits::default()
+        },
+    };
+    state(true, Some(Arc::new(hook)))
+}
+
+fn post(body: &[u8], sig: Option<String>) -> Request<Body> {
+    let mut r = Request::post("/webhook/orders").header("content-type", "application/json");
+    if let Some(s) = sig {
+        r = r.header(SIGNATURE_HEADER, s);
+    }
+    r.body(Body::from(body.to_vec())).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_webhook_verifies_then_produces() {
+    let specs =
+        tally::topics::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
+    let broker = EmbeddedBroker::start(1, &specs).unwrap();
+    let st = webhook_state(&broker.bootstrap_servers());
+    let good = br#"{"order_id":"w-1","customer_id":"c9","amount":"12.50","currency":"eur","created_at":"2024-05-01T12:00:00Z"}"#;
+
+    let (s, _, b) = call(&st, post(good, Some(sign(SECRET, good)))).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&b));
+    let (s, _, _) = call(&st, post(good, None)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _, _) = call(
+        &st,
+        post(good, Some(sign(b"another-secret-entirely", good))),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let bad = br#"{"order_id":"w-2","amount":"12.50"}"#;
+    let (s, _, b) = call(&st, post(bad, Some(sign(SECRET, bad)))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert!(
+        v["detail"].as_str().unwrap().contains("missing_field"),
+        "{v}"
+    );
+    let big = vec![b' '; 4_096];
+    let (s, _, b) = call(&st, post(&big, Some(sign(SECRET, &big)))).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(serde_json::from_slice::<Value>(&b).is_ok());
+
+    // The accepted order is on raw-orders, keyed by customer_id, byte for byte.
+    let brokers = broker.bootstrap_servers();
+    let recs =
+        tokio::task::spawn_blocking(move || support::kafka::read_all(&brokers, "raw-orders"))
+            .await
+            .unwrap();
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].key.as_deref(), Some(b"c9".as_slice()));
+    assert_eq!(recs[0].payload.as_deref(), Some(good.as_slice()));
+    let _ = Duration::ZERO;
+}
+
+/// A webhook whose broker does not exist: a valid order would be a 503.
+/// One client for every case (creating one costs ~100 ms).
+fn unreachable_hook() -> Arc<Webhook> {
+    static HOOK: std::sync::OnceLock<Arc<Webhook>> = std::sync::OnceLock::new();
+    HOOK.get_or_init(|| {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .set("message.timeout.ms", "100")
+            .create()
+            .unwrap();
+        Arc::new(Webhook {
+            secret: Some(SECRET.to_vec()),
+            producer,
+            topic: "raw-orders".into(),
+            limits: Limits::default(),
+        })
+    })
+    .clone()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// No query string on any GET endpoint yields a 5xx or a non-JSON error.
+    #[test]
+    fn any_query_is_answered_without_a_server_error(
+        path in prop::sample::select(vec!["/revenue", "/revenue/windows", "/revenue/sessions/c7", "/revenue/sessions/%00", "/metrics", "/readyz"]),
+        query in "[a-z=&%0-9:TZ+._-]{0,40}",
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let st = state(true, None);
+        let uri = format!("{path}?{query}");
+        let Ok(req) = Request::get(uri.as_str()).body(Body::empty()) else { return Ok(()) };
+        let (s, h, b) = rt.block_on(call(&st, req));
+        prop_assert!(s.as_u16() < 500, "{} -> {}", uri, s);
+        if s.is_client_error() {
+            prop_assert!(h["content-type"].to_str().unwrap().contains("json"));
+            prop_assert!(serde_json::from_slice::<Value>(&b).is_ok());
+        }
+    }
+
+    /// No body on the webhook yields a 5xx; without a valid signature it is 401.
+    #[test]
+    fn any_webhook_body_is_answered_without_a_server_error(body in prop::collection::vec(any::<u8>(), 0..300), signed in any::<bool>()) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let st = state(true, Some(unreachable_hook()));
+        let sig = signed.then(|| sign(SECRET, &body));
+        let (s, _, b) = rt.block_on(call(&st, post(&body, sig)));
+        let valid = tally::core::parse_order(&body, &Limits::default()).is_ok();
+        prop_assert!(s.as_u16() < 500 || (valid && s == StatusCode::SERVICE_UNAVAILABLE), "{}", s);
+        if !signed {
+            prop_assert_eq!(s, StatusCode::UNAUTHORIZED);
+        }
+        prop_assert!(serde_json::from_slice::<Value>(&b).is_ok());
+    }
+}
