@@ -109,20 +109,26 @@ impl Rng {
     }
 }
 
+/// Event time between consecutive orders: `1000 / rate` ms, so event time
+/// keeps pace with the wall clock; 10 ms when unthrottled.
+pub fn step_ms(rate: f64) -> f64 {
+    if rate > 0.0 {
+        1000.0 / rate
+    } else {
+        10.0
+    }
+}
+
 /// Generates the stream for `spec`. Valid orders use the default FX table.
 pub fn generate(spec: &GenSpec) -> Vec<GenRecord> {
     let fx = FxTable::with_defaults();
     let mut rng = Rng(spec.seed);
-    let step = if spec.rate > 0.0 {
-        (1000.0 / spec.rate).max(1.0) as i64
-    } else {
-        10
-    };
+    let step = step_ms(spec.rate);
     let mut out: Vec<GenRecord> = Vec::with_capacity(spec.count as usize);
     let mut recent_valid: Vec<usize> = Vec::new();
     for i in 0..spec.count {
-        let t =
-            spec.start_ms + i as i64 * step - rng.below(spec.disorder_ms.max(0) as u64 + 1) as i64;
+        let t = spec.start_ms + (i as f64 * step) as i64
+            - rng.below(spec.disorder_ms.max(0) as u64 + 1) as i64;
         let customer = format!("c{}", rng.below(spec.customers));
         let roll = rng.next() % 1_000_000;
         let pct = |p: f64| (p * 10_000.0) as u64;
@@ -261,6 +267,48 @@ fn invalid(rng: &mut Rng, i: u64, customer: &str, t: i64) -> GenRecord {
         payload: payload.into_bytes(),
         expect: Expect::Invalid { reason },
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenError {
+    #[error("Kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Generates and sends in chunks of 10,000 (so `count = 0` runs until
+/// `stop`), calling `on_chunk` with what each chunk sent. Event time keeps
+/// advancing across chunks.
+pub fn stream(
+    brokers: &str,
+    topic: &str,
+    spec: GenSpec,
+    stop: &dyn Fn() -> bool,
+    on_chunk: &mut dyn FnMut(&[GenRecord]) -> std::io::Result<()>,
+) -> Result<u64, GenError> {
+    const CHUNK: u64 = 10_000;
+    let (mut sent, mut chunk) = (0u64, 0u64);
+    let step = step_ms(spec.rate);
+    while !stop() && (spec.count == 0 || sent < spec.count) {
+        let n = if spec.count == 0 {
+            CHUNK
+        } else {
+            CHUNK.min(spec.count - sent)
+        };
+        let part = GenSpec {
+            count: n,
+            seed: spec.seed.wrapping_mul(1_000_003).wrapping_add(chunk),
+            start_ms: spec.start_ms + (sent as f64 * step) as i64,
+            ..spec.clone()
+        };
+        let records = generate(&part);
+        let k = produce(brokers, topic, &[], &records, spec.rate, stop)?;
+        on_chunk(&records[..k as usize])?;
+        sent += k;
+        chunk += 1;
+    }
+    Ok(sent)
 }
 
 /// Writes the truth as JSON lines, one per record, in send order.

@@ -56,9 +56,19 @@ enum Command {
     },
     /// Measured scenarios on the embedded broker; one JSON line each.
     Bench {
-        /// Scenario: flush (throughput for several flush settings).
+        /// Scenario: flush (throughput for several flush settings) or
+        /// serving (/revenue latency and freshness while ingesting).
         #[arg(long, default_value = "flush")]
         scenario: String,
+        /// serving: ingest rate, events/s.
+        #[arg(long, default_value_t = 50_000.0)]
+        rate: f64,
+        /// serving: /revenue requests per second.
+        #[arg(long, default_value_t = 1_000.0)]
+        rps: f64,
+        /// serving: duration, seconds.
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
         /// Input records per run.
         #[arg(long, default_value_t = 100_000)]
         events: u64,
@@ -179,6 +189,9 @@ fn main() -> anyhow::Result<()> {
             scenario,
             events,
             topics_dir,
+            rate,
+            rps,
+            seconds,
         } => {
             init_logging(log_format_from_env());
             let specs = topics::load_dir(&topics_dir)?;
@@ -187,7 +200,13 @@ fn main() -> anyhow::Result<()> {
                 "flush" => {
                     tally::bench::flush_sweep(&specs, &base, events)?;
                 }
-                other => bail!("invalid scenario: {other:?} (known: flush)"),
+                "serving" => {
+                    println!(
+                        "{}",
+                        tally::bench::serving(&specs, &base, rate, rps, seconds)?
+                    );
+                }
+                other => bail!("invalid scenario: {other:?} (known: flush, serving)"),
             }
             Ok(())
         }
@@ -400,7 +419,7 @@ fn gen_cmd(a: GenArgs) -> anyhow::Result<()> {
         )),
         None => None,
     };
-    let sent = stream(
+    let sent = gen::stream(
         &a.brokers,
         &a.topic,
         spec,
@@ -418,43 +437,6 @@ fn gen_cmd(a: GenArgs) -> anyhow::Result<()> {
     }
     eprintln!("sent {sent} records to {}", a.topic);
     Ok(())
-}
-
-/// Generates and sends in chunks, so `count = 0` can run forever.
-fn stream(
-    brokers: &str,
-    topic: &str,
-    spec: GenSpec,
-    stop: &dyn Fn() -> bool,
-    on_chunk: &mut dyn FnMut(&[gen::GenRecord]) -> anyhow::Result<()>,
-) -> anyhow::Result<u64> {
-    const CHUNK: u64 = 10_000;
-    let mut sent = 0;
-    let mut chunk = 0u64;
-    let step = if spec.rate > 0.0 {
-        (1000.0 / spec.rate).max(1.0) as i64
-    } else {
-        10
-    };
-    while !stop() && (spec.count == 0 || sent < spec.count) {
-        let n = if spec.count == 0 {
-            CHUNK
-        } else {
-            CHUNK.min(spec.count - sent)
-        };
-        let part = GenSpec {
-            count: n,
-            seed: spec.seed.wrapping_mul(1_000_003).wrapping_add(chunk),
-            start_ms: spec.start_ms + (sent as i64) * step,
-            ..spec.clone()
-        };
-        let records = gen::generate(&part);
-        let k = gen::produce(brokers, topic, &[], &records, spec.rate, stop)?;
-        on_chunk(&records[..k as usize])?;
-        sent += k;
-        chunk += 1;
-    }
-    Ok(sent)
 }
 
 async fn demo(http_addr: String, rate: f64, topics_dir: PathBuf) -> anyhow::Result<()> {
@@ -484,7 +466,7 @@ async fn demo(http_addr: String, rate: f64, topics_dir: PathBuf) -> anyhow::Resu
                 start_ms: chrono::Utc::now().timestamp_millis(),
                 ..GenSpec::default()
             };
-            stream(
+            gen::stream(
                 &brokers,
                 "raw-orders",
                 spec,

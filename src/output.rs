@@ -41,6 +41,78 @@ pub fn usd(micros: i128) -> f64 {
     micros as f64 / MICROS as f64
 }
 
+/// The mergeable part of a published window result. Unlike the stored
+/// aggregate it carries the number of distinct customers, not their hashes
+/// (which would make a busy window's row hundreds of kilobytes).
+/// **Precondition** for exact merging: `raw-orders` is keyed by
+/// `customer_id` (DESIGN §2; the generator and the webhook do so), so each
+/// customer's orders are in one input partition and the counts of different
+/// partitions add up exactly.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireAgg {
+    pub count: u64,
+    pub revenue_usd_micros: i128,
+    pub revenue_by_currency: Vec<(crate::core::Currency, i128)>,
+    pub min_usd_micros: i64,
+    pub max_usd_micros: i64,
+    pub unique_customers: u64,
+    pub sketch: crate::core::sketch::QuantileSketch,
+}
+
+impl Default for WireAgg {
+    fn default() -> Self {
+        WireAgg::from(&Aggregate::default())
+    }
+}
+
+impl From<&Aggregate> for WireAgg {
+    fn from(a: &Aggregate) -> Self {
+        WireAgg {
+            count: a.count,
+            revenue_usd_micros: a.revenue_usd_micros,
+            revenue_by_currency: a.revenue_by_currency.clone(),
+            min_usd_micros: a.min_usd_micros,
+            max_usd_micros: a.max_usd_micros,
+            unique_customers: a.unique_customers() as u64,
+            sketch: a.sketch.clone(),
+        }
+    }
+}
+
+impl WireAgg {
+    /// Combines the partial of another input partition.
+    pub fn merge(&mut self, o: &WireAgg) {
+        self.count += o.count;
+        self.revenue_usd_micros += o.revenue_usd_micros;
+        for (c, m) in &o.revenue_by_currency {
+            match self.revenue_by_currency.binary_search_by_key(c, |e| e.0) {
+                Ok(i) => self.revenue_by_currency[i].1 += m,
+                Err(i) => self.revenue_by_currency.insert(i, (*c, *m)),
+            }
+        }
+        self.min_usd_micros = self.min_usd_micros.min(o.min_usd_micros);
+        self.max_usd_micros = self.max_usd_micros.max(o.max_usd_micros);
+        self.unique_customers += o.unique_customers;
+        self.sketch.merge(&o.sketch);
+    }
+
+    pub fn avg_usd(&self) -> Option<f64> {
+        (self.count > 0).then(|| usd(self.revenue_usd_micros / self.count as i128))
+    }
+
+    pub fn min_usd(&self) -> Option<f64> {
+        (self.count > 0).then(|| usd(self.min_usd_micros.into()))
+    }
+
+    pub fn max_usd(&self) -> Option<f64> {
+        (self.count > 0).then(|| usd(self.max_usd_micros.into()))
+    }
+
+    pub fn p95_usd(&self) -> Option<f64> {
+        crate::core::aggregate::p95_clamped(&self.sketch, self.min_usd_micros, self.max_usd_micros)
+    }
+}
+
 /// A window result as published on `revenue-windows`. `agg` carries the
 /// mergeable aggregate so any reader can combine partitions exactly.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -65,7 +137,7 @@ pub struct WindowRecord {
     pub min_usd: Option<f64>,
     pub max_usd: Option<f64>,
     pub p95_usd: Option<f64>,
-    pub agg: Aggregate,
+    pub agg: WireAgg,
 }
 
 impl WindowRecord {
@@ -95,7 +167,7 @@ impl WindowRecord {
             min_usd: a.min_usd().map(|m| usd(m.into())),
             max_usd: a.max_usd().map(|m| usd(m.into())),
             p95_usd: a.p95_usd(),
-            agg: a.clone(),
+            agg: WireAgg::from(a),
         }
     }
 

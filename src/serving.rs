@@ -115,7 +115,7 @@ fn run(
     while !stop.load(Ordering::SeqCst) {
         let mut first = consumer.poll(Duration::from_millis(50));
         while let Some(r) = first.take().or_else(|| {
-            if batch.len() < 4096 {
+            if batch.len() < 512 {
                 consumer.poll(Duration::ZERO)
             } else {
                 None
@@ -138,10 +138,15 @@ fn run(
             }
         }
         if !batch.is_empty() {
+            // Decode outside the lock; readers only wait for map updates.
+            let parsed: Vec<_> = batch
+                .iter()
+                .map(|(k, p)| crate::view::parse(k, p.as_deref()))
+                .collect();
             let mut invalid = 0;
             if let Ok(mut v) = view.write() {
-                for (k, p) in batch.iter() {
-                    if let Err(e) = v.apply(k, p.as_deref()) {
+                for p in parsed {
+                    if let Err(e) = v.apply_parsed(p) {
                         invalid += 1;
                         warn!(error = %e, "ignoring a revenue-windows record");
                     }

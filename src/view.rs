@@ -21,8 +21,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::{Deserialize, Serialize};
 
 use crate::core::order::MICROS;
-use crate::core::{Aggregate, Partition};
-use crate::output::{usd, WindowRecord};
+use crate::core::Partition;
+use crate::output::{usd, WindowRecord, WireAgg};
 
 /// Key prefix of progress rows on `revenue-windows`.
 pub const PROGRESS_PREFIX: &str = "__progress|p";
@@ -56,6 +56,33 @@ pub enum ViewError {
 struct Entry {
     rec: WindowRecord,
     partials: BTreeMap<Partition, WindowRecord>,
+    /// Kept current on every change, so `/revenue` adds numbers instead of
+    /// merging aggregates per request.
+    revenue_micros: i128,
+    count: u64,
+    all_final: bool,
+}
+
+impl Entry {
+    fn new(rec: WindowRecord) -> Entry {
+        Entry {
+            rec,
+            partials: BTreeMap::new(),
+            revenue_micros: 0,
+            count: 0,
+            all_final: false,
+        }
+    }
+
+    fn refresh(&mut self) {
+        self.revenue_micros = self
+            .partials
+            .values()
+            .map(|p| p.agg.revenue_usd_micros)
+            .sum();
+        self.count = self.partials.values().map(|p| p.agg.count).sum();
+        self.all_final = !self.partials.is_empty() && self.partials.values().all(|p| p.is_final);
+    }
 }
 
 /// Which windows a query wants.
@@ -133,6 +160,40 @@ enum Slot {
     Session(String, (String, i64)),
 }
 
+/// One `revenue-windows` record, decoded.
+pub enum Parsed {
+    Progress(ProgressRecord),
+    Tombstone(String, Partition),
+    Window(String, Partition, Box<WindowRecord>),
+    /// A progress key with no value: nothing to do.
+    Nothing,
+}
+
+/// Decodes a record without touching the view (the expensive part).
+pub fn parse(key: &[u8], payload: Option<&[u8]>) -> Result<Parsed, ViewError> {
+    let value_err = |e: serde_json::Error| ViewError::Value {
+        key: String::from_utf8_lossy(key).into_owned(),
+        message: e.to_string(),
+    };
+    if key.starts_with(PROGRESS_PREFIX.as_bytes()) {
+        return match payload {
+            Some(p) => Ok(Parsed::Progress(
+                serde_json::from_slice(p).map_err(value_err)?,
+            )),
+            None => Ok(Parsed::Nothing),
+        };
+    }
+    let (id, partition) = parse_key(key)?;
+    match payload {
+        None => Ok(Parsed::Tombstone(id, partition)),
+        Some(p) => Ok(Parsed::Window(
+            id,
+            partition,
+            Box::new(serde_json::from_slice(p).map_err(value_err)?),
+        )),
+    }
+}
+
 fn parse_key(key: &[u8]) -> Result<(String, Partition), ViewError> {
     let k = std::str::from_utf8(key).map_err(|_| ViewError::Key)?;
     let (id, p) = k
@@ -158,28 +219,29 @@ impl View {
     }
 
     /// Applies one `revenue-windows` record (`None`: a tombstone).
+    /// Applies one `revenue-windows` record (`None`: a tombstone).
     pub fn apply(&mut self, key: &[u8], payload: Option<&[u8]>) -> Result<(), ViewError> {
+        let parsed = parse(key, payload);
+        self.apply_parsed(parsed)
+    }
+
+    /// Applies a record parsed by [`parse`] (parse outside the lock, apply
+    /// under it).
+    pub fn apply_parsed(&mut self, parsed: Result<Parsed, ViewError>) -> Result<(), ViewError> {
         self.records += 1;
-        if key.starts_with(PROGRESS_PREFIX.as_bytes()) {
-            if let Some(p) = payload {
-                let rec: ProgressRecord =
-                    serde_json::from_slice(p).map_err(|e| ViewError::Value {
-                        key: String::from_utf8_lossy(key).into_owned(),
-                        message: e.to_string(),
-                    })?;
+        let rec = match parsed? {
+            Parsed::Progress(rec) => {
                 self.progress.insert(rec.partition, rec);
+                return Ok(());
             }
-            return Ok(());
-        }
-        let (id, partition) = parse_key(key)?;
-        let Some(payload) = payload else {
-            self.remove_partial(&id, partition);
-            return Ok(());
+            Parsed::Tombstone(id, partition) => {
+                self.remove_partial(&id, partition);
+                return Ok(());
+            }
+            Parsed::Window(id, partition, rec) => (id, partition, *rec),
+            Parsed::Nothing => return Ok(()),
         };
-        let rec: WindowRecord = serde_json::from_slice(payload).map_err(|e| ViewError::Value {
-            key: String::from_utf8_lossy(key).into_owned(),
-            message: e.to_string(),
-        })?;
+        let (id, partition, rec) = rec;
         let slot = if rec.kind == "session" {
             Slot::Session(rec.key.clone(), (rec.spec.clone(), rec.start))
         } else {
@@ -194,19 +256,13 @@ impl View {
                 .entry(a.clone())
                 .or_default()
                 .entry(b.clone())
-                .or_insert_with(|| Entry {
-                    rec: rec.clone(),
-                    partials: BTreeMap::new(),
-                }),
+                .or_insert_with(|| Entry::new(rec.clone())),
             Slot::Session(a, b) => self
                 .sessions
                 .entry(a.clone())
                 .or_default()
                 .entry(b.clone())
-                .or_insert_with(|| Entry {
-                    rec: rec.clone(),
-                    partials: BTreeMap::new(),
-                }),
+                .or_insert_with(|| Entry::new(rec.clone())),
         };
         let sticky = entry
             .partials
@@ -215,6 +271,7 @@ impl View {
         if !sticky {
             entry.rec.end = entry.rec.end.max(rec.end);
             entry.partials.insert(partition, rec);
+            entry.refresh();
         }
         self.index.insert(id, slot);
         Ok(())
@@ -228,11 +285,13 @@ impl View {
             Slot::Fixed(a, b) => self.fixed.get_mut(a).and_then(|m| {
                 let e = m.get_mut(b)?;
                 e.partials.remove(&partition);
+                e.refresh();
                 Some(e.partials.is_empty())
             }),
             Slot::Session(a, b) => self.sessions.get_mut(a).and_then(|m| {
                 let e = m.get_mut(b)?;
                 e.partials.remove(&partition);
+                e.refresh();
                 Some(e.partials.is_empty())
             }),
         };
@@ -268,19 +327,19 @@ impl View {
         }
     }
 
+    /// Final: every partial final and, for fixed windows, every input
+    /// partition's watermark past the close.
+    fn is_final(&self, e: &Entry, global_wm: Option<i64>) -> bool {
+        e.all_final
+            && (e.rec.kind == "session"
+                || global_wm.is_some_and(|w| w >= e.rec.end.saturating_add(self.grace_ms)))
+    }
+
     fn merged(&self, e: &Entry) -> WindowView {
-        let mut agg = Aggregate::default();
-        let mut all_final = true;
+        let mut agg = WireAgg::default();
         for p in e.partials.values() {
             agg.merge(&p.agg);
-            all_final &= p.is_final;
         }
-        let closes_globally = match e.rec.kind.as_str() {
-            "session" => true,
-            _ => self
-                .global_watermark()
-                .is_some_and(|w| w >= e.rec.end.saturating_add(self.grace_ms)),
-        };
         WindowView {
             window_id: e.rec.window_id.clone(),
             spec: e.rec.spec.clone(),
@@ -289,7 +348,7 @@ impl View {
             key: e.rec.key.clone(),
             start: e.rec.start,
             end: e.rec.end,
-            is_final: all_final && closes_globally && !e.partials.is_empty(),
+            is_final: self.is_final(e, self.global_watermark()),
             partitions: e.partials.keys().copied().collect(),
             count: agg.count,
             revenue_usd: usd(agg.revenue_usd_micros),
@@ -298,10 +357,10 @@ impl View {
                 .iter()
                 .map(|(c, m)| (c.to_string(), *m as f64 / MICROS as f64))
                 .collect(),
-            unique_customers: agg.unique_customers(),
-            avg_usd: agg.avg_usd_micros().map(|m| usd(m.into())),
-            min_usd: agg.min_usd().map(|m| usd(m.into())),
-            max_usd: agg.max_usd().map(|m| usd(m.into())),
+            unique_customers: agg.unique_customers as usize,
+            avg_usd: agg.avg_usd(),
+            min_usd: agg.min_usd(),
+            max_usd: agg.max_usd(),
             p95_usd: agg.p95_usd(),
         }
     }
@@ -381,26 +440,36 @@ impl View {
         from: Option<i64>,
         to: Option<i64>,
     ) -> BTreeMap<String, Split> {
-        let mut out: BTreeMap<String, Split> = BTreeMap::new();
-        let q = WindowQuery {
-            kind: "tumbling".into(),
-            by: by.into(),
-            from,
-            to,
-            ..WindowQuery::default()
-        };
-        for w in self.windows(&q) {
-            let s = out.entry(w.key.clone()).or_default();
-            if w.is_final {
-                s.final_usd += w.revenue_usd;
-                s.final_orders += w.count;
-            } else {
-                s.live_usd += w.revenue_usd;
-                s.live_orders += w.count;
+        let mut sums: BTreeMap<&str, (i128, i128, u64, u64)> = BTreeMap::new();
+        let wm = self.global_watermark();
+        if let Some(m) = self.fixed.get(&("tumbling".to_string(), by.to_string())) {
+            let lo = (from.unwrap_or(i64::MIN), String::new(), String::new());
+            for (k, e) in m.range(lo..) {
+                if to.is_some_and(|t| k.0 >= t) {
+                    break;
+                }
+                let s = sums.entry(e.rec.key.as_str()).or_default();
+                if self.is_final(e, wm) {
+                    s.0 += e.revenue_micros;
+                    s.2 += e.count;
+                } else {
+                    s.1 += e.revenue_micros;
+                    s.3 += e.count;
+                }
             }
-            s.combined_usd = s.final_usd + s.live_usd;
         }
-        out
+        sums.into_iter()
+            .map(|(k, (f, l, fc, lc))| {
+                let split = Split {
+                    final_usd: usd(f),
+                    live_usd: usd(l),
+                    combined_usd: usd(f + l),
+                    final_orders: fc,
+                    live_orders: lc,
+                };
+                (k.to_string(), split)
+            })
+            .collect()
     }
 }
 
@@ -408,7 +477,9 @@ impl View {
 #[allow(clippy::too_many_arguments)]
 mod tests {
     use super::*;
-    use crate::core::{Currency, GroupBy, WindowKey, WindowKind, WindowRow, WindowUpdate};
+    use crate::core::{
+        Aggregate, Currency, GroupBy, WindowKey, WindowKind, WindowRow, WindowUpdate,
+    };
 
     fn update(
         p: Partition,

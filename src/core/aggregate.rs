@@ -235,11 +235,17 @@ impl Aggregate {
     /// p95 of order values in USD dollars, within the sketch's bound, and
     /// clamped to [min, max] (which only moves it toward the true value).
     pub fn p95_usd(&self) -> Option<f64> {
-        let q = self.sketch.quantile(0.95)?;
-        let lo = self.min_usd_micros as f64 / MICROS as f64;
-        let hi = self.max_usd_micros as f64 / MICROS as f64;
-        Some(q.clamp(lo, hi))
+        p95_clamped(&self.sketch, self.min_usd_micros, self.max_usd_micros)
     }
+}
+
+/// The sketch's p95 in dollars, clamped to [min, max] micro-dollars (which
+/// only moves it toward the true value).
+pub fn p95_clamped(sketch: &QuantileSketch, min_micros: i64, max_micros: i64) -> Option<f64> {
+    let q = sketch.quantile(0.95)?;
+    let lo = min_micros as f64 / MICROS as f64;
+    let hi = max_micros as f64 / MICROS as f64;
+    Some(q.clamp(lo, hi))
 }
 
 #[cfg(test)]
