@@ -160,6 +160,19 @@ enum Slot {
     Session(String, (String, i64)),
 }
 
+/// Removes one partition's partial; drops the window when none is left.
+/// Returns whether the window is gone.
+fn remove_from<K: Ord>(m: &mut BTreeMap<K, Entry>, k: &K, partition: Partition) -> bool {
+    let Some(e) = m.get_mut(k) else { return false };
+    e.partials.remove(&partition);
+    e.refresh();
+    if e.partials.is_empty() {
+        m.remove(k);
+        return true;
+    }
+    false
+}
+
 /// One `revenue-windows` record, decoded.
 pub enum Parsed {
     Progress(ProgressRecord),
@@ -281,36 +294,23 @@ impl View {
         let Some(slot) = self.index.get(id).cloned() else {
             return;
         };
-        let empty = match &slot {
-            Slot::Fixed(a, b) => self.fixed.get_mut(a).and_then(|m| {
-                let e = m.get_mut(b)?;
-                e.partials.remove(&partition);
-                e.refresh();
-                Some(e.partials.is_empty())
-            }),
-            Slot::Session(a, b) => self.sessions.get_mut(a).and_then(|m| {
-                let e = m.get_mut(b)?;
-                e.partials.remove(&partition);
-                e.refresh();
-                Some(e.partials.is_empty())
-            }),
-        };
-        if empty == Some(true) {
-            match &slot {
-                Slot::Fixed(a, b) => {
-                    if let Some(m) = self.fixed.get_mut(a) {
-                        m.remove(b);
-                    }
+        let gone = match &slot {
+            Slot::Fixed(a, b) => self
+                .fixed
+                .get_mut(a)
+                .is_some_and(|m| remove_from(m, b, partition)),
+            Slot::Session(a, b) => {
+                let gone = self
+                    .sessions
+                    .get_mut(a)
+                    .is_some_and(|m| remove_from(m, b, partition));
+                if self.sessions.get(a).is_some_and(BTreeMap::is_empty) {
+                    self.sessions.remove(a);
                 }
-                Slot::Session(a, b) => {
-                    if let Some(m) = self.sessions.get_mut(a) {
-                        m.remove(b);
-                        if m.is_empty() {
-                            self.sessions.remove(a);
-                        }
-                    }
-                }
+                gone
             }
+        };
+        if gone {
             self.index.remove(id);
         }
     }
