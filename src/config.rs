@@ -76,6 +76,9 @@ pub struct PodConfig {
     pub fx_topic: String,
     #[arg(long, env = "TALLY_ALERTS_TOPIC", default_value = "order-alerts")]
     pub alerts_topic: String,
+    /// Compacted state changelog, partitioned like the input topic.
+    #[arg(long, env = "TALLY_CHANGELOG_TOPIC", default_value = "tally-changelog")]
+    pub changelog_topic: String,
 
     /// Flush after this many input records...
     #[arg(long, env = "TALLY_FLUSH_MAX_EVENTS", default_value_t = 20_000)]
@@ -282,6 +285,7 @@ impl PodConfig {
             ("windows_topic", &self.windows_topic),
             ("fx_topic", &self.fx_topic),
             ("alerts_topic", &self.alerts_topic),
+            ("changelog_topic", &self.changelog_topic),
         ] {
             let ok = !t.is_empty()
                 && t.len() <= 249

@@ -24,6 +24,8 @@ use crate::core::{
 #[derive(Clone, Debug, PartialEq)]
 pub struct OutRecord {
     pub topic: String,
+    /// An explicit partition (the changelog); `None`: by key.
+    pub partition: Option<i32>,
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
     pub headers: Vec<(String, Vec<u8>)>,
@@ -240,6 +242,7 @@ impl Outputs<'_> {
             key: Some(o.order.customer_id.clone().into_bytes()),
             payload: Some(json),
             headers: Vec::new(),
+            partition: None,
         });
     }
 
@@ -257,6 +260,7 @@ impl Outputs<'_> {
         }
         if self.cfg.late_policy == LatePolicy::Topic {
             out.push(OutRecord {
+                partition: None,
                 topic: self.cfg.late_topic.clone(),
                 key: Some(o.order.customer_id.clone().into_bytes()),
                 payload: Some(json),
@@ -272,6 +276,7 @@ impl Outputs<'_> {
             Value::from(self.cfg.alert_threshold_usd),
         );
         OutRecord {
+            partition: None,
             topic: self.cfg.alerts_topic.clone(),
             key: Some(o.order.order_id.clone().into_bytes()),
             payload: Some(serde_json::to_vec(&obj).unwrap_or_default()),
@@ -305,6 +310,7 @@ impl Outputs<'_> {
         }
         out.push(OutRecord {
             topic: self.cfg.dlq_topic.clone(),
+            partition: None,
             key: key.map(<[u8]>::to_vec),
             payload: Some(original.to_vec()),
             headers,
@@ -318,6 +324,7 @@ impl Outputs<'_> {
             key: Some(WindowRecord::record_key(&rec.window_id, w.partition).into_bytes()),
             payload: Some(serde_json::to_vec(&rec).unwrap_or_default()),
             headers: Vec::new(),
+            partition: None,
         });
     }
 
@@ -333,6 +340,7 @@ impl Outputs<'_> {
             key: Some(WindowRecord::record_key(&window_id(spec_name, key), partition).into_bytes()),
             payload: None,
             headers: Vec::new(),
+            partition: None,
         });
     }
 }

@@ -36,11 +36,11 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, error, info, info_span, trace_span, warn};
 
 use crate::config::PodConfig;
-use crate::core::{Effect, Engine, FlushId, Partition, Reason, StateChange, StateRow};
+use crate::core::{Effect, Engine, FlushId, Partition, Reason, StateRow};
 use crate::fx::{self, FxFollower};
 use crate::metrics::Metrics;
 use crate::output::{OutRecord, Outputs, Source};
-use crate::store::{Store, StoreError};
+use crate::store::{encode, Encoded, Store, StoreError};
 use crate::view::ProgressRecord;
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +59,8 @@ pub enum PodError {
     ProduceTimeout(Duration),
     #[error("cannot create the state directory {dir}: {source}")]
     StateDir { dir: String, source: std::io::Error },
+    #[error("restoring partition {0} from the changelog took too long")]
+    RestoreTimeout(Partition),
     #[error("the pod thread panicked")]
     Panicked,
 }
@@ -96,9 +98,11 @@ const ACKED: u8 = 2;
 const FAILED: u8 = 3;
 
 /// Records delivery results by index into the current flush's outputs.
-#[derive(Default)]
 pub struct AckContext {
     status: Mutex<Vec<u8>>,
+    changelog_topic: String,
+    /// Highest acknowledged changelog offset per partition, this flush.
+    changelog_max: Mutex<HashMap<Partition, i64>>,
 }
 
 impl ClientContext for AckContext {}
@@ -108,8 +112,15 @@ impl ProducerContext for AckContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, index: usize) {
         let ok = result.is_ok();
-        if let Err((e, _)) = result {
-            warn!(error = %e, "an output was not delivered; it will be sent again");
+        match result {
+            Err((e, _)) => warn!(error = %e, "an output was not delivered; it will be sent again"),
+            Ok(m) if m.topic() == self.changelog_topic => {
+                if let Ok(mut max) = self.changelog_max.lock() {
+                    let e = max.entry(m.partition()).or_insert(m.offset());
+                    *e = (*e).max(m.offset());
+                }
+            }
+            Ok(_) => {}
         }
         if let Ok(mut s) = self.status.lock() {
             if let Some(slot) = s.get_mut(index) {
@@ -129,7 +140,7 @@ pub struct Processor {
     /// Outputs of the batch are being retried: keep their delivery status.
     retrying: bool,
     /// The drained state changes waiting for their outputs' acks.
-    pending_changes: Option<(FlushId, Vec<StateChange>)>,
+    pending_changes: Option<(FlushId, Vec<Encoded>)>,
     effects: Vec<Effect>,
     pending: usize,
     last_flush: Instant,
@@ -294,16 +305,25 @@ impl Processor {
 
     /// Takes over a partition: its state from RocksDB if there is any.
     /// Returns the offset to resume from (`None`: from the beginning).
-    fn take_partition(&mut self, p: Partition) -> Result<Option<i64>, StoreError> {
+    /// Takes over a partition: brings its local rows up to date from the
+    /// changelog's tail (all of it when there is no local state), loads them
+    /// into the engine, and returns the offset to resume from (`None`: from
+    /// the beginning of the input).
+    fn take_partition(
+        &mut self,
+        p: Partition,
+        consumer: &BaseConsumer<PodContext>,
+    ) -> Result<Option<i64>, PodError> {
         let started = Instant::now();
+        let restored = self.catch_up_from_changelog(p, consumer)?;
         let rows = self.store.load_partition(p)?;
-        self.metrics.restore_records.inc_by(rows.len() as u64);
+        self.metrics.restore_records.inc_by(restored);
         let next = rows.iter().find_map(|r| match r {
             StateRow::Meta(m) => Some(m.next_offset),
             _ => None,
         });
-        add(&self.stats.restored_rows, rows.len() as u64);
-        info!(partition = p, rows = rows.len(), resume_from = ?next, "partition assigned");
+        add(&self.stats.restored_rows, restored);
+        info!(partition = p, rows = rows.len(), from_changelog = restored, resume_from = ?next, ms = started.elapsed().as_millis() as u64, "partition assigned");
         self.engine.restore(p, rows, now_ms(), &mut self.effects);
         let topic = self.cfg.input_topic.clone();
         self.emit(
@@ -320,6 +340,74 @@ impl Processor {
             .restore_duration
             .observe(started.elapsed().as_secs_f64());
         Ok(next)
+    }
+
+    /// Applies the changelog records of partition `p` that the local store
+    /// has not seen (after its checkpoint) to the store. Returns how many.
+    fn catch_up_from_changelog(
+        &mut self,
+        p: Partition,
+        consumer: &BaseConsumer<PodContext>,
+    ) -> Result<u64, PodError> {
+        let topic = self.cfg.changelog_topic.clone();
+        let (low, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
+        let mut checkpoint = self.store.checkpoint(p)?;
+        if checkpoint.is_some_and(|c| c >= high) {
+            // The local rows claim records the changelog never had: it was
+            // recreated. Local state cannot be trusted; rebuild from it.
+            warn!(partition = p, checkpoint = ?checkpoint, high, "local state is ahead of the changelog; discarding it");
+            self.store.clear_partition(p)?;
+            checkpoint = None;
+        }
+        let from = checkpoint.map_or(low, |c| (c + 1).max(low));
+        if from >= high {
+            return Ok(0);
+        }
+        let reader: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.cfg.brokers)
+            .set("group.id", "tally-restore")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, p, Offset::Offset(from))?;
+        reader.assign(&tpl)?;
+        let mut batch: Vec<Encoded> = Vec::with_capacity(10_000);
+        let mut count = 0u64;
+        let mut last = from - 1;
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.max_poll_interval_ms / 3);
+        while last + 1 < high {
+            if Instant::now() > deadline {
+                return Err(PodError::RestoreTimeout(p));
+            }
+            let Some(msg) = reader.poll(Duration::from_millis(100)) else {
+                // Compaction may have removed the last offsets.
+                let pos = reader.position()?;
+                let past_end = pos
+                    .elements_for_topic(&topic)
+                    .iter()
+                    .any(|e| match e.offset() {
+                        Offset::Offset(o) => o >= high,
+                        _ => false,
+                    });
+                if past_end {
+                    break;
+                }
+                continue;
+            };
+            let m = msg?;
+            last = m.offset();
+            if let Some(k) = m.key() {
+                batch.push((p, k.to_vec(), m.payload().map(<[u8]>::to_vec)));
+                count += 1;
+            }
+            if batch.len() >= 10_000 {
+                self.store.write_encoded(&batch, &[(p, last)])?;
+                batch.clear();
+            }
+        }
+        self.store.write_encoded(&batch, &[(p, high - 1)])?;
+        Ok(count)
     }
 
     fn release_partition(&mut self, p: Partition) {
@@ -362,9 +450,24 @@ impl Processor {
                 },
             );
             self.publish_progress();
-            self.pending_changes = Some((id, changes));
+            // Each changed row goes to the changelog (acknowledged with the
+            // outputs, before RocksDB is written) and then to RocksDB.
+            let encoded = changes.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
+            for (p, key, value) in &encoded {
+                self.out.push(OutRecord {
+                    topic: self.cfg.changelog_topic.clone(),
+                    partition: Some(*p),
+                    key: Some(key.clone()),
+                    payload: value.clone(),
+                    headers: Vec::new(),
+                });
+            }
+            self.pending_changes = Some((id, encoded));
             if let Ok(mut s) = self.producer.context().status.lock() {
                 *s = vec![PENDING; self.out.len()];
+            }
+            if let Ok(mut m) = self.producer.context().changelog_max.lock() {
+                m.clear();
             }
         }
         let produce_started = Instant::now();
@@ -379,7 +482,14 @@ impl Processor {
             return Ok(());
         };
         let produced = produce_started.elapsed();
-        self.store.write(&changes)?;
+        let checkpoints: Vec<(Partition, i64)> = self
+            .producer
+            .context()
+            .changelog_max
+            .lock()
+            .map(|m| m.iter().map(|(p, o)| (*p, *o)).collect())
+            .unwrap_or_default();
+        self.store.write_encoded(&changes, &checkpoints)?;
         let written = produce_started.elapsed();
         self.commit(consumer);
         self.engine.on_durable(id);
@@ -483,6 +593,7 @@ impl Processor {
                 idle: s.idle,
             };
             self.out.push(OutRecord {
+                partition: None,
                 topic: self.cfg.windows_topic.clone(),
                 key: Some(ProgressRecord::key(p).into_bytes()),
                 payload: serde_json::to_vec(&rec).ok(),
@@ -596,6 +707,9 @@ fn send(
 ) -> Result<(), PodError> {
     loop {
         let mut r: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(&rec.topic, i);
+        if let Some(p) = rec.partition {
+            r = r.partition(p);
+        }
         if let Some(k) = &rec.key {
             r = r.key(k.as_slice());
         }
@@ -666,11 +780,19 @@ impl ConsumerContext for PodContext {
                 for p in &partitions {
                     // RocksDB wins over the group's committed offset; without
                     // local state the partition is rebuilt from the start of the log.
-                    let offset = match proc.take_partition(*p) {
+                    let offset = match proc.take_partition(*p, consumer) {
                         Ok(Some(next)) => Offset::Offset(next),
                         Ok(None) => Offset::Beginning,
                         Err(e) => {
-                            error!(partition = p, error = %e, "cannot read local state; rebuilding from the log");
+                            // A partial restore must not mix with a rebuild:
+                            // start the partition over from an empty store.
+                            error!(partition = p, error = %e, "cannot restore the partition's state; rebuilding it from the log");
+                            if let Err(e) = proc.store.clear_partition(*p) {
+                                error!(partition = p, error = %e, "cannot clear the partition's local state");
+                            }
+                            proc.engine.revoke(*p);
+                            proc.engine.assign(*p, now_ms());
+                            proc.held.insert(*p);
                             Offset::Beginning
                         }
                     };
@@ -841,7 +963,11 @@ pub fn start_with_metrics(cfg: PodConfig, metrics: Arc<Metrics>) -> Result<PodHa
             message: e.message,
         })?;
     let producer: BaseProducer<AckContext> =
-        producer_config(&cfg)?.create_with_context(AckContext::default())?;
+        producer_config(&cfg)?.create_with_context(AckContext {
+            status: Mutex::new(Vec::new()),
+            changelog_topic: cfg.changelog_topic.clone(),
+            changelog_max: Mutex::new(HashMap::new()),
+        })?;
     let stats = Arc::new(Stats::default());
     let processor = Arc::new(Mutex::new(Processor {
         cfg: cfg.clone(),

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use rocksdb::{Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 
-use crate::core::{Partition, RowKey, StateChange, StateRow};
+use crate::core::{Partition, StateChange, StateRow};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -33,6 +33,28 @@ pub enum StoreError {
 
 const FINGERPRINT_KEY: &[u8] = b"f";
 const ROW_PREFIX: u8 = b's';
+const CHECKPOINT_PREFIX: u8 = b'c';
+
+/// One state change, encoded once for both the changelog and RocksDB: the
+/// partition, `postcard(RowKey)`, and `postcard(StateRow)` or `None` for a
+/// delete. The changelog record of partition `p` has exactly this key and value.
+pub type Encoded = (Partition, Vec<u8>, Option<Vec<u8>>);
+
+pub fn encode(change: &StateChange) -> Result<Encoded, StoreError> {
+    Ok(match change {
+        StateChange::Put(p, row) => (
+            *p,
+            postcard::to_allocvec(&row.key())?,
+            Some(postcard::to_allocvec(row)?),
+        ),
+        StateChange::Delete(p, key) => (*p, postcard::to_allocvec(key)?, None),
+    })
+}
+
+fn checkpoint_key(p: Partition) -> [u8; 5] {
+    let b = p.to_be_bytes();
+    [CHECKPOINT_PREFIX, b[0], b[1], b[2], b[3]]
+}
 
 pub struct Store {
     db: DB,
@@ -41,12 +63,6 @@ pub struct Store {
 fn partition_prefix(p: Partition) -> [u8; 5] {
     let b = p.to_be_bytes();
     [ROW_PREFIX, b[0], b[1], b[2], b[3]]
-}
-
-fn row_key(p: Partition, key: &RowKey) -> Result<Vec<u8>, StoreError> {
-    let mut k = partition_prefix(p).to_vec();
-    k.extend_from_slice(&postcard::to_allocvec(key)?);
-    Ok(k)
 }
 
 impl Store {
@@ -95,18 +111,57 @@ impl Store {
 
     /// Applies one flush's changes atomically and durably (fsync).
     pub fn write(&self, changes: &[StateChange]) -> Result<(), StoreError> {
-        if changes.is_empty() {
+        let encoded = changes.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
+        self.write_encoded(&encoded, &[])
+    }
+
+    /// Applies encoded changes and the changelog checkpoints (the highest
+    /// changelog offset each partition's rows now reflect) in one synced batch.
+    pub fn write_encoded(
+        &self,
+        changes: &[Encoded],
+        checkpoints: &[(Partition, i64)],
+    ) -> Result<(), StoreError> {
+        if changes.is_empty() && checkpoints.is_empty() {
             return Ok(());
         }
         let mut batch = WriteBatch::default();
-        for c in changes {
-            match c {
-                StateChange::Put(p, row) => {
-                    batch.put(row_key(*p, &row.key())?, postcard::to_allocvec(row)?);
-                }
-                StateChange::Delete(p, key) => batch.delete(row_key(*p, key)?),
+        for (p, key, value) in changes {
+            let mut k = partition_prefix(*p).to_vec();
+            k.extend_from_slice(key);
+            match value {
+                Some(v) => batch.put(k, v),
+                None => batch.delete(k),
             }
         }
+        for (p, offset) in checkpoints {
+            batch.put(checkpoint_key(*p), offset.to_be_bytes());
+        }
+        let mut w = WriteOptions::default();
+        w.set_sync(true);
+        self.db.write_opt(batch, &w)?;
+        Ok(())
+    }
+
+    /// The highest changelog offset this partition's local rows reflect.
+    pub fn checkpoint(&self, p: Partition) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .db
+            .get(checkpoint_key(p))?
+            .and_then(|v| v.as_slice().try_into().ok().map(i64::from_be_bytes)))
+    }
+
+    /// Removes every row and the checkpoint of a partition (its local state
+    /// is stale beyond repair, e.g. the changelog was recreated).
+    pub fn clear_partition(&self, p: Partition) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        let from = partition_prefix(p);
+        let to = match p.checked_add(1) {
+            Some(next) => partition_prefix(next).to_vec(),
+            None => vec![ROW_PREFIX + 1],
+        };
+        batch.delete_range(from.to_vec(), to);
+        batch.delete(checkpoint_key(p));
         let mut w = WriteOptions::default();
         w.set_sync(true);
         self.db.write_opt(batch, &w)?;
@@ -117,7 +172,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::{DedupRow, PartitionMeta};
+    use crate::core::{DedupRow, PartitionMeta, RowKey};
 
     fn tmp(name: &str) -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!("tally-store-{name}-{}", std::process::id()));
@@ -157,6 +212,14 @@ mod tests {
         assert_eq!(s.load_partition(2).unwrap(), vec![dedup.clone()]);
         assert_eq!(s.load_partition(-1).unwrap(), vec![dedup]);
         assert!(s.load_partition(3).unwrap().is_empty());
+        s.write_encoded(&[], &[(2, 41)]).unwrap();
+        assert_eq!(s.checkpoint(2).unwrap(), Some(41));
+        s.clear_partition(2).unwrap();
+        assert!(s.load_partition(2).unwrap().is_empty());
+        assert_eq!(s.checkpoint(2).unwrap(), None);
+        assert_eq!(s.load_partition(1).unwrap().len(), 1);
+        drop(s);
+        let s = Store::open(&dir, 7).unwrap();
         drop(s);
         let err = Store::open(&dir, 8).err().unwrap();
         assert!(
