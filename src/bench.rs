@@ -246,6 +246,18 @@ pub fn serving(
         .map_err(|e| BenchError::Timeout(e.to_string()))?;
     rt.spawn(async move { axum::serve(listener, crate::http::app(state)).await });
 
+    // Steady state only: start measuring once the pod has its partitions
+    // and the view has read revenue-windows.
+    let warm = Instant::now() + Duration::from_secs(60);
+    while !(handle.stats.joined.load(Ordering::SeqCst) && follower.caught_up.load(Ordering::SeqCst))
+    {
+        if Instant::now() > warm {
+            return Err(BenchError::Timeout(
+                "the pod did not join and catch up".into(),
+            ));
+        }
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let load = {
         let (brokers, stop, topic) = (brokers.clone(), stop.clone(), cfg.input_topic.clone());

@@ -45,6 +45,17 @@ pub struct PodConfig {
     /// Consumer group id; every pod of one deployment uses the same.
     #[arg(long, env = "TALLY_GROUP", default_value = "tally")]
     pub group: String,
+    /// Partition assignment strategy. `cooperative-sticky` (incremental
+    /// rebalancing) needs a broker that implements it correctly; use `range`
+    /// or `roundrobin` (eager) otherwise, e.g. with librdkafka's mock cluster,
+    /// which was seen assigning a partition to a new member without revoking
+    /// it from the old one under cooperative-sticky.
+    #[arg(
+        long,
+        env = "TALLY_ASSIGNMENT_STRATEGY",
+        default_value = "cooperative-sticky"
+    )]
+    pub assignment_strategy: String,
     /// Static membership id (`group.instance.id`), e.g. the pod name.
     #[arg(long, env = "TALLY_GROUP_INSTANCE_ID")]
     pub group_instance_id: Option<String>,
@@ -270,6 +281,17 @@ impl PodConfig {
         }
         if self.group.trim().is_empty() {
             return Err(invalid("group", "must not be empty"));
+        }
+        if !["cooperative-sticky", "range", "roundrobin"]
+            .contains(&self.assignment_strategy.as_str())
+        {
+            return Err(invalid(
+                "assignment_strategy",
+                format!(
+                    "{:?} is not cooperative-sticky, range or roundrobin",
+                    self.assignment_strategy
+                ),
+            ));
         }
         if self.http.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid(

@@ -340,9 +340,13 @@ async fn run(cfg: PodConfig, _matches: &ArgMatches) -> anyhow::Result<()> {
     };
     let follower = start_serving(&cfg, metrics, Some(handle.stats.clone())).await?;
     tracing::info!(http = %cfg.http, "serving");
+    // One signal listener for the whole run: a listener created per loop
+    // turn would miss a SIGTERM that arrives between turns.
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            _ = shutdown_signal() => break,
+            _ = &mut shutdown => break,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
                 if handle.is_finished() {
                     break;

@@ -139,6 +139,11 @@ pub struct Processor {
     out: Vec<OutRecord>,
     /// Outputs of the batch are being retried: keep their delivery status.
     retrying: bool,
+    /// Changelog records of the batch, produced once `out` is acknowledged.
+    changelog_out: Vec<OutRecord>,
+    /// Phase of a retried flush: the outputs are acknowledged, the
+    /// changelog records not yet.
+    outputs_acked: bool,
     /// The drained state changes waiting for their outputs' acks.
     pending_changes: Option<(FlushId, Vec<Encoded>)>,
     effects: Vec<Effect>,
@@ -351,6 +356,7 @@ impl Processor {
     ) -> Result<u64, PodError> {
         let topic = self.cfg.changelog_topic.clone();
         let (low, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
+        debug!(partition = p, low, high, checkpoint = ?self.store.checkpoint(p)?, "changelog catch-up");
         let mut checkpoint = self.store.checkpoint(p)?;
         if checkpoint.is_some_and(|c| c >= high) {
             // The local rows claim records the changelog never had: it was
@@ -450,11 +456,13 @@ impl Processor {
                 },
             );
             self.publish_progress();
-            // Each changed row goes to the changelog (acknowledged with the
-            // outputs, before RocksDB is written) and then to RocksDB.
+            // Each changed row goes to the changelog, but only after every
+            // output is acknowledged: the changelog must never be ahead of
+            // the outputs, or a pod restoring from it would skip records
+            // whose outputs were lost. Then to RocksDB.
             let encoded = changes.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
             for (p, key, value) in &encoded {
-                self.out.push(OutRecord {
+                self.changelog_out.push(OutRecord {
                     topic: self.cfg.changelog_topic.clone(),
                     partition: Some(*p),
                     key: Some(key.clone()),
@@ -471,13 +479,26 @@ impl Processor {
             }
         }
         let produce_started = Instant::now();
-        if let Err(e) = self.produce_all(started + budget) {
+        if !self.outputs_acked {
+            if let Err(e) = self.produce_all(&self.out, started + budget) {
+                self.retrying = true;
+                add(&self.stats.flush_failures, 1);
+                self.metrics.flush_failures.inc();
+                return Err(e);
+            }
+            self.outputs_acked = true;
+            if let Ok(mut st) = self.producer.context().status.lock() {
+                *st = vec![PENDING; self.changelog_out.len()];
+            }
+        }
+        if let Err(e) = self.produce_all(&self.changelog_out, started + budget) {
             self.retrying = true;
             add(&self.stats.flush_failures, 1);
             self.metrics.flush_failures.inc();
             return Err(e);
         }
         self.retrying = false;
+        self.outputs_acked = false;
         let Some((id, changes)) = self.pending_changes.take() else {
             return Ok(());
         };
@@ -506,6 +527,7 @@ impl Processor {
             "flushed"
         );
         self.out.clear();
+        self.changelog_out.clear();
         self.pending = 0;
         self.last_flush = Instant::now();
         Ok(())
@@ -522,10 +544,10 @@ impl Processor {
 
     /// Sends every output not yet acknowledged and waits for the acks;
     /// failed ones are sent again, until `deadline`.
-    fn produce_all(&mut self, deadline: Instant) -> Result<(), PodError> {
+    fn produce_all(&self, records: &[OutRecord], deadline: Instant) -> Result<(), PodError> {
         loop {
             let status = self.statuses();
-            for (i, rec) in self.out.iter().enumerate() {
+            for (i, rec) in records.iter().enumerate() {
                 if status.get(i).is_some_and(|s| *s == PENDING || *s == FAILED) {
                     send(&self.producer, rec, i, deadline)?;
                 }
@@ -887,7 +909,7 @@ fn consumer_config(cfg: &PodConfig) -> Result<ClientConfig, PodError> {
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("partition.assignment.strategy", &cfg.assignment_strategy)
         .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
         // A third of the session timeout, as Kafka recommends; librdkafka's
         // fixed 3 s default would expire short sessions between heartbeats.
@@ -896,7 +918,10 @@ fn consumer_config(cfg: &PodConfig) -> Result<ClientConfig, PodError> {
             (cfg.session_timeout_ms / 3).max(100).to_string(),
         )
         .set("max.poll.interval.ms", cfg.max_poll_interval_ms.to_string())
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        // librdkafka's 500 ms default holds a fetch on a quiet partition that
+        // long, which would dominate the freshness of window updates.
+        .set("fetch.wait.max.ms", "10");
     if let Some(id) = &cfg.group_instance_id {
         c.set("group.instance.id", id);
     }
@@ -976,6 +1001,8 @@ pub fn start_with_metrics(cfg: PodConfig, metrics: Arc<Metrics>) -> Result<PodHa
         producer,
         out: Vec::new(),
         retrying: false,
+        changelog_out: Vec::new(),
+        outputs_acked: false,
         pending_changes: None,
         effects: Vec::new(),
         pending: 0,
@@ -1106,6 +1133,8 @@ fn run_loop(
                 warn!(error = %e, "final flush failed; the next owner redoes the work from the last durable offsets");
                 proc.retrying = false;
                 proc.out.clear();
+                proc.changelog_out.clear();
+                proc.outputs_acked = false;
                 proc.pending_changes = None;
                 break;
             }

@@ -60,7 +60,9 @@ pub fn follow(
     c.set("bootstrap.servers", brokers)
         .set("group.id", "tally-view")
         .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        // See the pod's consumer: freshness over idle-partition efficiency.
+        .set("fetch.wait.max.ms", "10");
     for (k, v) in extra {
         c.set(k, v);
     }

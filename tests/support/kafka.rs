@@ -281,3 +281,106 @@ pub fn assert_totals_equal(got: &Totals, want: &Totals) {
             .join("\n")
     );
 }
+
+/// Follows `revenue-windows` from the start while a test runs, keeping the
+/// latest row per key, as the serving view does. Reading the topic only at
+/// the end would lose rows: the mock cluster keeps ~5 MiB per partition and
+/// deletes the oldest records (it does not compact).
+/// Latest value per key (`None`: a tombstone).
+type Latest = std::sync::Arc<std::sync::Mutex<BTreeMap<Vec<u8>, Option<Vec<u8>>>>>;
+
+pub struct WindowsFollower {
+    latest: Latest,
+    positions: std::sync::Arc<std::sync::Mutex<HashMap<i32, i64>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    brokers: String,
+}
+
+impl WindowsFollower {
+    pub fn start(brokers: &str) -> WindowsFollower {
+        use std::sync::{atomic::AtomicBool, Arc, Mutex};
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", "tally-test-follower")
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "10")
+            .create()
+            .unwrap();
+        let md = consumer
+            .fetch_metadata(Some("revenue-windows"), Duration::from_secs(10))
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in md.topics()[0].partitions() {
+            tpl.add_partition_offset("revenue-windows", p.id(), Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        let latest = Arc::new(Mutex::new(BTreeMap::new()));
+        let positions = Arc::new(Mutex::new(HashMap::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (latest, positions, stop) = (latest.clone(), positions.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    if let Some(Ok(m)) = consumer.poll(Duration::from_millis(20)) {
+                        positions
+                            .lock()
+                            .unwrap()
+                            .insert(m.partition(), m.offset() + 1);
+                        if let Some(k) = m.key() {
+                            latest
+                                .lock()
+                                .unwrap()
+                                .insert(k.to_vec(), m.payload().map(<[u8]>::to_vec));
+                        }
+                    }
+                }
+            })
+        };
+        WindowsFollower {
+            latest,
+            positions,
+            stop,
+            thread: Some(thread),
+            brokers: brokers.to_string(),
+        }
+    }
+
+    /// Waits until every row written so far has been read, then stops.
+    pub fn finish(mut self) -> Totals {
+        let ends = end_offsets(&self.brokers, "revenue-windows");
+        wait_until(
+            "the follower to read revenue-windows to its end",
+            Duration::from_secs(60),
+            || {
+                let pos = self.positions.lock().unwrap();
+                ends.iter()
+                    .all(|(p, end)| *end == 0 || pos.get(p).is_some_and(|o| o >= end))
+            },
+        );
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        let latest = self.latest.lock().unwrap();
+        totals_of(latest.iter().map(|(k, v)| (k.clone(), v.clone())))
+    }
+}
+
+/// (count, USD micros) per (definition, group, start) from the latest row
+/// of every key, merged across input partitions.
+fn totals_of(rows: impl Iterator<Item = (Vec<u8>, Option<Vec<u8>>)>) -> Totals {
+    let mut t: Totals = BTreeMap::new();
+    for (k, v) in rows {
+        if k.starts_with(tally::view::PROGRESS_PREFIX.as_bytes()) {
+            continue;
+        }
+        let Some(v) = v else { continue };
+        let w: WindowRecord = serde_json::from_slice(&v).expect("window record");
+        let e = t.entry((w.spec, w.key, w.start)).or_default();
+        e.0 += w.count;
+        e.1 += w.revenue_usd_micros;
+    }
+    t
+}

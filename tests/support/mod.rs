@@ -120,4 +120,6 @@ pub fn micros(m: i128) -> String {
     format!("{}.{:06}", m / 1_000_000, (m % 1_000_000).abs())
 }
 
+pub mod churn;
 pub mod kafka;
+pub mod procs;

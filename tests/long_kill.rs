@@ -1,0 +1,57 @@
+//! At least 100 SIGKILLs across three pods (separate processes, one group),
+//! restarting each on its own state or, one time in five, on an empty one,
+//! while orders keep arriving: every window total equals the truth.
+//! Its own test binary, so no other mock cluster runs beside it.
+//! `make test-long-kill` runs it (it is ignored by `make test`, see below).
+
+mod support;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use support::churn::Run;
+use support::kafka::*;
+use support::procs::*;
+
+/// Not in `make test`: librdkafka's mock group coordinator aborts the test
+/// process (`rd_kafka_mock_cgrp_classic_member_add: Assertion
+/// '!member->resp' failed`) in about one run in three under this much rejoin
+/// churn. When it runs to the end, totals are exact (three clean runs so far).
+/// Run it with `make test-long-kill`.
+#[test]
+#[ignore = "librdkafka's mock group coordinator aborts under heavy rejoin churn; run with `make test-long-kill`"]
+fn a_hundred_sigkills_across_pods_keep_totals_exact() {
+    const KILLS: usize = 100;
+    let mut run = Run::start("longkill", 200_000, 600.0);
+    let dirs: Vec<PathBuf> = (0..3).map(|i| run.dir(&format!("lk-{i}"))).collect();
+    let mut pods: Vec<Pod> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| run.pod(&format!("p{i}"), d))
+        .collect();
+    let mut rng: u64 = 0xC0FFEE;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for k in 0..KILLS {
+        let at = Instant::now() + Duration::from_millis(200 + next() % 800);
+        run.run_until(&mut pods, at);
+        let i = (next() % 3) as usize;
+        pods[i].kill();
+        // Mostly restart on the same state; sometimes on an empty one.
+        let dir = if next() % 5 == 0 {
+            run.dir(&format!("lk-{i}-{k}"))
+        } else {
+            dirs[i].clone()
+        };
+        pods[i] = run.pod(&format!("p{i}-{k}"), &dir);
+    }
+    let records = run.finish_input();
+    run.wait_caught_up(&mut pods);
+    assert_totals_equal(&run.published(), &truth_totals(&records));
+    for p in pods.iter_mut() {
+        p.stop();
+    }
+}

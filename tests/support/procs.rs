@@ -1,0 +1,118 @@
+//! Pods as child processes, and a tiny HTTP client for their endpoints.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Pod {
+    pub child: Child,
+    pub port: u16,
+    pub name: String,
+}
+
+/// `tally run` as a child process, logging to `log`.
+pub fn spawn_pod(name: &str, brokers: &str, group: &str, state: &Path, log: &Path) -> Pod {
+    let port = free_port();
+    // One log per pod name, beside `log`.
+    let log = log.with_extension(format!("{name}.log"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["run", "--brokers", brokers, "--group", group])
+        .args(["--http", &format!("127.0.0.1:{port}")])
+        .args([
+            "--apply-topics=false",
+            "--session-timeout-ms",
+            "1000",
+            "--flush-interval-ms",
+            "50",
+        ])
+        // Eager rebalancing: the mock cluster mishandles cooperative-sticky
+        // with several members (see --assignment-strategy).
+        .args(["--assignment-strategy", "range"])
+        .arg("--state-dir")
+        .arg(state)
+        .env("TALLY_LOG", "warn,tally=debug,tally::pod=debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn tally run");
+    Pod {
+        child,
+        port,
+        name: name.to_string(),
+    }
+}
+
+impl Pod {
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(&mut self) {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                assert!(s.success(), "{} exited with {s} after SIGTERM", self.name);
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not stop within 30 s",
+                self.name
+            );
+            std::thread::park_timeout(Duration::from_millis(20));
+        }
+    }
+
+    pub fn assert_alive(&mut self, log: &Path) {
+        if let Some(s) = self.child.try_wait().unwrap() {
+            panic!(
+                "{} exited by itself ({s}); log:\n{}",
+                self.name,
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+    }
+
+    pub fn get(&self, path: &str) -> Option<(u16, serde_json::Value)> {
+        http_get(self.port, path)
+    }
+}
+
+/// A blocking HTTP/1.0 GET on loopback: (status, JSON body).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, serde_json::Value)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split("\r\n\r\n").nth(1)?;
+    Some((
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    ))
+}
