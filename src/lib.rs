@@ -15,6 +15,7 @@
 //! - [`serving`]: feeds the view from `revenue-windows`.
 //! - [`bench`]: measured scenarios (`tally bench`).
 //! - [`metrics`]: Prometheus metrics.
+//! - [`replay`]: the batch layer (`tally replay`).
 //! - [`view`]: the global serving view (pure), fed from `revenue-windows`.
 
 pub mod bench;
@@ -27,6 +28,7 @@ pub mod http;
 pub mod metrics;
 pub mod output;
 pub mod pod;
+pub mod replay;
 pub mod serving;
 pub mod store;
 pub mod topics;

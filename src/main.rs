@@ -44,6 +44,15 @@ enum Command {
         #[arg(long, default_value = "topics")]
         topics_dir: PathBuf,
     },
+    /// The batch layer: recompute the windows from the retained log and
+    /// report where the live (final) windows differ. Exit 1 on differences.
+    Replay {
+        /// Start: an input offset (0 = everything retained) or an RFC 3339 time.
+        #[arg(long, default_value = "0")]
+        from: String,
+        #[command(flatten)]
+        pod: Box<PodConfig>,
+    },
     /// The load generator, against any broker.
     Gen(GenArgs),
     /// The embedded broker on its own: creates the topics, prints its bootstrap address.
@@ -161,6 +170,24 @@ fn main() -> anyhow::Result<()> {
             let cfg = PodConfig::resolve(sub, *pod)?;
             init_logging(cfg.log_format);
             runtime.block_on(run(cfg, sub))
+        }
+        Command::Replay { from, pod } => {
+            let sub = matches
+                .subcommand_matches("replay")
+                .context("replay arguments")?;
+            let cfg = PodConfig::resolve(sub, *pod)?;
+            init_logging(cfg.log_format);
+            let from = tally::replay::From::parse(&from)?;
+            let report = tally::replay::run(&cfg, from)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if !report.differences.is_empty() {
+                bail!(
+                    "{} of {} final windows differ from the replay",
+                    report.differences.len(),
+                    report.windows_compared
+                );
+            }
+            Ok(())
         }
         Command::Demo {
             http,
