@@ -307,7 +307,7 @@ async fn start_serving(
         secret: cfg.webhook_secret.clone().map(String::into_bytes),
         producer: pc.create()?,
         topic: cfg.input_topic.clone(),
-        limits: cfg.core()?.limits,
+        limits: core.limits,
     };
     let state = http::AppState {
         view: follower.view.clone(),

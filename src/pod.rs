@@ -133,6 +133,8 @@ impl ProducerContext for AckContext {
 /// Everything the loop and the rebalance callbacks share.
 pub struct Processor {
     cfg: PodConfig,
+    /// `cfg.input_topic`, shared: lent to every output record's source.
+    input_topic: Arc<str>,
     engine: Engine,
     store: Store,
     producer: BaseProducer<AckContext>,
@@ -176,18 +178,10 @@ fn lock(p: &Mutex<Processor>) -> MutexGuard<'_, Processor> {
 }
 
 impl Processor {
-    pub fn engine(&self) -> &Engine {
-        &self.engine
-    }
-
-    pub fn held(&self) -> &BTreeSet<Partition> {
-        &self.held
-    }
-
     /// Converts effects to output records.
     fn emit(&mut self, original: Option<(&[u8], Option<&[u8]>)>, src: Source<'_>) {
         let outputs = Outputs { cfg: &self.cfg };
-        let (mut valid, mut invalid, mut late, mut dup) = (0, 0, 0, 0);
+        let (mut valid, mut late, mut dup) = (0, 0, 0);
         let payload = original.map(|o| o.0).unwrap_or_default();
         for e in self.effects.drain(..) {
             match e {
@@ -235,7 +229,6 @@ impl Processor {
                     offset,
                     partition,
                 } => {
-                    invalid += 1;
                     if let Some(i) = Reason::ALL.iter().position(|r| *r == rejection.reason) {
                         self.unreported.invalid[i] += 1;
                     }
@@ -262,17 +255,28 @@ impl Processor {
                 } => outputs.retracted(partition, &spec_name, &key, &mut self.out),
             }
         }
-        add(&self.stats.valid, valid);
-        add(&self.stats.invalid, invalid);
-        add(&self.stats.late, late);
-        add(&self.stats.duplicates, dup);
         self.unreported.valid += valid;
         self.unreported.late += late;
         self.unreported.duplicate += dup;
     }
 
+    /// Outputs of effects that no input record carries (ticks, flushes,
+    /// restores: window updates and retractions).
+    fn emit_engine(&mut self) {
+        let topic = self.input_topic.clone();
+        self.emit(
+            None,
+            Source {
+                topic: &topic,
+                partition: -1,
+                offset: -1,
+            },
+        );
+    }
+
     fn on_message(&mut self, p: Partition, offset: i64, key: Option<&[u8]>, payload: &[u8]) {
-        let topic = self.cfg.input_topic.clone();
+        // An Arc: lending the topic to `emit` must not cost an allocation per record.
+        let topic = self.input_topic.clone();
         let _span = trace_span!("record", topic = %topic, partition = p, offset).entered();
         self.engine
             .on_record(p, offset, payload, now_ms(), &mut self.effects);
@@ -286,20 +290,11 @@ impl Processor {
         );
         self.pending += 1;
         self.unreported.records += 1;
-        add(&self.stats.records, 1);
     }
 
     fn tick(&mut self) {
         self.engine.tick(now_ms(), &mut self.effects);
-        let topic = self.cfg.input_topic.clone();
-        self.emit(
-            None,
-            Source {
-                topic: &topic,
-                partition: -1,
-                offset: -1,
-            },
-        );
+        self.emit_engine();
         if let Some(f) = self.fx_follower.as_mut() {
             let n = f.poll_updates(self.engine.fx_mut());
             if n > 0 {
@@ -308,8 +303,6 @@ impl Processor {
         }
     }
 
-    /// Takes over a partition: its state from RocksDB if there is any.
-    /// Returns the offset to resume from (`None`: from the beginning).
     /// Takes over a partition: brings its local rows up to date from the
     /// changelog's tail (all of it when there is no local state), loads them
     /// into the engine, and returns the offset to resume from (`None`: from
@@ -330,15 +323,7 @@ impl Processor {
         add(&self.stats.restored_rows, restored);
         info!(partition = p, rows = rows.len(), from_changelog = restored, resume_from = ?next, ms = started.elapsed().as_millis() as u64, "partition assigned");
         self.engine.restore(p, rows, now_ms(), &mut self.effects);
-        let topic = self.cfg.input_topic.clone();
-        self.emit(
-            None,
-            Source {
-                topic: &topic,
-                partition: p,
-                offset: -1,
-            },
-        );
+        self.emit_engine();
         self.held.insert(p);
         self.metrics.assigned_partitions.set(self.held.len() as i64);
         self.metrics
@@ -446,15 +431,7 @@ impl Processor {
         if !self.retrying {
             let mut changes = Vec::new();
             let id = self.engine.flush(&mut self.effects, &mut changes);
-            let topic = self.cfg.input_topic.clone();
-            self.emit(
-                None,
-                Source {
-                    topic: &topic,
-                    partition: -1,
-                    offset: -1,
-                },
-            );
+            self.emit_engine();
             self.publish_progress();
             // Each changed row goes to the changelog, but only after every
             // output is acknowledged: the changelog must never be ahead of
@@ -628,6 +605,12 @@ impl Processor {
     fn report(&mut self, started: Instant) {
         let m = &self.metrics;
         let c = std::mem::take(&mut self.unreported);
+        let invalid: u64 = c.invalid.iter().sum();
+        add(&self.stats.records, c.records);
+        add(&self.stats.valid, c.valid);
+        add(&self.stats.invalid, invalid);
+        add(&self.stats.late, c.late);
+        add(&self.stats.duplicates, c.duplicate);
         m.flush_duration.observe(started.elapsed().as_secs_f64());
         m.flush_records.observe(c.records as f64);
         m.records_consumed.inc_by(c.records);
@@ -636,9 +619,7 @@ impl Processor {
         m.events
             .with_label_values(&["duplicate"])
             .inc_by(c.duplicate);
-        m.events
-            .with_label_values(&["invalid"])
-            .inc_by(c.invalid.iter().sum());
+        m.events.with_label_values(&["invalid"]).inc_by(invalid);
         for (i, n) in c.invalid.iter().enumerate() {
             if *n > 0 {
                 m.invalid_events
@@ -868,7 +849,6 @@ impl ConsumerContext for PodContext {
 pub struct PodHandle {
     shutdown: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<(), PodError>>>,
-    pub processor: Arc<Mutex<Processor>>,
     pub stats: Arc<Stats>,
     pub metrics: Arc<Metrics>,
 }
@@ -890,15 +870,6 @@ impl PodHandle {
             Some(t) => t.join().map_err(|_| PodError::Panicked)?,
             None => Ok(()),
         }
-    }
-
-    /// Next offset per held partition.
-    pub fn positions(&self) -> Vec<(Partition, i64)> {
-        let p = lock(&self.processor);
-        p.engine
-            .partitions()
-            .map(|(id, s)| (id, s.next_offset))
-            .collect()
     }
 }
 
@@ -995,6 +966,7 @@ pub fn start_with_metrics(cfg: PodConfig, metrics: Arc<Metrics>) -> Result<PodHa
         })?;
     let stats = Arc::new(Stats::default());
     let processor = Arc::new(Mutex::new(Processor {
+        input_topic: Arc::from(cfg.input_topic.as_str()),
         cfg: cfg.clone(),
         engine,
         store,
@@ -1033,7 +1005,6 @@ pub fn start_with_metrics(cfg: PodConfig, metrics: Arc<Metrics>) -> Result<PodHa
     Ok(PodHandle {
         shutdown,
         thread: Some(thread),
-        processor,
         stats,
         metrics,
     })

@@ -335,7 +335,8 @@ impl View {
                 || global_wm.is_some_and(|w| w >= e.rec.end.saturating_add(self.grace_ms)))
     }
 
-    fn merged(&self, e: &Entry) -> WindowView {
+    /// `wm`: the global watermark, computed once per query.
+    fn merged(&self, e: &Entry, wm: Option<i64>) -> WindowView {
         let mut agg = WireAgg::default();
         for p in e.partials.values() {
             agg.merge(&p.agg);
@@ -348,7 +349,7 @@ impl View {
             key: e.rec.key.clone(),
             start: e.rec.start,
             end: e.rec.end,
-            is_final: self.is_final(e, self.global_watermark()),
+            is_final: self.is_final(e, wm),
             partitions: e.partials.keys().copied().collect(),
             count: agg.count,
             revenue_usd: usd(agg.revenue_usd_micros),
@@ -377,6 +378,7 @@ impl View {
     /// Merged windows matching `q`, sorted by start then key.
     pub fn windows(&self, q: &WindowQuery) -> Vec<WindowView> {
         let limit = if q.limit == 0 { usize::MAX } else { q.limit };
+        let wm = self.global_watermark();
         let keep = |w: &WindowView| {
             q.key.as_ref().is_none_or(|k| &w.key == k) && q.is_final.is_none_or(|f| w.is_final == f)
         };
@@ -398,7 +400,7 @@ impl View {
                     {
                         continue;
                     }
-                    let w = self.merged(e);
+                    let w = self.merged(e, wm);
                     if keep(&w) {
                         out.push(w);
                     }
@@ -416,7 +418,7 @@ impl View {
             if q.to.is_some_and(|t| k.0 >= t) || out.len() >= limit {
                 break;
             }
-            let w = self.merged(e);
+            let w = self.merged(e, wm);
             if keep(&w) {
                 out.push(w);
             }
@@ -428,7 +430,10 @@ impl View {
     pub fn customer_sessions(&self, customer: &str) -> Vec<WindowView> {
         self.sessions
             .get(customer)
-            .map(|m| m.values().map(|e| self.merged(e)).collect())
+            .map(|m| {
+                let wm = self.global_watermark();
+                m.values().map(|e| self.merged(e, wm)).collect()
+            })
             .unwrap_or_default()
     }
 
