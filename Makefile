@@ -6,7 +6,7 @@
 
 CARGO ?= cargo
 
-.PHONY: deps test test-churn test-long-kill demo fmt lint ci
+.PHONY: deps test test-churn test-long-kill validate demo fmt lint ci
 
 deps:
 	@./scripts/ensure-deps.sh
@@ -25,6 +25,11 @@ test-churn: deps
 test-long-kill: deps
 	$(CARGO) test --test long_kill -- --ignored
 
+## Static checks of deploy/ (Kubernetes schemas) and docker-compose.yml
+## (compose schema); tests/deploy.rs and tests/ops.rs check them against the binary.
+validate:
+	./scripts/validate-manifests.sh
+
 ## Run the whole job locally on an embedded broker.
 demo: deps
 	$(CARGO) run -- demo
@@ -37,4 +42,4 @@ lint: deps
 	$(CARGO) clippy --all-targets -- -D warnings
 
 ## What CI runs.
-ci: lint test
+ci: lint validate test

@@ -167,6 +167,14 @@ pub struct PodConfig {
     #[arg(long, env = "TALLY_READY_MAX_LAG", default_value_t = 20_000)]
     pub ready_max_lag: u64,
 
+    /// Memory limit the RocksDB sizes derive from, bytes. Default: the
+    /// container's cgroup limit, or 1 GiB without one (see `memory.rs`).
+    #[arg(long, env = "TALLY_MEMORY_LIMIT_BYTES")]
+    pub memory_limit_bytes: Option<u64>,
+    /// Share of the memory limit given to RocksDB (block cache + memtables).
+    #[arg(long, env = "TALLY_ROCKSDB_MEMORY_FRACTION", default_value_t = 0.25)]
+    pub rocksdb_memory_fraction: f64,
+
     /// Log format.
     #[arg(long, env = "TALLY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -343,6 +351,15 @@ impl PodConfig {
         }
         if self.shutdown_timeout_ms == 0 {
             return Err(invalid("shutdown_timeout_ms", "must be > 0"));
+        }
+        if self.memory_limit_bytes.is_some_and(|l| l < 64 << 20) {
+            return Err(invalid(
+                "memory_limit_bytes",
+                "must be at least 64 MiB (67108864)",
+            ));
+        }
+        if !(self.rocksdb_memory_fraction > 0.0 && self.rocksdb_memory_fraction <= 0.9) {
+            return Err(invalid("rocksdb_memory_fraction", "must be in (0, 0.9]"));
         }
         self.kafka_properties()?;
         if self.webhook_secret.as_ref().is_some_and(|s| s.len() < 16) {

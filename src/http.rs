@@ -106,6 +106,7 @@ pub fn app(state: AppState) -> Router {
         .route("/", get(index))
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/startupz", get(startupz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .route("/revenue", get(revenue))
@@ -143,20 +144,46 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
 
 fn readiness(state: &AppState) -> (bool, Value) {
     let view = state.view_caught_up.load(Ordering::Relaxed);
-    let (joined, lag) = match &state.pod {
-        Some(s) => (
-            s.joined.load(Ordering::Relaxed),
-            s.lag.load(Ordering::Relaxed),
-        ),
-        None => (true, 0),
-    };
+    let (joined, lag, restoring) = pod_progress(state);
     let caught_up = lag <= state.ready_max_lag;
-    let ready = view && joined && caught_up;
+    let ready = view && joined && restoring.is_empty() && caught_up;
     state.metrics.ready.set(if ready { 1.0 } else { 0.0 });
     (
         ready,
-        json!({"ready": ready, "view_caught_up": view, "joined_group": joined, "consumer_lag": lag, "max_lag": state.ready_max_lag}),
+        json!({"ready": ready, "view_caught_up": view, "joined_group": joined, "restoring_partitions": restoring, "consumer_lag": lag, "max_lag": state.ready_max_lag}),
     )
+}
+
+/// Joined the group, the summed lag, and the partitions still restoring.
+fn pod_progress(state: &AppState) -> (bool, u64, Vec<i32>) {
+    match &state.pod {
+        Some(s) => (
+            s.joined.load(Ordering::Relaxed),
+            s.lag.load(Ordering::Relaxed),
+            s.restoring.lock().map(|r| r.clone()).unwrap_or_default(),
+        ),
+        None => (true, 0, Vec::new()),
+    }
+}
+
+/// For a startup probe: the pod has joined its group and restored the state
+/// of what it was assigned. Unlike `/readyz` it ignores lag, so a pod with a
+/// backlog is not restarted for having one.
+async fn startupz(State(state): State<AppState>) -> Response {
+    let (joined, _, restoring) = pod_progress(&state);
+    let started = joined && restoring.is_empty();
+    let status = if started {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(
+            json!({"started": started, "joined_group": joined, "restoring_partitions": restoring}),
+        ),
+    )
+        .into_response()
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -513,6 +540,7 @@ pub fn openapi_doc() -> Value {
             "/metrics": {"get": {"summary": "Prometheus metrics (text format)", "responses": {"200": {"description": "metrics"}}}},
             "/livez": {"get": {"summary": "The process is alive", "responses": {"200": {"description": "ok"}}}},
             "/readyz": {"get": {"summary": "Joined the group, restored, caught up, view read", "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
+            "/startupz": {"get": {"summary": "Joined the group and restored the assigned partitions (lag ignored); for a startup probe", "responses": {"200": {"description": "started"}, "503": {"description": "joining or restoring"}}}},
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3"}}}},
             "/": {"get": {"summary": "Live page", "responses": {"200": {"description": "HTML"}}}}
         },

@@ -25,6 +25,7 @@ pub mod core;
 pub mod fx;
 pub mod gen;
 pub mod http;
+pub mod memory;
 pub mod metrics;
 pub mod output;
 pub mod pod;

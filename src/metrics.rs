@@ -15,6 +15,8 @@ pub struct Metrics {
     pub registry: Registry,
     pub consumergroup_lag: IntGaugeVec,
     pub consumergroup_lag_sum: IntGaugeVec,
+    pub log_end_offset: IntGaugeVec,
+    pub revenue: prometheus::CounterVec,
     pub records_consumed: IntCounter,
     pub events: IntCounterVec,
     pub invalid_events: IntCounterVec,
@@ -29,6 +31,8 @@ pub struct Metrics {
     pub assigned_partitions: IntGauge,
     pub restore_records: IntCounter,
     pub restore_duration: Histogram,
+    pub restoring_partitions: IntGauge,
+    pub restore_remaining: IntGaugeVec,
     pub view_records: IntCounter,
     pub view_invalid_records: IntCounter,
     pub http_duration: HistogramVec,
@@ -40,6 +44,8 @@ pub struct Metrics {
 pub const NAMES: &[&str] = &[
     "tally_consumergroup_lag",
     "tally_consumergroup_lag_sum",
+    "tally_partition_log_end_offset",
+    "tally_revenue_total",
     "tally_records_consumed_total",
     "tally_events_total",
     "tally_invalid_events_total",
@@ -54,6 +60,8 @@ pub const NAMES: &[&str] = &[
     "tally_assigned_partitions",
     "tally_restore_records_total",
     "tally_restore_duration_seconds",
+    "tally_restoring_partitions",
+    "tally_restore_remaining_records",
     "tally_view_records_total",
     "tally_view_invalid_records_total",
     "tally_http_request_duration_seconds",
@@ -89,6 +97,29 @@ impl Metrics {
                     "tally_consumergroup_lag_sum",
                     "Consumer lag summed over the partitions this pod holds",
                     &["consumergroup", "topic"],
+                )
+                .expect("valid metric"),
+            ),
+            log_end_offset: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "tally_partition_log_end_offset",
+                        "Log end offset of each held input partition (its rate is the produce rate)",
+                    ),
+                    &["topic", "partition"],
+                )
+                .expect("valid metric"),
+            ),
+            revenue: reg(
+                &r,
+                prometheus::CounterVec::new(
+                    Opts::new(
+                        "tally_revenue_total",
+                        "Revenue of accepted orders in units of their currency; a monitoring \
+                         signal (work redone after a crash counts again), exact figures are in /revenue",
+                    ),
+                    &["currency"],
                 )
                 .expect("valid metric"),
             ),
@@ -225,6 +256,25 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            restoring_partitions: reg(
+                &r,
+                IntGauge::new(
+                    "tally_restoring_partitions",
+                    "Assigned partitions still restoring their state (not ready for them)",
+                )
+                .expect("valid metric"),
+            ),
+            restore_remaining: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "tally_restore_remaining_records",
+                        "Changelog records left to restore, by partition",
+                    ),
+                    &["partition"],
+                )
+                .expect("valid metric"),
+            ),
             view_records: reg(
                 &r,
                 IntCounter::new(
@@ -326,6 +376,11 @@ mod tests {
             .with_label_values(&["/revenue", "GET", "200"])
             .observe(0.001);
         m.webhook_requests.with_label_values(&["accepted"]).inc();
+        m.log_end_offset
+            .with_label_values(&["raw-orders", "0"])
+            .set(9);
+        m.revenue.with_label_values(&["EUR"]).inc_by(1.5);
+        m.restore_remaining.with_label_values(&["0"]).set(0);
         let text = m.render();
         for name in NAMES {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");

@@ -19,7 +19,8 @@
 //! same thread; they lock the processor, which the loop never holds while
 //! polling.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -36,8 +37,10 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, error, info, info_span, trace_span, warn};
 
 use crate::config::PodConfig;
-use crate::core::{Effect, Engine, FlushId, Partition, Reason, StateRow};
+use crate::core::order::MICROS;
+use crate::core::{Currency, Effect, Engine, FlushId, Partition, Reason, StateRow};
 use crate::fx::{self, FxFollower};
+use crate::memory::RocksSizing;
 use crate::metrics::Metrics;
 use crate::output::{OutRecord, Outputs, Source};
 use crate::store::{encode, Encoded, Store, StoreError};
@@ -59,8 +62,6 @@ pub enum PodError {
     ProduceTimeout(Duration),
     #[error("cannot create the state directory {dir}: {source}")]
     StateDir { dir: String, source: std::io::Error },
-    #[error("restoring partition {0} from the changelog took too long")]
-    RestoreTimeout(Partition),
     #[error("the pod thread panicked")]
     Panicked,
 }
@@ -82,6 +83,8 @@ pub struct Stats {
     pub joined: AtomicBool,
     /// Consumer lag summed over the held partitions, at the last check.
     pub lag: AtomicU64,
+    /// Assigned partitions still restoring: the pod is not ready for them.
+    pub restoring: Mutex<Vec<Partition>>,
 }
 
 fn add(c: &AtomicU64, n: u64) {
@@ -159,6 +162,39 @@ pub struct Processor {
     unreported: Counts,
     /// The progress last published per partition.
     published: HashMap<Partition, (i64, Option<i64>, bool)>,
+    /// Assigned partitions whose state is being restored, in order; their
+    /// fetches are paused meanwhile.
+    restoring: BTreeMap<Partition, Restoring>,
+    /// Fetching is paused for every partition (outputs unacknowledged).
+    fetch_paused: bool,
+}
+
+/// The progress of one partition's restore from the changelog.
+struct Restoring {
+    started: Instant,
+    /// Reads the changelog partition; created at the first step.
+    reader: Option<BaseConsumer>,
+    /// The changelog's end when the restore began (exclusive).
+    high: i64,
+    /// The last changelog offset applied to the store.
+    last: i64,
+    /// Records applied so far.
+    count: u64,
+    /// The restore failed: the partition is rebuilt from the input log.
+    failed: bool,
+}
+
+impl Restoring {
+    fn new() -> Restoring {
+        Restoring {
+            started: Instant::now(),
+            reader: None,
+            high: 0,
+            last: -1,
+            count: 0,
+            failed: false,
+        }
+    }
 }
 
 /// Per-batch counts, added to the metrics at flush.
@@ -169,6 +205,18 @@ struct Counts {
     late: u64,
     duplicate: u64,
     invalid: [u64; Reason::ALL.len()],
+    /// Accepted revenue by currency, in micro-units (a handful of currencies:
+    /// a linear scan beats a map).
+    revenue: Vec<(Currency, i64)>,
+}
+
+impl Counts {
+    fn add_revenue(&mut self, currency: Currency, micros: i64) {
+        match self.revenue.iter_mut().find(|(c, _)| *c == currency) {
+            Some((_, sum)) => *sum += micros,
+            None => self.revenue.push((currency, micros)),
+        }
+    }
 }
 
 fn lock(p: &Mutex<Processor>) -> MutexGuard<'_, Processor> {
@@ -193,6 +241,8 @@ impl Processor {
                     ..
                 } => {
                     valid += 1;
+                    self.unreported
+                        .add_revenue(order.order.currency, order.order.amount_micros);
                     outputs.accepted(
                         payload,
                         &order,
@@ -275,6 +325,11 @@ impl Processor {
     }
 
     fn on_message(&mut self, p: Partition, offset: i64, key: Option<&[u8]>, payload: &[u8]) {
+        if !self.restoring.is_empty() && self.restoring.contains_key(&p) {
+            // Fetched before the pause took effect: the seek after the
+            // restore reads it again.
+            return;
+        }
         // An Arc: lending the topic to `emit` must not cost an allocation per record.
         let topic = self.input_topic.clone();
         let _span = trace_span!("record", topic = %topic, partition = p, offset).entered();
@@ -303,87 +358,160 @@ impl Processor {
         }
     }
 
-    /// Takes over a partition: brings its local rows up to date from the
-    /// changelog's tail (all of it when there is no local state), loads them
-    /// into the engine, and returns the offset to resume from (`None`: from
-    /// the beginning of the input).
-    fn take_partition(
-        &mut self,
-        p: Partition,
-        consumer: &BaseConsumer<PodContext>,
-    ) -> Result<Option<i64>, PodError> {
-        let started = Instant::now();
-        let restored = self.catch_up_from_changelog(p, consumer)?;
-        let rows = self.store.load_partition(p)?;
-        self.metrics.restore_records.inc_by(restored);
-        let next = rows.iter().find_map(|r| match r {
-            StateRow::Meta(m) => Some(m.next_offset),
-            _ => None,
-        });
-        add(&self.stats.restored_rows, restored);
-        info!(partition = p, rows = rows.len(), from_changelog = restored, resume_from = ?next, ms = started.elapsed().as_millis() as u64, "partition assigned");
-        self.engine.restore(p, rows, now_ms(), &mut self.effects);
-        self.emit_engine();
+    /// Starts taking over a partition, inside the rebalance callback: only
+    /// cheap work here. The partition is queued for restore and its fetches
+    /// stay paused until [`Processor::restore_step`] has brought its state
+    /// up to date. Returns the offset to assign it at: the local resume
+    /// offset, or the beginning. Either is explicit, so librdkafka does not
+    /// look up the committed offset, which could land after our seek.
+    fn begin_take(&mut self, p: Partition) -> Offset {
+        self.engine.revoke(p);
+        self.restoring.insert(p, Restoring::new());
+        self.restoring_changed();
+        match self.store.next_offset(p) {
+            Ok(Some(o)) => Offset::Offset(o),
+            _ => Offset::Beginning,
+        }
+    }
+
+    /// Advances the restore of one queued partition for at most `budget`,
+    /// outside the rebalance callback: the main loop keeps polling the group
+    /// between steps, so a long restore cannot stall a rebalance or exceed
+    /// `max.poll.interval.ms`. Returns whether a restore is still queued.
+    fn restore_step(&mut self, consumer: &BaseConsumer<PodContext>, budget: Duration) -> bool {
+        let Some(p) = self.restoring.keys().next().copied() else {
+            return false;
+        };
+        let deadline = Instant::now() + budget;
+        let done = match self.catch_up_from_changelog(p, deadline) {
+            Ok(done) => done,
+            Err(e) => {
+                // A partial restore must not mix with a rebuild: start the
+                // partition over from an empty store.
+                error!(partition = p, error = %e, "cannot restore the partition's state; rebuilding it from the log");
+                if let Err(e) = self.store.clear_partition(p) {
+                    error!(partition = p, error = %e, "cannot clear the partition's local state");
+                }
+                if let Some(r) = self.restoring.get_mut(&p) {
+                    r.reader = None;
+                    r.failed = true;
+                }
+                true
+            }
+        };
+        if !done {
+            return true;
+        }
+        let Some(r) = self.restoring.remove(&p) else {
+            return !self.restoring.is_empty();
+        };
+        self.restoring_changed();
+        self.metrics
+            .restore_remaining
+            .with_label_values(&[&p.to_string()])
+            .set(0);
+        let next = if r.failed {
+            self.engine.assign(p, now_ms());
+            None
+        } else {
+            match self.store.load_partition(p) {
+                Ok(rows) => {
+                    let next = rows.iter().find_map(|r| match r {
+                        StateRow::Meta(m) => Some(m.next_offset),
+                        _ => None,
+                    });
+                    info!(partition = p, rows = rows.len(), from_changelog = r.count, resume_from = ?next, ms = r.started.elapsed().as_millis() as u64, "partition restored");
+                    self.engine.restore(p, rows, now_ms(), &mut self.effects);
+                    self.emit_engine();
+                    next
+                }
+                Err(e) => {
+                    error!(partition = p, error = %e, "cannot load the partition's state; rebuilding it from the log");
+                    let _ = self.store.clear_partition(p);
+                    self.engine.assign(p, now_ms());
+                    None
+                }
+            }
+        };
         self.held.insert(p);
         self.metrics.assigned_partitions.set(self.held.len() as i64);
         self.metrics
             .restore_duration
-            .observe(started.elapsed().as_secs_f64());
-        Ok(next)
+            .observe(r.started.elapsed().as_secs_f64());
+        // RocksDB wins over the group's committed offset; without local
+        // state the partition is rebuilt from the start of the log.
+        let offset = next.map_or(Offset::Beginning, Offset::Offset);
+        if let Err(e) = consumer.seek(&self.cfg.input_topic, p, offset, Duration::from_secs(10)) {
+            error!(partition = p, error = %e, "seek after restore failed");
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.cfg.input_topic, p);
+        if !self.fetch_paused {
+            if let Err(e) = consumer.resume(&tpl) {
+                error!(partition = p, error = %e, "resume after restore failed");
+            }
+        }
+        !self.restoring.is_empty()
     }
 
     /// Applies the changelog records of partition `p` that the local store
-    /// has not seen (after its checkpoint) to the store. Returns how many.
+    /// has not seen (after its checkpoint) to the store, until `deadline`.
+    /// Returns whether the partition has caught up.
     fn catch_up_from_changelog(
         &mut self,
         p: Partition,
-        consumer: &BaseConsumer<PodContext>,
-    ) -> Result<u64, PodError> {
+        deadline: Instant,
+    ) -> Result<bool, PodError> {
         let topic = self.cfg.changelog_topic.clone();
-        let (low, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
-        debug!(partition = p, low, high, checkpoint = ?self.store.checkpoint(p)?, "changelog catch-up");
-        let mut checkpoint = self.store.checkpoint(p)?;
-        if checkpoint.is_some_and(|c| c >= high) {
-            // The local rows claim records the changelog never had: it was
-            // recreated. Local state cannot be trusted; rebuild from it.
-            warn!(partition = p, checkpoint = ?checkpoint, high, "local state is ahead of the changelog; discarding it");
-            self.store.clear_partition(p)?;
-            checkpoint = None;
+        let Some(r) = self.restoring.get_mut(&p) else {
+            return Ok(true);
+        };
+        if r.failed {
+            return Ok(true);
         }
-        let from = checkpoint.map_or(low, |c| (c + 1).max(low));
-        if from >= high {
-            return Ok(0);
+        if r.reader.is_none() {
+            let reader: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &self.cfg.brokers)
+                .set("group.id", "tally-restore")
+                .set("enable.auto.commit", "false")
+                .set("enable.partition.eof", "false")
+                .set("fetch.wait.max.ms", "10")
+                .create()?;
+            let (low, high) = reader.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
+            let mut checkpoint = self.store.checkpoint(p)?;
+            debug!(partition = p, low, high, checkpoint = ?checkpoint, "changelog catch-up");
+            if checkpoint.is_some_and(|c| c >= high) {
+                // The local rows claim records the changelog never had: it
+                // was recreated. Local state cannot be trusted; rebuild from it.
+                warn!(partition = p, checkpoint = ?checkpoint, high, "local state is ahead of the changelog; discarding it");
+                self.store.clear_partition(p)?;
+                checkpoint = None;
+            }
+            let from = checkpoint.map_or(low, |c| (c + 1).max(low));
+            r.high = high;
+            r.last = from - 1;
+            if from < high {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&topic, p, Offset::Offset(from))?;
+                reader.assign(&tpl)?;
+            }
+            r.reader = Some(reader);
         }
-        let reader: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.cfg.brokers)
-            .set("group.id", "tally-restore")
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            .create()?;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, p, Offset::Offset(from))?;
-        reader.assign(&tpl)?;
+        let (high, mut last) = (r.high, r.last);
+        let Some(reader) = r.reader.as_ref() else {
+            return Ok(true);
+        };
         let mut batch: Vec<Encoded> = Vec::with_capacity(10_000);
         let mut count = 0u64;
-        let mut last = from - 1;
-        let deadline = Instant::now() + Duration::from_millis(self.cfg.max_poll_interval_ms / 3);
-        while last + 1 < high {
-            if Instant::now() > deadline {
-                return Err(PodError::RestoreTimeout(p));
-            }
-            let Some(msg) = reader.poll(Duration::from_millis(100)) else {
+        let mut caught_up = last + 1 >= high;
+        while !caught_up && Instant::now() < deadline {
+            let Some(msg) = reader.poll(Duration::from_millis(10)) else {
                 // Compaction may have removed the last offsets.
                 let pos = reader.position()?;
-                let past_end = pos
+                caught_up = pos
                     .elements_for_topic(&topic)
                     .iter()
-                    .any(|e| match e.offset() {
-                        Offset::Offset(o) => o >= high,
-                        _ => false,
-                    });
-                if past_end {
-                    break;
-                }
+                    .any(|e| matches!(e.offset(), Offset::Offset(o) if o >= high));
                 continue;
             };
             let m = msg?;
@@ -392,16 +520,45 @@ impl Processor {
                 batch.push((p, k.to_vec(), m.payload().map(<[u8]>::to_vec)));
                 count += 1;
             }
+            caught_up = last + 1 >= high;
             if batch.len() >= 10_000 {
                 self.store.write_encoded(&batch, &[(p, last)])?;
                 batch.clear();
             }
         }
-        self.store.write_encoded(&batch, &[(p, high - 1)])?;
-        Ok(count)
+        let checkpoint = if caught_up { high - 1 } else { last };
+        if checkpoint >= 0 && (caught_up || !batch.is_empty()) {
+            self.store.write_encoded(&batch, &[(p, checkpoint)])?;
+        }
+        r.last = last;
+        r.count += count;
+        self.metrics.restore_records.inc_by(count);
+        add(&self.stats.restored_rows, count);
+        self.metrics
+            .restore_remaining
+            .with_label_values(&[&p.to_string()])
+            .set((high - 1 - last).max(0));
+        Ok(caught_up)
+    }
+
+    /// Publishes the set of restoring partitions to metrics and readiness.
+    fn restoring_changed(&self) {
+        self.metrics
+            .restoring_partitions
+            .set(self.restoring.len() as i64);
+        if let Ok(mut r) = self.stats.restoring.lock() {
+            *r = self.restoring.keys().copied().collect();
+        }
     }
 
     fn release_partition(&mut self, p: Partition) {
+        if self.restoring.remove(&p).is_some() {
+            self.restoring_changed();
+            let _ = self
+                .metrics
+                .restore_remaining
+                .remove_label_values(&[&p.to_string()]);
+        }
         self.engine.revoke(p);
         self.held.remove(&p);
         self.published.remove(&p);
@@ -409,6 +566,10 @@ impl Processor {
         let label = p.to_string();
         let _ = self.metrics.watermark.remove_label_values(&[&label]);
         let _ = self.metrics.watermark_delay.remove_label_values(&[&label]);
+        let _ = self
+            .metrics
+            .log_end_offset
+            .remove_label_values(&[&self.cfg.input_topic, &label]);
         let _ = self.metrics.consumergroup_lag.remove_label_values(&[
             &self.cfg.group,
             &self.cfg.input_topic,
@@ -627,6 +788,11 @@ impl Processor {
                     .inc_by(*n);
             }
         }
+        for (currency, micros) in &c.revenue {
+            m.revenue
+                .with_label_values(&[currency.as_str()])
+                .inc_by(*micros as f64 / MICROS as f64);
+        }
         for (kind, n) in self.engine.open_windows() {
             m.open_windows.with_label_values(&[kind]).set(n as i64);
         }
@@ -659,6 +825,10 @@ impl Processor {
             };
             let lag = (high - s.next_offset).max(0);
             sum += lag;
+            self.metrics
+                .log_end_offset
+                .with_label_values(&[&self.cfg.input_topic, &p.to_string()])
+                .set(high);
             self.metrics
                 .consumergroup_lag
                 .with_label_values(&[&self.cfg.group, &self.cfg.input_topic, &p.to_string()])
@@ -781,24 +951,7 @@ impl ConsumerContext for PodContext {
                 let mut proc = lock(&self.proc);
                 proc.metrics.rebalances.with_label_values(&["assign"]).inc();
                 for p in &partitions {
-                    // RocksDB wins over the group's committed offset; without
-                    // local state the partition is rebuilt from the start of the log.
-                    let offset = match proc.take_partition(*p, consumer) {
-                        Ok(Some(next)) => Offset::Offset(next),
-                        Ok(None) => Offset::Beginning,
-                        Err(e) => {
-                            // A partial restore must not mix with a rebuild:
-                            // start the partition over from an empty store.
-                            error!(partition = p, error = %e, "cannot restore the partition's state; rebuilding it from the log");
-                            if let Err(e) = proc.store.clear_partition(*p) {
-                                error!(partition = p, error = %e, "cannot clear the partition's local state");
-                            }
-                            proc.engine.revoke(*p);
-                            proc.engine.assign(*p, now_ms());
-                            proc.held.insert(*p);
-                            Offset::Beginning
-                        }
-                    };
+                    let offset = proc.begin_take(*p);
                     let _ = tpl.set_partition_offset(&self.input_topic, *p, offset);
                 }
                 drop(proc);
@@ -809,6 +962,11 @@ impl ConsumerContext for PodContext {
                 };
                 if let Err(e) = r {
                     error!(error = %e, "assign failed");
+                }
+                // Nothing is fetched for these partitions until their
+                // restore, in the main loop, is done.
+                if let Err(e) = consumer.pause(tpl) {
+                    error!(error = %e, "pause for restore failed");
                 }
                 self.stats.joined.store(true, Ordering::SeqCst);
             }
@@ -952,7 +1110,19 @@ pub fn start_with_metrics(cfg: PodConfig, metrics: Arc<Metrics>) -> Result<PodHa
         dir: cfg.state_dir.display().to_string(),
         source,
     })?;
-    let store = Store::open(&cfg.state_dir, core_cfg.state_fingerprint())?;
+    let sizing = RocksSizing::detect(
+        cfg.memory_limit_bytes,
+        Path::new("/sys/fs/cgroup"),
+        cfg.rocksdb_memory_fraction,
+    );
+    info!(
+        limit_bytes = sizing.limit_bytes,
+        source = ?sizing.source,
+        block_cache_bytes = sizing.block_cache_bytes,
+        write_buffer_bytes = sizing.write_buffer_bytes,
+        "RocksDB memory sized from the memory limit"
+    );
+    let store = Store::open(&cfg.state_dir, core_cfg.state_fingerprint(), &sizing)?;
     let engine =
         Engine::new(core_cfg, fx_table).map_err(|e| crate::config::ConfigError::Invalid {
             field: e.field,
@@ -985,6 +1155,8 @@ pub fn start_with_metrics(cfg: PodConfig, metrics: Arc<Metrics>) -> Result<PodHa
         metrics: metrics.clone(),
         unreported: Counts::default(),
         published: HashMap::new(),
+        restoring: BTreeMap::new(),
+        fetch_paused: false,
     }));
     let ctx = PodContext {
         proc: processor.clone(),
@@ -1019,7 +1191,6 @@ fn run_loop(
     info!(topic = %cfg.input_topic, group = %cfg.group, "pod running");
     let flush_budget = Duration::from_millis((cfg.max_poll_interval_ms / 3).min(10_000));
     let mut last_tick = Instant::now();
-    let mut paused = false;
     while !shutdown.load(Ordering::SeqCst) {
         match consumer.poll(Duration::from_millis(20)) {
             Some(Ok(m)) => {
@@ -1055,6 +1226,9 @@ fn run_loop(
             None => {}
         }
         let mut proc = lock(&processor);
+        if !proc.restoring.is_empty() {
+            proc.restore_step(&consumer, Duration::from_millis(50));
+        }
         if last_tick.elapsed() >= Duration::from_millis(500) {
             proc.tick();
             proc.update_lag(&consumer);
@@ -1063,22 +1237,30 @@ fn run_loop(
         if proc.due() {
             match proc.flush(&consumer, flush_budget) {
                 Ok(()) => {
-                    if paused {
+                    if proc.fetch_paused {
+                        // Not the partitions still restoring: they resume
+                        // when their restore is done.
                         if let Ok(a) = consumer.assignment() {
-                            let _ = consumer.resume(&a);
+                            let mut tpl = TopicPartitionList::new();
+                            for e in a.elements() {
+                                if !proc.restoring.contains_key(&e.partition()) {
+                                    tpl.add_partition(e.topic(), e.partition());
+                                }
+                            }
+                            let _ = consumer.resume(&tpl);
                         }
-                        paused = false;
+                        proc.fetch_paused = false;
                         info!("outputs acknowledged again; consumption resumed");
                     }
                 }
                 Err(PodError::ProduceTimeout(_)) => {
                     // Keep polling (the group must see us alive) but stop
                     // fetching until the outputs are acknowledged.
-                    if !paused {
+                    if !proc.fetch_paused {
                         if let Ok(a) = consumer.assignment() {
                             let _ = consumer.pause(&a);
                         }
-                        paused = true;
+                        proc.fetch_paused = true;
                         warn!("outputs not acknowledged; consumption paused until they are");
                     }
                 }

@@ -9,9 +9,12 @@
 
 use std::path::Path;
 
-use rocksdb::{Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    BlockBasedOptions, Cache, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
 
-use crate::core::{Partition, StateChange, StateRow};
+use crate::core::{Partition, RowKey, StateChange, StateRow};
+use crate::memory::RocksSizing;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -67,10 +70,20 @@ fn partition_prefix(p: Partition) -> [u8; 5] {
 
 impl Store {
     /// Opens (or creates) the store and checks its fingerprint.
-    pub fn open(dir: &Path, fingerprint: u64) -> Result<Store, StoreError> {
+    /// `sizing` bounds the block cache and memtables (see `memory.rs`).
+    pub fn open(dir: &Path, fingerprint: u64, sizing: &RocksSizing) -> Result<Store, StoreError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        opts.set_write_buffer_size(sizing.write_buffer_bytes as usize);
+        opts.set_max_write_buffer_number(sizing.max_write_buffers);
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&Cache::new_lru_cache(sizing.block_cache_bytes as usize));
+        // Index and filter blocks count against the cache instead of growing
+        // outside it with the number of SST files.
+        table.set_cache_index_and_filter_blocks(true);
+        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        opts.set_block_based_table_factory(&table);
         let db = DB::open(&opts, dir)?;
         match db.get(FINGERPRINT_KEY)? {
             Some(v) => {
@@ -143,6 +156,20 @@ impl Store {
         Ok(())
     }
 
+    /// The input offset to resume partition `p` from, per its local meta
+    /// row, without loading the partition.
+    pub fn next_offset(&self, p: Partition) -> Result<Option<i64>, StoreError> {
+        let mut k = partition_prefix(p).to_vec();
+        k.extend_from_slice(&postcard::to_allocvec(&RowKey::Meta)?);
+        Ok(match self.db.get(k)? {
+            Some(v) => match postcard::from_bytes(&v)? {
+                StateRow::Meta(m) => Some(m.next_offset),
+                _ => None,
+            },
+            None => None,
+        })
+    }
+
     /// The highest changelog offset this partition's local rows reflect.
     pub fn checkpoint(&self, p: Partition) -> Result<Option<i64>, StoreError> {
         Ok(self
@@ -172,7 +199,11 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::{DedupRow, PartitionMeta, RowKey};
+    use crate::core::{DedupRow, PartitionMeta};
+
+    fn sizing() -> RocksSizing {
+        RocksSizing::for_limit(256 << 20, crate::memory::LimitSource::Config, 0.25)
+    }
 
     fn tmp(name: &str) -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!("tally-store-{name}-{}", std::process::id()));
@@ -183,7 +214,7 @@ mod tests {
     #[test]
     fn rows_round_trip_per_partition_and_deletes_apply() {
         let dir = tmp("rt");
-        let s = Store::open(&dir, 7).unwrap();
+        let s = Store::open(&dir, 7, &sizing()).unwrap();
         let meta = StateRow::Meta(PartitionMeta {
             next_offset: 10,
             max_event_ms: Some(5),
@@ -219,9 +250,9 @@ mod tests {
         assert_eq!(s.checkpoint(2).unwrap(), None);
         assert_eq!(s.load_partition(1).unwrap().len(), 1);
         drop(s);
-        let s = Store::open(&dir, 7).unwrap();
+        let s = Store::open(&dir, 7, &sizing()).unwrap();
         drop(s);
-        let err = Store::open(&dir, 8).err().unwrap();
+        let err = Store::open(&dir, 8, &sizing()).err().unwrap();
         assert!(
             err.to_string().contains("other window definitions"),
             "{err}"

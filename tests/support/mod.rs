@@ -122,4 +122,5 @@ pub fn micros(m: i128) -> String {
 
 pub mod churn;
 pub mod kafka;
+pub mod manifests;
 pub mod procs;
