@@ -6,7 +6,7 @@
 
 CARGO ?= cargo
 
-.PHONY: deps test test-churn test-long-kill validate demo fmt lint ci
+.PHONY: deps test test-tansu test-churn test-long-kill validate demo fmt lint ci
 
 deps:
 	@./scripts/ensure-deps.sh
@@ -14,6 +14,10 @@ deps:
 ## Run every test: unit, property (1,000 cases each), golden, purity, integration.
 test: deps
 	$(CARGO) test --all-targets
+
+## The integration suite against tansu, a second real broker (installs it once).
+test-tansu: deps
+	./scripts/test-tansu.sh
 
 ## Three pods as processes: SIGKILL + empty replacement, scale 3 -> 1 -> 3
 ## (ignored by `make test` for now: unstable on 2 saturated cores).

@@ -39,6 +39,11 @@ fn truth_by_currency(records: &[GenRecord]) -> BTreeMap<String, f64> {
 #[test]
 #[ignore = "unstable under CPU saturation on 2 cores (mock broker + 4 pods); run with `make test-churn`"]
 fn churn_kill_replace_and_scale_keep_totals_exact() {
+    if skip_on_tansu(
+        "with several members in one group, tansu was seen giving each of them the same partitions",
+    ) {
+        return;
+    }
     let mut run = Run::start("churn", 40_000, 800.0);
     let (da, db, dc) = (run.dir("churn-a"), run.dir("churn-b"), run.dir("churn-c"));
     let mut pods = vec![run.pod("a", &da), run.pod("b", &db), run.pod("c", &dc)];

@@ -3,10 +3,11 @@
 
 mod support;
 
+use support::kafka::TestBroker;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
-use tally::broker::EmbeddedBroker;
 use tally::topics;
 
 fn tally(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -89,19 +90,19 @@ fn bad_flags_env_and_files_name_the_field() {
 #[test]
 fn a_missing_input_topic_is_a_clear_error() {
     let specs = topics::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
-    let broker = EmbeddedBroker::start(1, &specs).unwrap();
+    let broker = TestBroker::start(1, &specs);
     let dir = support::kafka::temp_dir("notopic");
-    let out = tally(
-        &[
-            "run",
-            "--brokers",
-            &broker.bootstrap_servers(),
-            "--apply-topics=false",
-            "--input-topic",
-            "no-such-topic",
-        ],
-        &[("TALLY_STATE_DIR", dir.to_str().unwrap())],
-    );
+    let brokers = broker.bootstrap_servers();
+    let mut args = vec!["run", "--brokers", &brokers, "--apply-topics=false"];
+    // The other topics exist (under their names on the broker under test).
+    let others = support::kafka::topic_args();
+    for pair in others.chunks(2) {
+        if pair[0] != "--input-topic" {
+            args.extend([pair[0].as_str(), pair[1].as_str()]);
+        }
+    }
+    args.extend(["--input-topic", "no-such-topic"]);
+    let out = tally(&args, &[("TALLY_STATE_DIR", dir.to_str().unwrap())]);
     assert_rejected(&out, "no-such-topic");
     let _ = std::fs::remove_dir_all(&dir);
 }

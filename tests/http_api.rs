@@ -5,6 +5,8 @@
 
 mod support;
 
+use support::kafka::{topic, TestBroker};
+
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -17,7 +19,6 @@ use proptest::prelude::*;
 use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
 use serde_json::Value;
-use tally::broker::EmbeddedBroker;
 use tally::core::{
     Aggregate, Currency, GroupBy, Limits, WindowKey, WindowKind, WindowRow, WindowUpdate,
 };
@@ -339,7 +340,7 @@ fn webhook_state(brokers: &str) -> AppState {
     let hook = Webhook {
         secret: Some(SECRET.to_vec()),
         producer,
-        topic: "raw-orders".into(),
+        topic: topic("raw-orders"),
         limits: Limits {
             max_message_bytes: 2_048,
             ..Limits::default()
@@ -360,7 +361,7 @@ fn post(body: &[u8], sig: Option<String>) -> Request<Body> {
 async fn the_webhook_verifies_then_produces() {
     let specs =
         tally::topics::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
-    let broker = EmbeddedBroker::start(1, &specs).unwrap();
+    let broker = TestBroker::start(1, &specs);
     let st = webhook_state(&broker.bootstrap_servers());
     let good = br#"{"order_id":"w-1","customer_id":"c9","amount":"12.50","currency":"eur","created_at":"2024-05-01T12:00:00Z"}"#;
 

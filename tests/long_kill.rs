@@ -20,6 +20,11 @@ use support::procs::*;
 #[test]
 #[ignore = "librdkafka's mock group coordinator aborts under heavy rejoin churn; run with `make test-long-kill`"]
 fn a_hundred_sigkills_across_pods_keep_totals_exact() {
+    if skip_on_tansu(
+        "with several members in one group, tansu was seen giving each of them the same partitions",
+    ) {
+        return;
+    }
     const KILLS: usize = 100;
     let mut run = Run::start("longkill", 200_000, 600.0);
     let dirs: Vec<PathBuf> = (0..3).map(|i| run.dir(&format!("lk-{i}"))).collect();

@@ -18,7 +18,6 @@ use promql_parser::parser::{self, Expr};
 use serde_yaml::Value;
 use support::kafka::*;
 use support::manifests::{at, pod_config_from_env, root, str_at, yaml_docs};
-use tally::broker::EmbeddedBroker;
 use tally::gen::{self, GenSpec};
 use tally::http::{app, AppState};
 use tally::view::View;
@@ -357,7 +356,7 @@ fn query_metrics(q: &str) -> BTreeSet<String> {
 /// duplicate orders, flushed, and answered an HTTP request.
 fn live_metrics() -> String {
     let specs = topics::load_dir(&root().join("topics")).unwrap();
-    let broker = EmbeddedBroker::start(1, &specs).unwrap();
+    let broker = TestBroker::start(1, &specs);
     let brokers = broker.bootstrap_servers();
     let records = gen::generate(&GenSpec {
         count: 600,
@@ -367,7 +366,10 @@ fn live_metrics() -> String {
         late_pct: 5.0,
         ..GenSpec::default()
     });
-    gen::produce(&brokers, "raw-orders", &[], &records, 0.0, &|| false).unwrap();
+    gen::produce(&brokers, &topic("raw-orders"), &[], &records, 0.0, &|| {
+        false
+    })
+    .unwrap();
     let ends = end_offsets(&brokers, "raw-orders");
     let dir = temp_dir("ops-metrics");
     let handle = pod::start(pod_config(&brokers, "ops", dir.clone())).unwrap();

@@ -14,7 +14,6 @@ use axum::body::Body;
 use axum::http::Request;
 use http_body_util::BodyExt;
 use support::kafka::*;
-use tally::broker::EmbeddedBroker;
 use tally::gen::{self, GenSpec};
 use tally::http::{app, AppState};
 use tally::metrics::Metrics;
@@ -61,14 +60,17 @@ fn row_of(dom: &str, currency: &str) -> Option<Vec<String>> {
 fn the_live_page_shows_the_numbers_of_revenue() {
     let browser = chromium();
     let specs = topics::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
-    let broker = EmbeddedBroker::start(1, &specs).unwrap();
+    let broker = TestBroker::start(1, &specs);
     let brokers = broker.bootstrap_servers();
     let records = gen::generate(&GenSpec {
         count: 3_000,
         seed: 5,
         ..GenSpec::default()
     });
-    gen::produce(&brokers, "raw-orders", &[], &records, 0.0, &|| false).unwrap();
+    gen::produce(&brokers, &topic("raw-orders"), &[], &records, 0.0, &|| {
+        false
+    })
+    .unwrap();
     let metrics = Arc::new(Metrics::new());
     let cfg = pod_config(&brokers, "page", temp_dir("page"));
     let handle = pod::start_with_metrics(cfg.clone(), metrics.clone()).unwrap();
@@ -82,7 +84,7 @@ fn the_live_page_shows_the_numbers_of_revenue() {
     let follower = serving::follow(
         &brokers,
         &[],
-        "revenue-windows",
+        &topic("revenue-windows"),
         cfg.grace_ms,
         metrics.clone(),
     )

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::kafka::*;
-use tally::broker::EmbeddedBroker;
 use tally::gen::{self, Expect, GenSpec};
 use tally::topics;
 
@@ -33,10 +32,11 @@ fn spawn_pod(brokers: &str, state: &Path, log: &Path) -> Child {
             "--brokers",
             brokers,
             "--group",
-            "crash",
+            &group("crash"),
             "--http",
             "127.0.0.1:0",
         ])
+        .args(topic_args())
         .args([
             "--apply-topics=false",
             "--session-timeout-ms",
@@ -70,8 +70,13 @@ fn run_until(child: &mut Child, at: Instant, log: &Path) {
 
 #[test]
 fn sigkill_at_random_moments_loses_and_doubles_nothing() {
+    if skip_on_tansu(
+        "tansu's high watermark undercounts (one past the first offset of the last batch), and a pod restoring a partition reads the changelog up to the high watermark, so the restore stops short",
+    ) {
+        return;
+    }
     let specs = topics::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
-    let broker = EmbeddedBroker::start(1, &specs).unwrap();
+    let broker = TestBroker::start(1, &specs);
     let brokers = broker.bootstrap_servers();
     let records = gen::generate(&GenSpec {
         count: 40_000,
@@ -89,9 +94,14 @@ fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     let producer = {
         let (brokers, records, stop) = (brokers.clone(), records.clone(), stop.clone());
         std::thread::spawn(move || {
-            gen::produce(&brokers, "raw-orders", &[], &records, 450.0, &|| {
-                stop.load(Ordering::SeqCst)
-            })
+            gen::produce(
+                &brokers,
+                &topic("raw-orders"),
+                &[],
+                &records,
+                450.0,
+                &|| stop.load(Ordering::SeqCst),
+            )
             .unwrap()
         })
     };

@@ -8,14 +8,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use support::kafka::*;
-use tally::broker::EmbeddedBroker;
 use tally::gen::{self, Expect, GenSpec};
 use tally::pod;
 use tally::topics;
 
-fn broker() -> EmbeddedBroker {
+fn broker() -> TestBroker {
     let specs = topics::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
-    EmbeddedBroker::start(1, &specs).unwrap()
+    TestBroker::start(1, &specs)
 }
 
 #[test]
@@ -31,7 +30,10 @@ fn every_window_total_dlq_and_late_record_matches_the_truth() {
         late_pct: 2.0,
         ..GenSpec::default()
     });
-    gen::produce(&brokers, "raw-orders", &[], &records, 0.0, &|| false).unwrap();
+    gen::produce(&brokers, &topic("raw-orders"), &[], &records, 0.0, &|| {
+        false
+    })
+    .unwrap();
     let ends = end_offsets(&brokers, "raw-orders");
     assert_eq!(ends.values().sum::<i64>(), records.len() as i64);
 
@@ -72,7 +74,7 @@ fn every_window_total_dlq_and_late_record_matches_the_truth() {
     assert_eq!(dlq.len(), want_dlq.len());
     assert_eq!(got_dlq, want_dlq);
     for r in &dlq {
-        assert_eq!(r.headers["source_topic"], "raw-orders");
+        assert_eq!(r.headers["source_topic"], topic("raw-orders"));
         assert!(r.headers["source_offset"].parse::<i64>().is_ok());
         assert!(r.key.is_some(), "the original key is kept");
     }

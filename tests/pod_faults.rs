@@ -11,16 +11,20 @@ use std::time::Duration;
 use rdkafka::mocking::MockCoordinator;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use support::kafka::*;
-use tally::broker::EmbeddedBroker;
 use tally::gen::{self, GenSpec};
 use tally::{pod, topics};
 
 #[test]
 fn request_errors_and_a_broker_outage_lose_and_double_nothing() {
+    if skip_on_external(
+        "it injects request errors and takes a broker down, which only the mock cluster can do",
+    ) {
+        return;
+    }
     let specs = topics::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
-    let broker = EmbeddedBroker::start(3, &specs).unwrap();
+    let broker = TestBroker::start(3, &specs);
     let brokers = broker.bootstrap_servers();
-    let cluster = broker.cluster();
+    let cluster = broker.mock().expect("the mock cluster").cluster();
     // Keep the group coordinator on broker 2, so taking broker 1 down hits
     // partition leaders and the pod's outputs, not the group itself.
     cluster
@@ -51,7 +55,7 @@ fn request_errors_and_a_broker_outage_lose_and_double_nothing() {
         });
     };
 
-    gen::produce(&brokers, "raw-orders", &[], a, 0.0, &|| false).unwrap();
+    gen::produce(&brokers, &topic("raw-orders"), &[], a, 0.0, &|| false).unwrap();
     caught_up("the first third");
 
     // Retriable errors on every request kind the pod depends on.
@@ -71,7 +75,7 @@ fn request_errors_and_a_broker_outage_lose_and_double_nothing() {
         RDKafkaApiKey::OffsetCommit,
         &err(RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT, 4),
     );
-    gen::produce(&brokers, "raw-orders", &[], b, 0.0, &|| false).unwrap();
+    gen::produce(&brokers, &topic("raw-orders"), &[], b, 0.0, &|| false).unwrap();
     caught_up("the second third, through request errors");
 
     // A broker outage: its partitions cannot be written until it returns.
@@ -79,7 +83,9 @@ fn request_errors_and_a_broker_outage_lose_and_double_nothing() {
     cluster.broker_down(1).unwrap();
     let producer = {
         let (brokers, c) = (brokers.clone(), c.to_vec());
-        std::thread::spawn(move || gen::produce(&brokers, "raw-orders", &[], &c, 0.0, &|| false))
+        std::thread::spawn(move || {
+            gen::produce(&brokers, &topic("raw-orders"), &[], &c, 0.0, &|| false)
+        })
     };
     wait_until(
         "the pod to notice unacknowledged outputs",

@@ -8,7 +8,6 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use support::kafka::*;
-use tally::broker::EmbeddedBroker;
 use tally::pod;
 use tally::topics::{self, TopicSpec, TopicStatus};
 
@@ -21,7 +20,8 @@ fn send(brokers: &str, topic: &str, key: &str, payload: &str) {
         .set("bootstrap.servers", brokers)
         .create()
         .unwrap();
-    p.send(BaseRecord::to(topic).key(key).payload(payload))
+    let topic = support::kafka::topic(topic);
+    p.send(BaseRecord::to(&topic).key(key).payload(payload))
         .unwrap();
     p.flush(Duration::from_secs(10)).unwrap();
 }
@@ -34,7 +34,7 @@ fn order(id: &str, currency: &str) -> String {
 
 #[test]
 fn fx_rates_are_seeded_then_followed_live() {
-    let broker = EmbeddedBroker::start(1, &specs()).unwrap();
+    let broker = TestBroker::start(1, &specs());
     let brokers = broker.bootstrap_servers();
     let handle = pod::start(pod_config(&brokers, "fx", temp_dir("fx"))).unwrap();
     // The empty topic was seeded with the defaults.
@@ -81,29 +81,38 @@ fn fx_rates_are_seeded_then_followed_live() {
 
 #[test]
 fn topics_apply_reports_what_exists_and_what_drifted() {
+    // Names of its own: the other test of this file uses the declared
+    // topics, and on an external broker both share one name prefix.
     let mut declared = specs();
+    for t in &mut declared {
+        t.name = format!("drift-{}", t.name);
+    }
     // The broker has raw-orders with fewer partitions than declared.
     let mut on_broker = declared.clone();
     on_broker
         .iter_mut()
-        .find(|t| t.name == "raw-orders")
+        .find(|t| t.name == "drift-raw-orders")
         .unwrap()
         .partitions = 3;
-    let broker = EmbeddedBroker::start(1, &on_broker).unwrap();
+    let broker = TestBroker::start(1, &on_broker);
     declared.push(TopicSpec {
-        name: "brand-new".into(),
+        name: "drift-brand-new".into(),
         partitions: 2,
         replication_factor: 1,
         config: Default::default(),
     });
+    for t in &mut declared {
+        t.name = topic(&t.name);
+    }
     let rt = tokio::runtime::Runtime::new().unwrap();
     let report = rt
         .block_on(topics::apply(&broker.bootstrap_servers(), &[], &declared))
         .unwrap();
     let status = |n: &str| {
+        let n = topic(&format!("drift-{n}"));
         report
             .iter()
-            .find(|(name, _)| name == n)
+            .find(|(name, _)| *name == n)
             .map(|(_, s)| s.clone())
             .unwrap()
     };

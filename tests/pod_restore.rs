@@ -10,14 +10,18 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use support::kafka::*;
-use tally::broker::EmbeddedBroker;
 use tally::gen::{self, GenSpec};
 use tally::{pod, topics};
 
 #[test]
 fn a_partition_moves_through_the_changelog() {
+    if skip_on_tansu(
+        "tansu's high watermark undercounts (one past the first offset of the last batch), and a pod restoring a partition reads the changelog up to the high watermark, so the restore stops short",
+    ) {
+        return;
+    }
     let specs = topics::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
-    let broker = EmbeddedBroker::start(1, &specs).unwrap();
+    let broker = TestBroker::start(1, &specs);
     let brokers = broker.bootstrap_servers();
     let records = gen::generate(&GenSpec {
         count: 9_000,
@@ -36,14 +40,14 @@ fn a_partition_moves_through_the_changelog() {
 
     // Pod 1 processes the first third, then stops.
     let dir1 = temp_dir("restore-1");
-    gen::produce(&brokers, "raw-orders", &[], a, 0.0, &|| false).unwrap();
+    gen::produce(&brokers, &topic("raw-orders"), &[], a, 0.0, &|| false).unwrap();
     let pod1 = pod::start(pod_config(&brokers, "restore", dir1.clone())).unwrap();
     caught_up();
     pod1.join().unwrap();
 
     // Pod 2 starts with an empty state directory: it restores every
     // partition from the changelog and processes only the second third.
-    gen::produce(&brokers, "raw-orders", &[], b, 0.0, &|| false).unwrap();
+    gen::produce(&brokers, &topic("raw-orders"), &[], b, 0.0, &|| false).unwrap();
     let dir2 = temp_dir("restore-2");
     let pod2 = pod::start(pod_config(&brokers, "restore", dir2.clone())).unwrap();
     caught_up();
@@ -62,7 +66,7 @@ fn a_partition_moves_through_the_changelog() {
 
     // Pod 1 comes back with its old local state: it applies only the tail
     // that pod 2 wrote, then processes the last third.
-    gen::produce(&brokers, "raw-orders", &[], c, 0.0, &|| false).unwrap();
+    gen::produce(&brokers, &topic("raw-orders"), &[], c, 0.0, &|| false).unwrap();
     let pod1 = pod::start(pod_config(&brokers, "restore", dir1.clone())).unwrap();
     caught_up();
     let stats1 = pod1.stats.clone();

@@ -7,15 +7,19 @@ use std::path::Path;
 use std::time::Duration;
 
 use support::kafka::*;
-use tally::broker::EmbeddedBroker;
 use tally::gen::{self, GenSpec};
 use tally::replay::{self, From};
 use tally::{pod, topics};
 
 #[test]
 fn replaying_what_was_processed_live_finds_no_difference() {
+    if skip_on_tansu(
+        "tansu's high watermark undercounts, and replay reads raw-orders up to the high watermark, so it would replay a prefix",
+    ) {
+        return;
+    }
     let specs = topics::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
-    let broker = EmbeddedBroker::start(1, &specs).unwrap();
+    let broker = TestBroker::start(1, &specs);
     let brokers = broker.bootstrap_servers();
     // 20,000 orders 10 ms apart: 200 s of event time, so minutes close.
     let records = gen::generate(&GenSpec {
@@ -24,7 +28,10 @@ fn replaying_what_was_processed_live_finds_no_difference() {
         customers: 300,
         ..GenSpec::default()
     });
-    gen::produce(&brokers, "raw-orders", &[], &records, 0.0, &|| false).unwrap();
+    gen::produce(&brokers, &topic("raw-orders"), &[], &records, 0.0, &|| {
+        false
+    })
+    .unwrap();
     let cfg = pod_config(&brokers, "replay", temp_dir("replay"));
     let handle = pod::start(cfg.clone()).unwrap();
     let ends = end_offsets(&brokers, "raw-orders");

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::kafka::*;
-use tally::broker::EmbeddedBroker;
 use tally::gen::{self, Expect, GenSpec};
 use tally::metrics::Metrics;
 use tally::view::WindowQuery;
@@ -21,7 +20,7 @@ use tally::{pod, serving, topics};
 #[test]
 fn the_view_merges_every_partition_to_the_exact_truth() {
     let specs = topics::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
-    let broker = EmbeddedBroker::start(1, &specs).unwrap();
+    let broker = TestBroker::start(1, &specs);
     let brokers = broker.bootstrap_servers();
     let records = gen::generate(&GenSpec {
         count: 5_000,
@@ -29,7 +28,10 @@ fn the_view_merges_every_partition_to_the_exact_truth() {
         customers: 200,
         ..GenSpec::default()
     });
-    gen::produce(&brokers, "raw-orders", &[], &records, 0.0, &|| false).unwrap();
+    gen::produce(&brokers, &topic("raw-orders"), &[], &records, 0.0, &|| {
+        false
+    })
+    .unwrap();
 
     let metrics = Arc::new(Metrics::new());
     let cfg = pod_config(&brokers, "serving", temp_dir("serving"));
@@ -42,7 +44,7 @@ fn the_view_merges_every_partition_to_the_exact_truth() {
     let follower = serving::follow(
         &brokers,
         &[],
-        "revenue-windows",
+        &topic("revenue-windows"),
         cfg.grace_ms,
         metrics.clone(),
     )
@@ -107,7 +109,12 @@ fn the_view_merges_every_partition_to_the_exact_truth() {
             "{name} not exported by a live pod"
         );
     }
-    assert!(text.contains("tally_consumergroup_lag{consumergroup=\"serving\",partition=\"0\",topic=\"raw-orders\"} 0"), "{text}");
+    let lag0 = format!(
+        "tally_consumergroup_lag{{consumergroup=\"{}\",partition=\"0\",topic=\"{}\"}} 0",
+        group("serving"),
+        topic("raw-orders")
+    );
+    assert!(text.contains(&lag0), "{text}");
     follower.stop();
     handle.join().unwrap();
     let _ = std::fs::remove_dir_all(&cfg.state_dir);

@@ -10,12 +10,11 @@ use std::time::{Duration, Instant};
 
 use super::kafka::*;
 use super::procs::*;
-use tally::broker::EmbeddedBroker;
 use tally::gen::{self, GenRecord, GenSpec};
 use tally::topics;
 
 pub struct Run {
-    _broker: EmbeddedBroker,
+    _broker: TestBroker,
     pub brokers: String,
     records: Vec<GenRecord>,
     stop: Arc<AtomicBool>,
@@ -29,7 +28,7 @@ impl Run {
     pub fn start(name: &str, count: u64, rate: f64) -> Run {
         let specs =
             topics::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
-        let broker = EmbeddedBroker::start(1, &specs).unwrap();
+        let broker = TestBroker::start(1, &specs);
         let brokers = broker.bootstrap_servers();
         let records = gen::generate(&GenSpec {
             count,
@@ -45,7 +44,7 @@ impl Run {
         let producer = {
             let (brokers, records, stop) = (brokers.clone(), records.clone(), stop.clone());
             std::thread::spawn(move || {
-                gen::produce(&brokers, "raw-orders", &[], &records, rate, &|| {
+                gen::produce(&brokers, &topic("raw-orders"), &[], &records, rate, &|| {
                     stop.load(Ordering::SeqCst)
                 })
                 .unwrap()

@@ -1,5 +1,12 @@
-//! Kafka helpers for the pod's integration tests (mock cluster, no sleeps:
-//! everything waits by polling against a deadline).
+//! Kafka helpers for the pod's integration tests (no sleeps: everything
+//! waits by polling against a deadline).
+//!
+//! The tests run against librdkafka's mock cluster, in-process, or, when
+//! `TALLY_TEST_BROKERS` is set, against that external Kafka-compatible
+//! broker. There, every topic and group name gets a prefix unique to the
+//! test process, so runs never see each other's data: the helpers here take
+//! the plain names ("raw-orders") and apply it, and [`topic`] and [`group`]
+//! apply it where a test names a topic to the library itself.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -16,6 +23,142 @@ use tally::core::{WindowKind, WindowSpec};
 use tally::gen::{Expect, GenRecord};
 use tally::output::WindowRecord;
 
+/// The external broker under test, if any (`TALLY_TEST_BROKERS`).
+pub fn external_brokers() -> Option<String> {
+    std::env::var("TALLY_TEST_BROKERS")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+}
+
+fn prefix() -> &'static str {
+    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PREFIX.get_or_init(|| match external_brokers() {
+        Some(_) => format!("it{}x{}-", std::process::id(), tally::pod::now_ms()),
+        None => String::new(),
+    })
+}
+
+/// The name a topic of the declarations has on the broker under test.
+pub fn topic(name: &str) -> String {
+    format!("{}{name}", prefix())
+}
+
+/// The name of a consumer group on the broker under test.
+pub fn group(name: &str) -> String {
+    format!("{}{name}", prefix())
+}
+
+/// Skips the calling test on the external broker, saying why; a test calls
+/// it when it needs what only the mock cluster has (fault injection), or
+/// what the external broker is known not to do (see DESIGN §9 for tansu).
+pub fn skip_on_external(reason: &str) -> bool {
+    match external_brokers() {
+        Some(b) => {
+            eprintln!("SKIPPED on the external broker {b}: {reason}");
+            true
+        }
+        None => false,
+    }
+}
+
+/// Skips the calling test when the external broker is tansu
+/// (`TALLY_TEST_BROKER_KIND=tansu`), for one of its known gaps (DESIGN §9).
+pub fn skip_on_tansu(reason: &str) -> bool {
+    let tansu = external_brokers().is_some()
+        && std::env::var("TALLY_TEST_BROKER_KIND").is_ok_and(|k| k == "tansu");
+    if tansu {
+        eprintln!("SKIPPED on tansu: {reason}");
+    }
+    tansu
+}
+
+/// The broker under test, with the declared topics created.
+pub struct TestBroker {
+    mock: Option<tally::broker::EmbeddedBroker>,
+    brokers: String,
+}
+
+impl TestBroker {
+    /// A mock cluster of `n` brokers, or the external broker, with `specs`
+    /// (plain names) created.
+    pub fn start(n: i32, specs: &[tally::topics::TopicSpec]) -> TestBroker {
+        let Some(brokers) = external_brokers() else {
+            let mock = tally::broker::EmbeddedBroker::start(n, specs).unwrap();
+            return TestBroker {
+                brokers: mock.bootstrap_servers(),
+                mock: Some(mock),
+            };
+        };
+        let renamed: Vec<_> = specs
+            .iter()
+            .cloned()
+            .map(|mut s| {
+                s.name = topic(&s.name);
+                s
+            })
+            .collect();
+        // On a thread of its own: the caller may be inside a runtime.
+        std::thread::scope(|sc| {
+            sc.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(tally::topics::apply(&brokers, &[], &renamed))
+                    .unwrap_or_else(|e| panic!("creating the test topics on {brokers}: {e}"));
+            })
+            .join()
+            .unwrap();
+        });
+        // Wait until the broker knows every partition of every topic.
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .unwrap();
+        wait_until("the test topics to exist", Duration::from_secs(30), || {
+            renamed.iter().all(|s| {
+                consumer
+                    .fetch_metadata(Some(&s.name), Duration::from_secs(5))
+                    .is_ok_and(|md| {
+                        md.topics().first().is_some_and(|t| {
+                            t.error().is_none() && t.partitions().len() == s.partitions as usize
+                        })
+                    })
+            })
+        });
+        TestBroker {
+            mock: None,
+            brokers,
+        }
+    }
+
+    pub fn bootstrap_servers(&self) -> String {
+        self.brokers.clone()
+    }
+
+    /// The mock cluster, for fault injection; `None` on an external broker.
+    pub fn mock(&self) -> Option<&tally::broker::EmbeddedBroker> {
+        self.mock.as_ref()
+    }
+}
+
+/// `tally run`'s flags naming every topic, for child processes.
+pub fn topic_args() -> Vec<String> {
+    [
+        ("--input-topic", "raw-orders"),
+        ("--enriched-topic", "enriched-orders"),
+        ("--dlq-topic", "orders-dlq"),
+        ("--late-topic", "orders-late"),
+        ("--windows-topic", "revenue-windows"),
+        ("--fx-topic", "fx-rates"),
+        ("--alerts-topic", "order-alerts"),
+        ("--changelog-topic", "tally-changelog"),
+    ]
+    .iter()
+    .flat_map(|(flag, name)| [flag.to_string(), topic(name)])
+    .collect()
+}
+
 pub struct Rec {
     pub partition: i32,
     pub offset: i64,
@@ -25,7 +168,8 @@ pub struct Rec {
 }
 
 /// Every record of `topic`, read from the beginning to the high watermark.
-pub fn read_all(brokers: &str, topic: &str) -> Vec<Rec> {
+pub fn read_all(brokers: &str, name: &str) -> Vec<Rec> {
+    let topic = &topic(name);
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "tally-test-reader")
@@ -39,9 +183,7 @@ pub fn read_all(brokers: &str, topic: &str) -> Vec<Rec> {
     let mut tpl = TopicPartitionList::new();
     let mut ends = HashMap::new();
     for p in &parts {
-        let (lo, hi) = consumer
-            .fetch_watermarks(topic, *p, Duration::from_secs(10))
-            .expect("watermarks");
+        let (lo, hi) = watermarks(brokers, topic, *p);
         if hi > lo {
             tpl.add_partition_offset(topic, *p, Offset::Offset(lo))
                 .unwrap();
@@ -83,8 +225,54 @@ pub fn read_all(brokers: &str, topic: &str) -> Vec<Rec> {
     out
 }
 
+/// The low and high watermarks of a partition (`topic` as on the broker).
+///
+/// tansu's high watermark undercounts (DESIGN §9): it is one past the first
+/// offset of the last record batch, not of its last record. So on an
+/// external broker the last batch is read from there and its last record
+/// gives the true end; on a correct broker that batch is the last record
+/// itself, and the answer is the same.
+fn watermarks(brokers: &str, topic: &str, p: i32) -> (i64, i64) {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "tally-test-reader")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    let (lo, hi) = consumer
+        .fetch_watermarks(topic, p, Duration::from_secs(10))
+        .expect("watermarks");
+    if external_brokers().is_none() || hi <= lo {
+        return (lo, hi);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, p, Offset::Offset(hi - 1))
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = None;
+    // The batch arrives in one fetch response: once its first record is
+    // here, the rest are queued behind it.
+    while last.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "cannot read {topic}/{p} at {}",
+            hi - 1
+        );
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
+            last = Some(m.offset());
+        }
+    }
+    while let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
+        last = Some(m.offset());
+    }
+    (lo, last.map_or(hi, |o| o + 1).max(hi))
+}
+
 /// High watermark of every partition of `topic`.
-pub fn end_offsets(brokers: &str, topic: &str) -> BTreeMap<i32, i64> {
+pub fn end_offsets(brokers: &str, name: &str) -> BTreeMap<i32, i64> {
+    let topic = &topic(name);
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
@@ -95,20 +283,13 @@ pub fn end_offsets(brokers: &str, topic: &str) -> BTreeMap<i32, i64> {
     md.topics()[0]
         .partitions()
         .iter()
-        .map(|p| {
-            (
-                p.id(),
-                consumer
-                    .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
-                    .unwrap()
-                    .1,
-            )
-        })
+        .map(|p| (p.id(), watermarks(brokers, topic, p.id()).1))
         .collect()
 }
 
 /// The group's committed offsets for `topic`.
-pub fn committed(brokers: &str, group: &str, topic: &str) -> BTreeMap<i32, i64> {
+pub fn committed(brokers: &str, group_name: &str, name: &str) -> BTreeMap<i32, i64> {
+    let (topic, group) = (&topic(name), &group(group_name));
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
@@ -116,7 +297,7 @@ pub fn committed(brokers: &str, group: &str, topic: &str) -> BTreeMap<i32, i64> 
         .create()
         .unwrap();
     let mut tpl = TopicPartitionList::new();
-    for p in end_offsets(brokers, topic).keys() {
+    for p in end_offsets(brokers, name).keys() {
         tpl.add_partition(topic, *p);
     }
     let c = match consumer.committed_offsets(tpl, Duration::from_secs(10)) {
@@ -152,10 +333,18 @@ pub fn temp_dir(name: &str) -> PathBuf {
 }
 
 /// A pod config for tests: short session timeout, quick flushes.
-pub fn pod_config(brokers: &str, group: &str, state_dir: PathBuf) -> PodConfig {
+pub fn pod_config(brokers: &str, group_name: &str, state_dir: PathBuf) -> PodConfig {
     let mut c = PodConfig::from_env_and_defaults().expect("defaults");
     c.brokers = brokers.to_string();
-    c.group = group.to_string();
+    c.group = group(group_name);
+    c.input_topic = topic("raw-orders");
+    c.enriched_topic = topic("enriched-orders");
+    c.dlq_topic = topic("orders-dlq");
+    c.late_topic = topic("orders-late");
+    c.windows_topic = topic("revenue-windows");
+    c.fx_topic = topic("fx-rates");
+    c.alerts_topic = topic("order-alerts");
+    c.changelog_topic = topic("tally-changelog");
     c.state_dir = state_dir;
     c.apply_topics = false;
     c.session_timeout_ms = 6_000;
@@ -308,11 +497,11 @@ impl WindowsFollower {
             .create()
             .unwrap();
         let md = consumer
-            .fetch_metadata(Some("revenue-windows"), Duration::from_secs(10))
+            .fetch_metadata(Some(&topic("revenue-windows")), Duration::from_secs(10))
             .unwrap();
         let mut tpl = TopicPartitionList::new();
         for p in md.topics()[0].partitions() {
-            tpl.add_partition_offset("revenue-windows", p.id(), Offset::Beginning)
+            tpl.add_partition_offset(&topic("revenue-windows"), p.id(), Offset::Beginning)
                 .unwrap();
         }
         consumer.assign(&tpl).unwrap();

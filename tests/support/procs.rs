@@ -33,7 +33,14 @@ pub fn spawn_pod(name: &str, brokers: &str, group: &str, state: &Path, log: &Pat
         .open(log)
         .unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["run", "--brokers", brokers, "--group", group])
+        .args([
+            "run",
+            "--brokers",
+            brokers,
+            "--group",
+            &super::kafka::group(group),
+        ])
+        .args(super::kafka::topic_args())
         .args(["--http", &format!("127.0.0.1:{port}")])
         .args([
             "--apply-topics=false",
