@@ -408,3 +408,164 @@ pub fn serving(
         "freshness_p99_ms": pct(&fresh, 0.99),
     }))
 }
+
+/// `restore`: one partition holding `rows` state rows is restored from the
+/// changelog into an empty state directory; reports the pod's own restore
+/// time (`tally_restore_duration_seconds`: assignment to resumed).
+///
+/// The rows are real state: orders from distinct customers run through the
+/// engine (each leaves a session row and a dedup row), flushed, encoded as
+/// the pod encodes them, and produced to a one-partition changelog. The
+/// mock cluster keeps only about 5 MiB per partition, so this scenario
+/// needs `--brokers` (tansu in memory works: the last changelog record is
+/// produced alone, so tansu's undercounting high watermark is exact there).
+pub fn restore(
+    topics: &[TopicSpec],
+    base: &PodConfig,
+    rows: u64,
+    brokers: &str,
+) -> Result<serde_json::Value, BenchError> {
+    use crate::core::{Engine, FxTable};
+    let prefix = format!("bench{}-", pod::now_ms());
+    let specs: Vec<TopicSpec> = topics
+        .iter()
+        .cloned()
+        .map(|mut t| {
+            t.name = format!("{prefix}{}", t.name);
+            t.partitions = 1;
+            t
+        })
+        .collect();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| BenchError::Timeout(format!("runtime: {e}")))?;
+            rt.block_on(crate::topics::apply(brokers, &[], &specs))
+                .map_err(|e| BenchError::Timeout(format!("creating topics: {e}")))?;
+            Ok::<(), BenchError>(())
+        })
+        .join()
+        .map_err(|_| BenchError::Timeout("topic creation panicked".into()))?
+    })?;
+    let mut cfg = base.clone();
+    cfg.brokers = brokers.to_string();
+    cfg.group = format!("{prefix}group");
+    cfg.apply_topics = false;
+    cfg.input_topic = format!("{prefix}{}", base.input_topic);
+    cfg.enriched_topic = format!("{prefix}{}", base.enriched_topic);
+    cfg.dlq_topic = format!("{prefix}{}", base.dlq_topic);
+    cfg.late_topic = format!("{prefix}{}", base.late_topic);
+    cfg.windows_topic = format!("{prefix}{}", base.windows_topic);
+    cfg.fx_topic = format!("{prefix}{}", base.fx_topic);
+    cfg.alerts_topic = format!("{prefix}{}", base.alerts_topic);
+    cfg.changelog_topic = format!("{prefix}{}", base.changelog_topic);
+    cfg.state_dir = std::env::temp_dir().join(format!("tally-bench-{prefix}"));
+
+    // The state: one order per customer (a session row and a dedup row each).
+    let built = Instant::now();
+    let mut engine = Engine::new(
+        cfg.core().map_err(|e| BenchError::Timeout(e.to_string()))?,
+        FxTable::with_defaults(),
+    )
+    .map_err(|e| BenchError::Timeout(e.message))?;
+    // 6 ms apart: each window holds a few thousand customers, as in a
+    // steady stream (a window's row carries its customer set). Nothing is
+    // purged: no flush of this engine becomes durable.
+    let t0 = pod::now_ms() - (rows as i64 / 2) * 6 - 60_000;
+    let mut effects = Vec::new();
+    let orders = rows.div_ceil(2);
+    for i in 0..orders {
+        let payload = format!(
+            r#"{{"order_id":"o{i}","customer_id":"c{i}","amount":"{}.25","currency":"EUR","created_at":{},"region":"eu"}}"#,
+            1 + i % 500,
+            t0 + i as i64 * 6
+        );
+        engine.on_record(0, i as i64, payload.as_bytes(), t0, &mut effects);
+        effects.clear();
+    }
+    let mut changes = Vec::new();
+    engine.flush(&mut effects, &mut changes);
+    drop(engine);
+    let encoded = changes
+        .iter()
+        .map(crate::store::encode)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| BenchError::Timeout(e.to_string()))?;
+    drop(changes);
+    let state_rows = encoded.len();
+    let bytes: usize = encoded
+        .iter()
+        .map(|(_, k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+        .sum();
+
+    // Into the changelog, in large batches; the last record alone.
+    let producer: rdkafka::producer::BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "20")
+        .set("batch.size", "262144")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    let send = |k: &[u8], v: Option<&Vec<u8>>| -> Result<(), BenchError> {
+        loop {
+            let mut r = rdkafka::producer::BaseRecord::<[u8], [u8]>::to(&cfg.changelog_topic)
+                .partition(0)
+                .key(k);
+            if let Some(v) = v {
+                r = r.payload(v.as_slice());
+            }
+            producer.poll(Duration::ZERO);
+            match producer.send(r) {
+                Ok(()) => return Ok(()),
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    _,
+                )) => {
+                    producer.poll(Duration::from_millis(10));
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+    };
+    let (last, rest) = encoded
+        .split_last()
+        .ok_or(BenchError::Timeout("no state".into()))?;
+    for (_, k, v) in rest {
+        send(k, v.as_ref())?;
+    }
+    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(600))?;
+    send(&last.1, last.2.as_ref())?;
+    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(60))?;
+    drop(encoded);
+    let prepared_secs = built.elapsed().as_secs_f64();
+
+    // An empty pod takes the partition over.
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+    let started = Instant::now();
+    let handle = pod::start_with_metrics(cfg.clone(), metrics.clone())?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while metrics.restore_duration.get_sample_count() < 1 {
+        if Instant::now() > deadline || handle.is_finished() {
+            return Err(BenchError::Timeout("the partition was not restored".into()));
+        }
+        std::thread::park_timeout(Duration::from_millis(5));
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let restore_secs = metrics.restore_duration.get_sample_sum();
+    let restored = metrics.restore_records.get();
+    handle.join()?;
+    let _ = std::fs::remove_dir_all(&cfg.state_dir);
+    Ok(json!({
+        "scenario": "restore",
+        "state_rows": state_rows,
+        "changelog_bytes": bytes,
+        "restored_records": restored,
+        "restore_seconds": restore_secs,
+        "rows_per_sec": restored as f64 / restore_secs,
+        "pod_start_to_restored_seconds": wall,
+        "prepare_seconds": prepared_secs,
+    }))
+}

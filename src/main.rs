@@ -65,8 +65,9 @@ enum Command {
     },
     /// Measured scenarios on the embedded broker; one JSON line each.
     Bench {
-        /// Scenario: flush (throughput for several flush settings) or
-        /// serving (/revenue latency and freshness while ingesting).
+        /// Scenario: flush (throughput for several flush settings),
+        /// serving (/revenue latency and freshness while ingesting), or
+        /// restore (one partition of `--rows` state rows from the changelog).
         #[arg(long, default_value = "flush")]
         scenario: String,
         /// serving: ingest rate, events/s.
@@ -83,6 +84,12 @@ enum Command {
         events: u64,
         #[arg(long, default_value = "topics")]
         topics_dir: PathBuf,
+        /// restore: state rows in the partition.
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: u64,
+        /// restore: an external broker (the embedded one keeps ~5 MiB per partition).
+        #[arg(long = "brokers")]
+        external_brokers: Option<String>,
     },
     /// Topic management.
     Topics {
@@ -219,6 +226,8 @@ fn main() -> anyhow::Result<()> {
             rate,
             rps,
             seconds,
+            rows,
+            external_brokers,
         } => {
             init_logging(log_format_from_env());
             let specs = topics::load_dir(&topics_dir)?;
@@ -233,7 +242,13 @@ fn main() -> anyhow::Result<()> {
                         tally::bench::serving(&specs, &base, rate, rps, seconds)?
                     );
                 }
-                other => bail!("invalid scenario: {other:?} (known: flush, serving)"),
+                "restore" => {
+                    let Some(b) = external_brokers else {
+                        bail!("--scenario restore needs --brokers: the embedded broker keeps only about 5 MiB per partition")
+                    };
+                    println!("{}", tally::bench::restore(&specs, &base, rows, &b)?);
+                }
+                other => bail!("invalid scenario: {other:?} (known: flush, serving, restore)"),
             }
             Ok(())
         }

@@ -1067,6 +1067,9 @@ fn producer_config(cfg: &PodConfig) -> Result<ClientConfig, PodError> {
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("compression.type", "lz4")
+        // Changelog rows of busy windows carry large customer sets; the
+        // changelog topic allows records up to this size too.
+        .set("message.max.bytes", "67108864")
         .set("message.timeout.ms", "30000");
     for (k, v) in cfg.kafka_properties()? {
         c.set(k, v);
