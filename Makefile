@@ -20,12 +20,11 @@ test-tansu: deps
 	./scripts/test-tansu.sh
 
 ## Three pods as processes: SIGKILL + empty replacement, scale 3 -> 1 -> 3
-## (ignored by `make test` for now: unstable on 2 saturated cores).
+## (also part of `make test`).
 test-churn: deps
-	$(CARGO) test --test churn -- --ignored
+	$(CARGO) test --test churn
 
-## 100 SIGKILLs across three pods (ignored by `make test`: the mock
-## cluster's group coordinator can abort under that churn; see the test).
+## 100 SIGKILLs across three pods, about 75 s (a separate CI step).
 test-long-kill: deps
 	$(CARGO) test --test long_kill -- --ignored
 

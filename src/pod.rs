@@ -1195,38 +1195,33 @@ fn run_loop(
     let flush_budget = Duration::from_millis((cfg.max_poll_interval_ms / 3).min(10_000));
     let mut last_tick = Instant::now();
     while !shutdown.load(Ordering::SeqCst) {
-        match consumer.poll(Duration::from_millis(20)) {
-            Some(Ok(m)) => {
-                let mut proc = lock(&processor);
-                proc.on_message(
-                    m.partition(),
-                    m.offset(),
-                    m.key(),
-                    m.payload().unwrap_or_default(),
-                );
-                drop(m);
-                // Drain what is already fetched under one lock.
-                for _ in 0..1024 {
-                    match consumer.poll(Duration::ZERO) {
-                        Some(Ok(m)) => proc.on_message(
-                            m.partition(),
-                            m.offset(),
-                            m.key(),
-                            m.payload().unwrap_or_default(),
-                        ),
-                        Some(Err(e)) => {
-                            warn!(error = %e, "consume error");
-                            break;
-                        }
-                        None => break,
-                    }
+        // Never poll while holding the processor: a poll may run a rebalance
+        // callback, which takes the processor itself (a std Mutex is not
+        // reentrant). So each record takes the lock on its own; uncontended,
+        // that costs nanoseconds next to the record's processing.
+        let mut wait = Duration::from_millis(20);
+        for _ in 0..1024 {
+            match consumer.poll(wait) {
+                Some(Ok(m)) => {
+                    let mut proc = lock(&processor);
+                    proc.on_message(
+                        m.partition(),
+                        m.offset(),
+                        m.key(),
+                        m.payload().unwrap_or_default(),
+                    );
                     if proc.pending >= cfg.flush_max_events {
                         break;
                     }
                 }
+                Some(Err(e)) => {
+                    warn!(error = %e, "consume error");
+                    break;
+                }
+                None => break,
             }
-            Some(Err(e)) => warn!(error = %e, "consume error"),
-            None => {}
+            // Drain what is already fetched without waiting.
+            wait = Duration::ZERO;
         }
         let mut proc = lock(&processor);
         if !proc.restoring.is_empty() {

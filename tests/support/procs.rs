@@ -45,7 +45,7 @@ pub fn spawn_pod(name: &str, brokers: &str, group: &str, state: &Path, log: &Pat
         .args([
             "--apply-topics=false",
             "--session-timeout-ms",
-            "1000",
+            "3000",
             "--flush-interval-ms",
             "50",
         ])
