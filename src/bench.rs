@@ -73,9 +73,29 @@ pub fn pod_throughput(
         .find(|t| t.name == base.input_topic)
         .map(|t| t.partitions)
         .unwrap_or(1);
+    measure_pod(
+        &brokers,
+        base,
+        records.len() as i64,
+        partitions,
+        "bench",
+        tweak,
+    )
+}
+
+/// Runs one pod over `total` records already in the input topic: events/s
+/// from the first record processed to the last offset committed.
+fn measure_pod(
+    brokers: &str,
+    base: &PodConfig,
+    total: i64,
+    partitions: i32,
+    group: &str,
+    tweak: &dyn Fn(&mut PodConfig),
+) -> Result<serde_json::Value, BenchError> {
     let mut cfg = base.clone();
-    cfg.brokers = brokers.clone();
-    cfg.group = "bench".into();
+    cfg.brokers = brokers.to_string();
+    cfg.group = group.into();
     cfg.apply_topics = false;
     cfg.state_dir = std::env::temp_dir().join(format!(
         "tally-bench-{}-{}",
@@ -86,7 +106,6 @@ pub fn pod_throughput(
     let handle = pod::start(cfg.clone())?;
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut first: Option<Instant> = None;
-    let total = records.len() as i64;
     loop {
         if first.is_none()
             && handle
@@ -97,7 +116,7 @@ pub fn pod_throughput(
         {
             first = Some(Instant::now());
         }
-        if committed_sum(&brokers, "bench", &cfg.input_topic, partitions)? >= total {
+        if committed_sum(brokers, group, &cfg.input_topic, partitions)? >= total {
             break;
         }
         if Instant::now() > deadline {
@@ -120,6 +139,72 @@ pub fn pod_throughput(
         "seconds": secs,
         "events_per_sec": total as f64 / secs,
         "flushes": flushes,
+    }))
+}
+
+/// `ceiling`: the raw consume rate of a pre-filled input topic (rdkafka, no
+/// processing), then the full job on the same broker and topic, and their
+/// ratio, measured in one run.
+pub fn ceiling(
+    topics: &[TopicSpec],
+    base: &PodConfig,
+    events: u64,
+) -> Result<serde_json::Value, BenchError> {
+    let broker = EmbeddedBroker::start(1, topics)?;
+    let brokers = broker.bootstrap_servers();
+    let records = gen::generate(&GenSpec {
+        count: events,
+        customers: 10_000,
+        ..GenSpec::default()
+    });
+    gen::produce(&brokers, &base.input_topic, &[], &records, 0.0, &|| false)?;
+    let total = records.len() as i64;
+    drop(records);
+    let partitions = topics
+        .iter()
+        .find(|t| t.name == base.input_topic)
+        .map(|t| t.partitions)
+        .unwrap_or(1);
+
+    // Raw consume: same client settings as the pod's fetches, no processing.
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "bench-raw")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(&base.input_topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let (mut n, mut bytes, mut first) = (0i64, 0usize, None);
+    while n < total {
+        if Instant::now() > deadline {
+            return Err(BenchError::Timeout("raw consume did not finish".into()));
+        }
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            let m = m?;
+            first.get_or_insert_with(Instant::now);
+            bytes += rdkafka::message::Message::payload(&m).map_or(0, <[u8]>::len);
+            n += 1;
+        }
+    }
+    let raw_secs = first.map_or(f64::NAN, |f| f.elapsed().as_secs_f64());
+    drop(consumer);
+    let raw = total as f64 / raw_secs;
+
+    let job = measure_pod(&brokers, base, total, partitions, "bench-ceiling", &|_| {})?;
+    let job_rate = job["events_per_sec"].as_f64().unwrap_or(f64::NAN);
+    Ok(json!({
+        "scenario": "ceiling",
+        "events": total,
+        "payload_bytes": bytes,
+        "raw_consume_events_per_sec": raw,
+        "full_job_events_per_sec": job_rate,
+        "full_job_over_ceiling": job_rate / raw,
+        "full_job_flushes": job["flushes"],
     }))
 }
 

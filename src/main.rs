@@ -67,6 +67,7 @@ enum Command {
     Bench {
         /// Scenario: flush (throughput for several flush settings),
         /// serving (/revenue latency and freshness while ingesting), or
+        /// ceiling (raw consume rate vs. the full job, one run), or
         /// restore (one partition of `--rows` state rows from the changelog).
         #[arg(long, default_value = "flush")]
         scenario: String,
@@ -242,13 +243,18 @@ fn main() -> anyhow::Result<()> {
                         tally::bench::serving(&specs, &base, rate, rps, seconds)?
                     );
                 }
+                "ceiling" => {
+                    println!("{}", tally::bench::ceiling(&specs, &base, events)?);
+                }
                 "restore" => {
                     let Some(b) = external_brokers else {
                         bail!("--scenario restore needs --brokers: the embedded broker keeps only about 5 MiB per partition")
                     };
                     println!("{}", tally::bench::restore(&specs, &base, rows, &b)?);
                 }
-                other => bail!("invalid scenario: {other:?} (known: flush, serving, restore)"),
+                other => {
+                    bail!("invalid scenario: {other:?} (known: flush, serving, ceiling, restore)")
+                }
             }
             Ok(())
         }
