@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs the system packages the build needs, if any are missing:
 # libclang-dev for RocksDB's bindgen, a C/C++ toolchain, make, perl and
-# zlib headers for the bundled librdkafka, and Chromium for the live page
-# test. Debian/Ubuntu only; elsewhere it
+# zlib headers for the bundled librdkafka, Chromium for the live page
+# test, and Python with venv for the manifest checks and the tansu script.
+# Debian/Ubuntu only; elsewhere it
 # says what is needed and leaves it to you.
 set -euo pipefail
 
-PACKAGES=(build-essential libclang-dev pkg-config zlib1g-dev perl python3 chromium)
+PACKAGES=(build-essential libclang-dev pkg-config zlib1g-dev perl python3 python3-venv chromium)
 
 missing=()
 if command -v dpkg-query >/dev/null 2>&1; then
