@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# tally vs. the Quix Streams peer, one after the other, on the same broker
+# (tansu, in memory) and the same pre-filled raw-orders topic. Prints one
+# JSON line per side and the ratio. Usage (from the repository root):
+#   benches/peers/run.sh [EVENTS]        # default 100000
+# Needs: a release build (cargo build --release), tansu (scripts/test-tansu.sh
+# installs it), Python 3 with venv (the peer's venv is cached).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+EVENTS="${1:-100000}"
+TOOLS="${TALLY_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tally-tools}"
+TARGET="${CARGO_TARGET_DIR:-target}"
+TALLY="$TARGET/release/tally"
+[ -x "$TALLY" ] || cargo build --release --bin tally
+VENV="$TOOLS/quix-venv"
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import quixstreams' 2>/dev/null; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q "quixstreams==3.28.1"
+fi
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+B="127.0.0.1:$PORT"
+"$TOOLS/bin/tansu" broker --listener-url "tcp://$B" --advertised-listener-url "tcp://$B" \
+  --storage-engine memory://tansu/ >/dev/null 2>&1 &
+TANSU=$!
+STATE=$(mktemp -d)
+trap 'kill $TANSU 2>/dev/null || true; kill $POD 2>/dev/null || true; rm -rf "$STATE"' EXIT
+POD=""
+for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.1; done
+"$TALLY" topics apply --brokers "$B" >/dev/null
+"$TALLY" gen --brokers "$B" --count "$EVENTS" --customers 10000 >/dev/null
+
+# The peer: it stops itself after EVENTS input records.
+PEER=$("$VENV/bin/python" benches/peers/quix_job.py --brokers "$B" --count "$EVENTS" 2>/dev/null | tail -1)
+echo "$PEER"
+
+# tally: one pod, timed from its first record to the last, from /metrics.
+HTTP_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+TALLY_LOG=warn "$TALLY" run --brokers "$B" --group "tally-peer-bench" --state-dir "$STATE" \
+  --http "127.0.0.1:$HTTP_PORT" --apply-topics=false --assignment-strategy range >/dev/null 2>&1 &
+POD=$!
+TALLY_LINE=$(python3 - "$HTTP_PORT" "$EVENTS" <<'PY'
+import json, sys, time, urllib.request
+port, total = sys.argv[1], int(sys.argv[2])
+def consumed():
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith("tally_records_consumed_total "):
+            return int(float(line.split()[1]))
+    return 0
+deadline, first = time.monotonic() + 600, None
+while time.monotonic() < deadline:
+    n = consumed()
+    if n > 0 and first is None:
+        first = time.monotonic()
+    if n >= total:
+        secs = time.monotonic() - first
+        print(json.dumps({"scenario": "peer", "peer": "tally", "events": n, "seconds": secs, "events_per_sec": n / secs}))
+        break
+    time.sleep(0.02)
+else:
+    sys.exit("tally did not consume every record in time")
+PY
+)
+echo "$TALLY_LINE"
+python3 - "$PEER" "$TALLY_LINE" <<'PY'
+import json, sys
+peer, tally = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+print(json.dumps({"scenario": "peer_ratio", "tally_over_quix": tally["events_per_sec"] / peer["events_per_sec"]}))
+PY
