@@ -8,7 +8,7 @@ DESIGN §3, FX to USD), then:
 
 It stops after --count input records and prints one JSON line: events/s from
 the first record to the last. Usage:
-  python quix_job.py --brokers HOST:PORT --count 100000
+  python quix_job.py --brokers HOST:PORT --count 100000 --state-dir /tmp/quix-state
 """
 
 import argparse
@@ -77,6 +77,7 @@ def main():
     ap.add_argument("--brokers", required=True)
     ap.add_argument("--topic", default="raw-orders")
     ap.add_argument("--count", type=int, required=True)
+    ap.add_argument("--state-dir", required=True, help="the peer's RocksDB state (a scratch directory)")
     args = ap.parse_args()
 
     app = Application(
@@ -84,6 +85,7 @@ def main():
         consumer_group=f"quix-peer-{int(time.time())}",
         auto_offset_reset="earliest",
         use_changelog_topics=False,
+        state_dir=args.state_dir,
     )
     topic = app.topic(args.topic, value_deserializer="bytes", timestamp_extractor=None)
     seen = {"n": 0, "first": None}

@@ -30,12 +30,13 @@ for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && br
 "$TALLY" gen --brokers "$B" --count "$EVENTS" --customers 10000 >/dev/null
 
 # The peer: it stops itself after EVENTS input records.
-PEER=$("$VENV/bin/python" benches/peers/quix_job.py --brokers "$B" --count "$EVENTS" 2>/dev/null | tail -1)
+PEER=$("$VENV/bin/python" benches/peers/quix_job.py --brokers "$B" --count "$EVENTS" \
+  --state-dir "$STATE/quix" 2>/dev/null | tail -1)
 echo "$PEER"
 
 # tally: one pod, timed from its first record to the last, from /metrics.
 HTTP_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-TALLY_LOG=warn "$TALLY" run --brokers "$B" --group "tally-peer-bench" --state-dir "$STATE" \
+TALLY_LOG=warn "$TALLY" run --brokers "$B" --group "tally-peer-bench" --state-dir "$STATE/tally" \
   --http "127.0.0.1:$HTTP_PORT" --apply-topics=false --assignment-strategy range >/dev/null 2>&1 &
 POD=$!
 TALLY_LINE=$(python3 - "$HTTP_PORT" "$EVENTS" <<'PY'
