@@ -30,6 +30,18 @@ pub enum BenchError {
     Pod(#[from] pod::PodError),
     #[error("timed out: {0}")]
     Timeout(String),
+    #[error("topics: {0}")]
+    Topics(#[from] crate::topics::TopicError),
+    #[error("configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("state: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("serving: {0}")]
+    Serving(#[from] crate::serving::ServingError),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 fn committed_sum(
@@ -308,13 +320,11 @@ pub fn serving(
     ));
     let handle = pod::start_with_metrics(cfg.clone(), metrics.clone())?;
     let follower =
-        crate::serving::follow(&brokers, &[], &cfg.windows_topic, 10_000, metrics.clone())
-            .map_err(|e| BenchError::Timeout(e.to_string()))?;
+        crate::serving::follow(&brokers, &[], &cfg.windows_topic, 10_000, metrics.clone())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
-        .build()
-        .map_err(|e| BenchError::Timeout(e.to_string()))?;
+        .build()?;
     let state = crate::http::AppState {
         view: follower.view.clone(),
         view_caught_up: follower.caught_up.clone(),
@@ -323,12 +333,8 @@ pub fn serving(
         metrics: metrics.clone(),
         webhook: None,
     };
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .map_err(|e| BenchError::Timeout(e.to_string()))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| BenchError::Timeout(e.to_string()))?;
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let addr = listener.local_addr()?;
     rt.spawn(async move { axum::serve(listener, crate::http::app(state)).await });
 
     // Steady state only: start measuring once the pod has its partitions
@@ -462,10 +468,10 @@ pub fn serving(
     stop.store(true, Ordering::SeqCst);
     let sent = load
         .join()
-        .map_err(|_| BenchError::Timeout("generator panicked".into()))?;
+        .map_err(|_| BenchError::Invalid("the generator thread panicked".into()))?;
     let mut fresh = probes
         .join()
-        .map_err(|_| BenchError::Timeout("probe panicked".into()))??;
+        .map_err(|_| BenchError::Invalid("the probe thread panicked".into()))??;
     let consumed = handle
         .stats
         .records
@@ -521,40 +527,22 @@ pub fn restore(
             t
         })
         .collect();
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| BenchError::Timeout(format!("runtime: {e}")))?;
-            rt.block_on(crate::topics::apply(brokers, &[], &specs))
-                .map_err(|e| BenchError::Timeout(format!("creating topics: {e}")))?;
-            Ok::<(), BenchError>(())
-        })
-        .join()
-        .map_err(|_| BenchError::Timeout("topic creation panicked".into()))?
-    })?;
+    crate::topics::apply_blocking(brokers, &[], &specs)?;
     let mut cfg = base.clone();
     cfg.brokers = brokers.to_string();
     cfg.group = format!("{prefix}group");
     cfg.apply_topics = false;
-    cfg.input_topic = format!("{prefix}{}", base.input_topic);
-    cfg.enriched_topic = format!("{prefix}{}", base.enriched_topic);
-    cfg.dlq_topic = format!("{prefix}{}", base.dlq_topic);
-    cfg.late_topic = format!("{prefix}{}", base.late_topic);
-    cfg.windows_topic = format!("{prefix}{}", base.windows_topic);
-    cfg.fx_topic = format!("{prefix}{}", base.fx_topic);
-    cfg.alerts_topic = format!("{prefix}{}", base.alerts_topic);
-    cfg.changelog_topic = format!("{prefix}{}", base.changelog_topic);
+    cfg.prefix_topics(&prefix);
     cfg.state_dir = std::env::temp_dir().join(format!("tally-bench-{prefix}"));
 
     // The state: one order per customer (a session row and a dedup row each).
     let built = Instant::now();
-    let mut engine = Engine::new(
-        cfg.core().map_err(|e| BenchError::Timeout(e.to_string()))?,
-        FxTable::with_defaults(),
-    )
-    .map_err(|e| BenchError::Timeout(e.message))?;
+    let mut engine = Engine::new(cfg.core()?, FxTable::with_defaults()).map_err(|e| {
+        crate::config::ConfigError::Invalid {
+            field: e.field,
+            message: e.message,
+        }
+    })?;
     // 6 ms apart: each window holds a few thousand customers, as in a
     // steady stream (a window's row carries its customer set). Nothing is
     // purged: no flush of this engine becomes durable.
@@ -576,8 +564,7 @@ pub fn restore(
     let encoded = changes
         .iter()
         .map(crate::store::encode)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| BenchError::Timeout(e.to_string()))?;
+        .collect::<Result<Vec<_>, _>>()?;
     drop(changes);
     let state_rows = encoded.len();
     let bytes: usize = encoded
@@ -617,7 +604,7 @@ pub fn restore(
     };
     let (last, rest) = encoded
         .split_last()
-        .ok_or(BenchError::Timeout("no state".into()))?;
+        .ok_or(BenchError::Invalid("--rows must be > 0".into()))?;
     for (_, k, v) in rest {
         send(k, v.as_ref())?;
     }

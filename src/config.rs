@@ -372,6 +372,23 @@ impl PodConfig {
         Ok(())
     }
 
+    /// Puts `prefix` before every topic name, so runs on a shared broker
+    /// (benchmarks, tests) never see each other's data.
+    pub fn prefix_topics(&mut self, prefix: &str) {
+        for t in [
+            &mut self.input_topic,
+            &mut self.enriched_topic,
+            &mut self.dlq_topic,
+            &mut self.late_topic,
+            &mut self.windows_topic,
+            &mut self.fx_topic,
+            &mut self.alerts_topic,
+            &mut self.changelog_topic,
+        ] {
+            t.insert_str(0, prefix);
+        }
+    }
+
     /// Extra librdkafka properties as pairs.
     pub fn kafka_properties(&self) -> Result<Vec<(String, String)>, ConfigError> {
         let mut out = Vec::new();

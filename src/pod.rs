@@ -377,10 +377,10 @@ impl Processor {
     /// Advances the restore of one queued partition for at most `budget`,
     /// outside the rebalance callback: the main loop keeps polling the group
     /// between steps, so a long restore cannot stall a rebalance or exceed
-    /// `max.poll.interval.ms`. Returns whether a restore is still queued.
-    fn restore_step(&mut self, consumer: &BaseConsumer<PodContext>, budget: Duration) -> bool {
+    /// `max.poll.interval.ms`.
+    fn restore_step(&mut self, consumer: &BaseConsumer<PodContext>, budget: Duration) {
         let Some(p) = self.restoring.keys().next().copied() else {
-            return false;
+            return;
         };
         let deadline = Instant::now() + budget;
         let done = match self.catch_up_from_changelog(p, deadline) {
@@ -400,10 +400,10 @@ impl Processor {
             }
         };
         if !done {
-            return true;
+            return;
         }
         let Some(r) = self.restoring.remove(&p) else {
-            return !self.restoring.is_empty();
+            return;
         };
         self.restoring_changed();
         self.metrics
@@ -451,7 +451,6 @@ impl Processor {
                 error!(partition = p, error = %e, "resume after restore failed");
             }
         }
-        !self.restoring.is_empty()
     }
 
     /// Applies the changelog records of partition `p` that the local store
@@ -619,10 +618,7 @@ impl Processor {
         let produce_started = Instant::now();
         if !self.outputs_acked {
             if let Err(e) = self.produce_all(&self.out, started + budget) {
-                self.retrying = true;
-                add(&self.stats.flush_failures, 1);
-                self.metrics.flush_failures.inc();
-                return Err(e);
+                return Err(self.flush_failed(e));
             }
             self.outputs_acked = true;
             if let Ok(mut st) = self.producer.context().status.lock() {
@@ -630,10 +626,7 @@ impl Processor {
             }
         }
         if let Err(e) = self.produce_all(&self.changelog_out, started + budget) {
-            self.retrying = true;
-            add(&self.stats.flush_failures, 1);
-            self.metrics.flush_failures.inc();
-            return Err(e);
+            return Err(self.flush_failed(e));
         }
         self.retrying = false;
         self.outputs_acked = false;
@@ -669,6 +662,15 @@ impl Processor {
         self.pending = 0;
         self.last_flush = Instant::now();
         Ok(())
+    }
+
+    /// A flush that could not get its records acknowledged: the next call
+    /// retries the same batch.
+    fn flush_failed(&mut self, e: PodError) -> PodError {
+        self.retrying = true;
+        add(&self.stats.flush_failures, 1);
+        self.metrics.flush_failures.inc();
+        e
     }
 
     fn statuses(&self) -> Vec<u8> {

@@ -40,6 +40,8 @@ pub enum TopicError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("topic {0} does not exist and could not be created")]
     Missing(String),
+    #[error("cannot start a runtime to apply the topics: {0}")]
+    Runtime(std::io::Error),
 }
 
 /// Reads every `*.toml` in `dir`, sorted by name.
@@ -105,6 +107,26 @@ pub fn existing(
         .filter(|t| t.error().is_none())
         .map(|t| (t.name().to_string(), t.partitions().len() as i32))
         .collect())
+}
+
+/// [`apply`] from synchronous code, inside a runtime or not: it runs on a
+/// thread of its own with a runtime of its own.
+pub fn apply_blocking(
+    brokers: &str,
+    extra: &[(String, String)],
+    specs: &[TopicSpec],
+) -> Result<Vec<(String, TopicStatus)>, TopicError> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(TopicError::Runtime)?
+                .block_on(apply(brokers, extra, specs))
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 /// Creates the missing topics and compares partition counts of the rest.
