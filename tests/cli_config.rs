@@ -3,12 +3,9 @@
 
 mod support;
 
-use support::kafka::TestBroker;
+use support::kafka::{declared_topics, TestBroker};
 
-use std::path::Path;
 use std::process::{Command, Output};
-
-use tally::topics;
 
 fn tally(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tally"));
@@ -89,7 +86,7 @@ fn bad_flags_env_and_files_name_the_field() {
 
 #[test]
 fn a_missing_input_topic_is_a_clear_error() {
-    let specs = topics::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
+    let specs = declared_topics();
     let broker = TestBroker::start(1, &specs);
     let dir = support::kafka::temp_dir("notopic");
     let brokers = broker.bootstrap_servers();

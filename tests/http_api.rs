@@ -5,9 +5,8 @@
 
 mod support;
 
-use support::kafka::{topic, TestBroker};
+use support::kafka::{declared_topics, topic, TestBroker};
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -359,8 +358,7 @@ fn post(body: &[u8], sig: Option<String>) -> Request<Body> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_webhook_verifies_then_produces() {
-    let specs =
-        tally::topics::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
+    let specs = declared_topics();
     let broker = TestBroker::start(1, &specs);
     let st = webhook_state(&broker.bootstrap_servers());
     let good = br#"{"order_id":"w-1","customer_id":"c9","amount":"12.50","currency":"eur","created_at":"2024-05-01T12:00:00Z"}"#;

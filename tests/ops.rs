@@ -20,8 +20,8 @@ use support::kafka::*;
 use support::manifests::{at, pod_config_from_env, root, str_at, yaml_docs};
 use tally::gen::{self, GenSpec};
 use tally::http::{app, AppState};
+use tally::pod;
 use tally::view::View;
-use tally::{pod, topics};
 use tower::ServiceExt;
 
 /// `ENV` settings of the Dockerfile's final stage, and the instructions.
@@ -355,7 +355,7 @@ fn query_metrics(q: &str) -> BTreeSet<String> {
 /// What a live pod exports: a pod that processed valid, invalid, late and
 /// duplicate orders, flushed, and answered an HTTP request.
 fn live_metrics() -> String {
-    let specs = topics::load_dir(&root().join("topics")).unwrap();
+    let specs = declared_topics();
     let broker = TestBroker::start(1, &specs);
     let brokers = broker.bootstrap_servers();
     let records = gen::generate(&GenSpec {
@@ -370,12 +370,14 @@ fn live_metrics() -> String {
         false
     })
     .unwrap();
-    let ends = end_offsets(&brokers, "raw-orders");
     let dir = temp_dir("ops-metrics");
     let handle = pod::start(pod_config(&brokers, "ops", dir.clone())).unwrap();
-    wait_until("every offset committed", Duration::from_secs(60), || {
-        committed(&brokers, "ops", "raw-orders") == ends
-    });
+    wait_all_committed(
+        &brokers,
+        "ops",
+        "every offset committed",
+        Duration::from_secs(60),
+    );
     let state = AppState {
         view: Arc::new(RwLock::new(View::new(0))),
         view_caught_up: Arc::new(AtomicBool::new(true)),

@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,7 +16,7 @@ use support::kafka::*;
 use tally::gen::{self, GenSpec};
 use tally::http::{app, AppState};
 use tally::metrics::Metrics;
-use tally::{pod, serving, topics};
+use tally::{pod, serving};
 use tower::ServiceExt;
 
 fn chromium() -> String {
@@ -59,7 +58,7 @@ fn row_of(dom: &str, currency: &str) -> Option<Vec<String>> {
 #[test]
 fn the_live_page_shows_the_numbers_of_revenue() {
     let browser = chromium();
-    let specs = topics::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
+    let specs = declared_topics();
     let broker = TestBroker::start(1, &specs);
     let brokers = broker.bootstrap_servers();
     let records = gen::generate(&GenSpec {
@@ -74,10 +73,12 @@ fn the_live_page_shows_the_numbers_of_revenue() {
     let metrics = Arc::new(Metrics::new());
     let cfg = pod_config(&brokers, "page", temp_dir("page"));
     let handle = pod::start_with_metrics(cfg.clone(), metrics.clone()).unwrap();
-    let ends = end_offsets(&brokers, "raw-orders");
-    wait_until("the pod to catch up", Duration::from_secs(90), || {
-        committed(&brokers, "page", "raw-orders") == ends
-    });
+    wait_all_committed(
+        &brokers,
+        "page",
+        "the pod to catch up",
+        Duration::from_secs(90),
+    );
     handle.join().unwrap();
 
     // The view has applied every revenue-windows record: numbers are stable.

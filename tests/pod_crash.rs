@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use support::kafka::*;
 use tally::gen::{self, Expect, GenSpec};
-use tally::topics;
 
 /// SIGKILLs that must land on a pod that was processing.
 const KILLS: usize = 20;
@@ -75,7 +74,7 @@ fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     ) {
         return;
     }
-    let specs = topics::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
+    let specs = declared_topics();
     let broker = TestBroker::start(1, &specs);
     let brokers = broker.bootstrap_servers();
     let records = gen::generate(&GenSpec {

@@ -4,16 +4,14 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::time::Duration;
 
 use support::kafka::*;
 use tally::gen::{self, Expect, GenSpec};
 use tally::pod;
-use tally::topics;
 
 fn broker() -> TestBroker {
-    let specs = topics::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
+    let specs = declared_topics();
     TestBroker::start(1, &specs)
 }
 

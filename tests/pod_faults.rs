@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -12,7 +11,7 @@ use rdkafka::mocking::MockCoordinator;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use support::kafka::*;
 use tally::gen::{self, GenSpec};
-use tally::{pod, topics};
+use tally::pod;
 
 #[test]
 fn request_errors_and_a_broker_outage_lose_and_double_nothing() {
@@ -21,7 +20,7 @@ fn request_errors_and_a_broker_outage_lose_and_double_nothing() {
     ) {
         return;
     }
-    let specs = topics::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
+    let specs = declared_topics();
     let broker = TestBroker::start(3, &specs);
     let brokers = broker.bootstrap_servers();
     let cluster = broker.mock().expect("the mock cluster").cluster();
@@ -49,10 +48,7 @@ fn request_errors_and_a_broker_outage_lose_and_double_nothing() {
     let handle = pod::start(cfg.clone()).unwrap();
     let stats = handle.stats.clone();
     let caught_up = |what: &str| {
-        let ends = end_offsets(&brokers, "raw-orders");
-        wait_until(what, Duration::from_secs(120), || {
-            committed(&brokers, "faults", "raw-orders") == ends
-        });
+        wait_all_committed(&brokers, "faults", what, Duration::from_secs(120));
     };
 
     gen::produce(&brokers, &topic("raw-orders"), &[], a, 0.0, &|| false).unwrap();

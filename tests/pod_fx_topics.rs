@@ -2,7 +2,6 @@
 
 mod support;
 
-use std::path::Path;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
@@ -12,7 +11,7 @@ use tally::pod;
 use tally::topics::{self, TopicSpec, TopicStatus};
 
 fn specs() -> Vec<TopicSpec> {
-    topics::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap()
+    declared_topics()
 }
 
 fn send(brokers: &str, topic: &str, key: &str, payload: &str) {

@@ -5,13 +5,12 @@
 
 mod support;
 
-use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use support::kafka::*;
 use tally::gen::{self, GenSpec};
-use tally::{pod, topics};
+use tally::pod;
 
 #[test]
 fn a_partition_moves_through_the_changelog() {
@@ -20,7 +19,7 @@ fn a_partition_moves_through_the_changelog() {
     ) {
         return;
     }
-    let specs = topics::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
+    let specs = declared_topics();
     let broker = TestBroker::start(1, &specs);
     let brokers = broker.bootstrap_servers();
     let records = gen::generate(&GenSpec {
@@ -32,10 +31,12 @@ fn a_partition_moves_through_the_changelog() {
     let (a, rest) = records.split_at(3_000);
     let (b, c) = rest.split_at(3_000);
     let caught_up = || {
-        let ends = end_offsets(&brokers, "raw-orders");
-        wait_until("the pod to catch up", Duration::from_secs(90), || {
-            committed(&brokers, "restore", "raw-orders") == ends
-        });
+        wait_all_committed(
+            &brokers,
+            "restore",
+            "the pod to catch up",
+            Duration::from_secs(90),
+        );
     };
 
     // Pod 1 processes the first third, then stops.

@@ -3,13 +3,12 @@
 
 mod support;
 
-use std::path::Path;
 use std::time::Duration;
 
 use support::kafka::*;
 use tally::gen::{self, GenSpec};
+use tally::pod;
 use tally::replay::{self, From};
-use tally::{pod, topics};
 
 #[test]
 fn replaying_what_was_processed_live_finds_no_difference() {
@@ -18,7 +17,7 @@ fn replaying_what_was_processed_live_finds_no_difference() {
     ) {
         return;
     }
-    let specs = topics::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
+    let specs = declared_topics();
     let broker = TestBroker::start(1, &specs);
     let brokers = broker.bootstrap_servers();
     // 20,000 orders 10 ms apart: 200 s of event time, so minutes close.
@@ -34,10 +33,12 @@ fn replaying_what_was_processed_live_finds_no_difference() {
     .unwrap();
     let cfg = pod_config(&brokers, "replay", temp_dir("replay"));
     let handle = pod::start(cfg.clone()).unwrap();
-    let ends = end_offsets(&brokers, "raw-orders");
-    wait_until("the pod to catch up", Duration::from_secs(120), || {
-        committed(&brokers, "replay", "raw-orders") == ends
-    });
+    wait_all_committed(
+        &brokers,
+        "replay",
+        "the pod to catch up",
+        Duration::from_secs(120),
+    );
     handle.join().unwrap();
 
     let report = replay::run(&cfg, From::Offset(0)).unwrap();

@@ -6,7 +6,6 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,11 +14,11 @@ use support::kafka::*;
 use tally::gen::{self, Expect, GenSpec};
 use tally::metrics::Metrics;
 use tally::view::WindowQuery;
-use tally::{pod, serving, topics};
+use tally::{pod, serving};
 
 #[test]
 fn the_view_merges_every_partition_to_the_exact_truth() {
-    let specs = topics::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
+    let specs = declared_topics();
     let broker = TestBroker::start(1, &specs);
     let brokers = broker.bootstrap_servers();
     let records = gen::generate(&GenSpec {
@@ -36,10 +35,12 @@ fn the_view_merges_every_partition_to_the_exact_truth() {
     let metrics = Arc::new(Metrics::new());
     let cfg = pod_config(&brokers, "serving", temp_dir("serving"));
     let handle = pod::start_with_metrics(cfg.clone(), metrics.clone()).unwrap();
-    let ends = end_offsets(&brokers, "raw-orders");
-    wait_until("the pod to catch up", Duration::from_secs(90), || {
-        committed(&brokers, "serving", "raw-orders") == ends
-    });
+    wait_all_committed(
+        &brokers,
+        "serving",
+        "the pod to catch up",
+        Duration::from_secs(90),
+    );
 
     let follower = serving::follow(
         &brokers,

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use super::kafka::*;
 use super::procs::*;
 use tally::gen::{self, GenRecord, GenSpec};
-use tally::topics;
 
 pub struct Run {
     _broker: TestBroker,
@@ -26,8 +25,7 @@ pub struct Run {
 
 impl Run {
     pub fn start(name: &str, count: u64, rate: f64) -> Run {
-        let specs =
-            topics::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
+        let specs = declared_topics();
         let broker = TestBroker::start(1, &specs);
         let brokers = broker.bootstrap_servers();
         let records = gen::generate(&GenSpec {

@@ -72,6 +72,21 @@ pub fn skip_on_tansu(reason: &str) -> bool {
     tansu
 }
 
+/// The repository's topic declarations (`topics/`).
+pub fn declared_topics() -> Vec<tally::topics::TopicSpec> {
+    tally::topics::load_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("topics"))
+        .expect("topics/ loads")
+}
+
+/// Waits until `group` has committed every offset of `raw-orders` that
+/// exists now (the input is fully processed and durable).
+pub fn wait_all_committed(brokers: &str, group: &str, what: &str, timeout: Duration) {
+    let ends = end_offsets(brokers, "raw-orders");
+    wait_until(what, timeout, || {
+        committed(brokers, group, "raw-orders") == ends
+    });
+}
+
 /// The broker under test, with the declared topics created.
 pub struct TestBroker {
     mock: Option<tally::broker::EmbeddedBroker>,
@@ -97,19 +112,8 @@ impl TestBroker {
                 s
             })
             .collect();
-        // On a thread of its own: the caller may be inside a runtime.
-        std::thread::scope(|sc| {
-            sc.spawn(|| {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(tally::topics::apply(&brokers, &[], &renamed))
-                    .unwrap_or_else(|e| panic!("creating the test topics on {brokers}: {e}"));
-            })
-            .join()
-            .unwrap();
-        });
+        tally::topics::apply_blocking(&brokers, &[], &renamed)
+            .unwrap_or_else(|e| panic!("creating the test topics on {brokers}: {e}"));
         // Wait until the broker knows every partition of every topic.
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &brokers)
@@ -176,14 +180,10 @@ pub fn read_all(brokers: &str, name: &str) -> Vec<Rec> {
         .set("enable.auto.commit", "false")
         .create()
         .expect("reader");
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .expect("metadata");
-    let parts: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
     let mut tpl = TopicPartitionList::new();
     let mut ends = HashMap::new();
-    for p in &parts {
-        let (lo, hi) = watermarks(brokers, topic, *p);
+    for p in &partitions(&consumer, topic) {
+        let (lo, hi) = watermarks(&consumer, brokers, topic, *p);
         if hi > lo {
             tpl.add_partition_offset(topic, *p, Offset::Offset(lo))
                 .unwrap();
@@ -232,7 +232,13 @@ pub fn read_all(brokers: &str, name: &str) -> Vec<Rec> {
 /// external broker the last batch is read from there and its last record
 /// gives the true end; on a correct broker that batch is the last record
 /// itself, and the answer is the same.
-fn watermarks(brokers: &str, topic: &str, p: i32) -> (i64, i64) {
+fn watermarks(consumer: &BaseConsumer, brokers: &str, topic: &str, p: i32) -> (i64, i64) {
+    let (lo, hi) = consumer
+        .fetch_watermarks(topic, p, Duration::from_secs(10))
+        .expect("watermarks");
+    if external_brokers().is_none() || hi <= lo {
+        return (lo, hi);
+    }
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "tally-test-reader")
@@ -240,12 +246,6 @@ fn watermarks(brokers: &str, topic: &str, p: i32) -> (i64, i64) {
         .set("fetch.wait.max.ms", "10")
         .create()
         .unwrap();
-    let (lo, hi) = consumer
-        .fetch_watermarks(topic, p, Duration::from_secs(10))
-        .expect("watermarks");
-    if external_brokers().is_none() || hi <= lo {
-        return (lo, hi);
-    }
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, p, Offset::Offset(hi - 1))
         .unwrap();
@@ -270,6 +270,14 @@ fn watermarks(brokers: &str, topic: &str, p: i32) -> (i64, i64) {
     (lo, last.map_or(hi, |o| o + 1).max(hi))
 }
 
+/// The partition ids of `topic` (as on the broker).
+fn partitions(consumer: &BaseConsumer, topic: &str) -> Vec<i32> {
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    md.topics()[0].partitions().iter().map(|p| p.id()).collect()
+}
+
 /// High watermark of every partition of `topic`.
 pub fn end_offsets(brokers: &str, name: &str) -> BTreeMap<i32, i64> {
     let topic = &topic(name);
@@ -277,13 +285,9 @@ pub fn end_offsets(brokers: &str, name: &str) -> BTreeMap<i32, i64> {
         .set("bootstrap.servers", brokers)
         .create()
         .unwrap();
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    md.topics()[0]
-        .partitions()
-        .iter()
-        .map(|p| (p.id(), watermarks(brokers, topic, p.id()).1))
+    partitions(&consumer, topic)
+        .into_iter()
+        .map(|p| (p, watermarks(&consumer, brokers, topic, p).1))
         .collect()
 }
 
@@ -297,8 +301,8 @@ pub fn committed(brokers: &str, group_name: &str, name: &str) -> BTreeMap<i32, i
         .create()
         .unwrap();
     let mut tpl = TopicPartitionList::new();
-    for p in end_offsets(brokers, name).keys() {
-        tpl.add_partition(topic, *p);
+    for p in partitions(&consumer, topic) {
+        tpl.add_partition(topic, p);
     }
     let c = match consumer.committed_offsets(tpl, Duration::from_secs(10)) {
         Ok(c) => c,
@@ -337,14 +341,7 @@ pub fn pod_config(brokers: &str, group_name: &str, state_dir: PathBuf) -> PodCon
     let mut c = PodConfig::from_env_and_defaults().expect("defaults");
     c.brokers = brokers.to_string();
     c.group = group(group_name);
-    c.input_topic = topic("raw-orders");
-    c.enriched_topic = topic("enriched-orders");
-    c.dlq_topic = topic("orders-dlq");
-    c.late_topic = topic("orders-late");
-    c.windows_topic = topic("revenue-windows");
-    c.fx_topic = topic("fx-rates");
-    c.alerts_topic = topic("order-alerts");
-    c.changelog_topic = topic("tally-changelog");
+    c.prefix_topics(prefix());
     c.state_dir = state_dir;
     c.apply_topics = false;
     c.session_timeout_ms = 6_000;

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::{CommandFactory, FromArgMatches, Parser};
+use serde::Deserialize;
 use serde_yaml::Value;
 use tally::config::PodConfig;
 
@@ -20,8 +21,6 @@ pub fn yaml_docs(path: &Path) -> Vec<Value> {
         .filter(|v| !v.is_null())
         .collect()
 }
-
-use serde::Deserialize;
 
 /// `v[a][b]...`, panicking with the path when absent.
 pub fn at<'a>(v: &'a Value, path: &[&str]) -> &'a Value {
