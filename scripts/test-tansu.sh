@@ -8,27 +8,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TOOLS="${TALLY_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tally-tools}"
-TANSU="$TOOLS/bin/tansu"
-if [ ! -x "$TANSU" ]; then
-  echo "== installing tansu (cargo install tansu --features dynostore)"
-  cargo install tansu --version 0.6.0 --features dynostore --locked --root "$TOOLS"
-fi
-
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-LOG="${TMPDIR:-/tmp}/tally-tansu-$PORT.log"
-"$TANSU" broker \
-  --listener-url "tcp://127.0.0.1:$PORT" \
-  --advertised-listener-url "tcp://127.0.0.1:$PORT" \
-  --storage-engine memory://tansu/ >"$LOG" 2>&1 &
-TANSU_PID=$!
+. scripts/tansu.sh
+tansu_install
+tansu_start
 trap 'kill $TANSU_PID 2>/dev/null || true' EXIT
-# Wait for the port (bounded).
-for _ in $(seq 1 100); do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then break; fi
-  if ! kill -0 $TANSU_PID 2>/dev/null; then cat "$LOG"; echo "tansu exited" >&2; exit 1; fi
-  sleep 0.1
-done
 echo "== integration suite against tansu at 127.0.0.1:$PORT"
 export TALLY_TEST_BROKERS="127.0.0.1:$PORT" TALLY_TEST_BROKER_KIND=tansu
 OUT="${TMPDIR:-/tmp}/tally-tansu-tests-$PORT.log"
@@ -43,6 +26,6 @@ set -e
 grep -E '^test |SKIPPED|test result|panicked' "$OUT" || true
 if [ $rc -ne 0 ]; then
   tail -n 80 "$OUT"
-  echo "the integration suite failed against tansu (full output: $OUT; broker log: $LOG)" >&2
+  echo "the integration suite failed against tansu (full output: $OUT; broker log: $TANSU_LOG)" >&2
   exit $rc
 fi

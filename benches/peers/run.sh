@@ -3,12 +3,12 @@
 # (tansu, in memory) and the same pre-filled raw-orders topic. Prints one
 # JSON line per side and the ratio. Usage (from the repository root):
 #   benches/peers/run.sh [EVENTS]        # default 100000
-# Needs: a release build (cargo build --release), tansu (scripts/test-tansu.sh
-# installs it), Python 3 with venv (the peer's venv is cached).
+# Needs: Python 3 with venv. Builds tally (release) and installs tansu and
+# the peer's venv when missing (cached in $TALLY_TOOLS_DIR).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 EVENTS="${1:-100000}"
-TOOLS="${TALLY_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tally-tools}"
+. scripts/tansu.sh
 TARGET="${CARGO_TARGET_DIR:-target}"
 TALLY="$TARGET/release/tally"
 [ -x "$TALLY" ] || cargo build --release --bin tally
@@ -17,15 +17,12 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import quixstreams' 2
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q "quixstreams==3.28.1"
 fi
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+tansu_install
+tansu_start
 B="127.0.0.1:$PORT"
-"$TOOLS/bin/tansu" broker --listener-url "tcp://$B" --advertised-listener-url "tcp://$B" \
-  --storage-engine memory://tansu/ >/dev/null 2>&1 &
-TANSU=$!
 STATE=$(mktemp -d)
-trap 'kill $TANSU 2>/dev/null || true; kill $POD 2>/dev/null || true; rm -rf "$STATE"' EXIT
 POD=""
-for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.1; done
+trap 'kill $TANSU_PID 2>/dev/null || true; kill $POD 2>/dev/null || true; rm -rf "$STATE"' EXIT
 "$TALLY" topics apply --brokers "$B" >/dev/null
 "$TALLY" gen --brokers "$B" --count "$EVENTS" --customers 10000 >/dev/null
 
