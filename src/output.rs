@@ -179,8 +179,96 @@ impl WindowRecord {
     }
 }
 
-/// The enriched JSON: the original object, normalised and extended.
+/// The enriched JSON: the original object, normalised and extended, with
+/// its keys in byte order (the order of a `serde_json::Map`).
+///
+/// This runs once per accepted order, so it does not build a JSON tree: the
+/// passthrough fields are copied as raw text and the added ones are written
+/// directly. An object whose keys contain escapes takes the general path
+/// ([`enriched_json_tree`]); both give the same JSON value.
 pub fn enriched_json(original: &[u8], o: &EnrichedOrder, src: Source<'_>) -> Vec<u8> {
+    use std::collections::BTreeMap;
+    use std::io::Write;
+
+    use serde_json::value::RawValue;
+
+    let Ok(fields) = serde_json::from_slice::<BTreeMap<&str, &RawValue>>(original) else {
+        return enriched_json_tree(original, o, src);
+    };
+    let mut out = Vec::with_capacity(original.len() + 200);
+    // Writing to a Vec cannot fail, and serialising a str or a number with
+    // serde_json cannot either: the results are ignored.
+    let put = |out: &mut Vec<u8>, key: &str, value: Added<'_>| {
+        out.push(if out.is_empty() { b'{' } else { b',' });
+        let _ = serde_json::to_writer(&mut *out, key);
+        out.push(b':');
+        match value {
+            Added::Raw(v) => out.extend_from_slice(v.get().as_bytes()),
+            Added::Str(v) => {
+                let _ = serde_json::to_writer(&mut *out, v);
+            }
+            Added::Num(v) => {
+                let _ = serde_json::to_writer(&mut *out, &v);
+            }
+            Added::Time(ms) => {
+                out.push(b'"');
+                write_rfc3339(ms, out);
+                out.push(b'"');
+            }
+            Added::Source => {
+                let _ = write!(
+                    out,
+                    "{{\"offset\":{},\"partition\":{},\"topic\":",
+                    src.offset, src.partition
+                );
+                let _ = serde_json::to_writer(&mut *out, src.topic);
+                out.push(b'}');
+            }
+        }
+    };
+    let added: [(&str, Added<'_>); 10] = [
+        ("amount", Added::Num(usd(o.order.amount_micros.into()))),
+        ("amount_usd", Added::Num(usd(o.amount_usd_micros.into()))),
+        ("created_at", Added::Time(o.order.created_at_ms)),
+        ("currency", Added::Str(o.order.currency.as_str())),
+        ("customer_id", Added::Str(&o.order.customer_id)),
+        ("fx_rate", Added::Num(o.rate.as_f64())),
+        ("order_id", Added::Str(&o.order.order_id)),
+        ("processed_at", Added::Time(o.processed_at_ms)),
+        ("region", Added::Str(&o.order.region)),
+        ("source", Added::Source),
+    ];
+    let mut passthrough = fields
+        .iter()
+        .filter(|(k, _)| !added.iter().any(|(a, _)| a == *k))
+        .peekable();
+    for &(key, value) in &added {
+        while let Some((k, v)) = passthrough.next_if(|(k, _)| **k < key) {
+            put(&mut out, k, Added::Raw(v));
+        }
+        put(&mut out, key, value);
+    }
+    for (k, v) in passthrough {
+        put(&mut out, k, Added::Raw(v));
+    }
+    out.push(b'}');
+    out
+}
+
+/// A field of the enriched JSON, as it is written.
+#[derive(Clone, Copy)]
+enum Added<'a> {
+    Raw(&'a serde_json::value::RawValue),
+    Str(&'a str),
+    Num(f64),
+    /// Epoch milliseconds, written as RFC 3339 UTC with milliseconds.
+    Time(i64),
+    /// The input record's coordinates.
+    Source,
+}
+
+/// The general (and reference) form of [`enriched_json`], through a JSON tree.
+pub fn enriched_json_tree(original: &[u8], o: &EnrichedOrder, src: Source<'_>) -> Vec<u8> {
     let mut obj: Map<String, Value> = serde_json::from_slice(original).unwrap_or_default();
     obj.insert("order_id".into(), Value::from(o.order.order_id.clone()));
     obj.insert(
@@ -211,6 +299,38 @@ pub fn enriched_json(original: &[u8], o: &EnrichedOrder, src: Source<'_>) -> Vec
         serde_json::json!({"topic": src.topic, "partition": src.partition, "offset": src.offset}),
     );
     serde_json::to_vec(&obj).unwrap_or_default()
+}
+
+/// `rfc3339(ms)` without the allocation and the formatting machinery, for
+/// years 0–9999 (every valid order); others go through chrono.
+fn write_rfc3339(ms: i64, out: &mut Vec<u8>) {
+    use chrono::{Datelike, Timelike};
+    let Some(t) = chrono::DateTime::from_timestamp_millis(ms) else {
+        return;
+    };
+    if !(0..=9999).contains(&t.year()) {
+        out.extend_from_slice(rfc3339(ms).as_bytes());
+        return;
+    }
+    let digits = |out: &mut Vec<u8>, v: u32, n: u32| {
+        for i in (0..n).rev() {
+            out.push(b'0' + (v / 10u32.pow(i) % 10) as u8);
+        }
+    };
+    digits(out, t.year() as u32, 4);
+    out.push(b'-');
+    digits(out, t.month(), 2);
+    out.push(b'-');
+    digits(out, t.day(), 2);
+    out.push(b'T');
+    digits(out, t.hour(), 2);
+    out.push(b':');
+    digits(out, t.minute(), 2);
+    out.push(b':');
+    digits(out, t.second(), 2);
+    out.push(b'.');
+    digits(out, t.timestamp_subsec_millis(), 3);
+    out.push(b'Z');
 }
 
 pub fn rfc3339(ms: i64) -> String {
@@ -342,5 +462,99 @@ impl Outputs<'_> {
             headers: Vec::new(),
             partition: None,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::order::{validate, FxTable, Limits};
+    use proptest::prelude::*;
+
+    const SRC: Source<'static> = Source {
+        topic: "raw-\"orders\"",
+        partition: 3,
+        offset: 42,
+    };
+
+    fn both(original: &str) -> (Vec<u8>, Vec<u8>) {
+        let fx = FxTable::with_defaults();
+        let o = validate(
+            original.as_bytes(),
+            &Limits::default(),
+            &fx,
+            1_714_564_801_234,
+        )
+        .expect("a valid order");
+        (
+            enriched_json(original.as_bytes(), &o, SRC),
+            enriched_json_tree(original.as_bytes(), &o, SRC),
+        )
+    }
+
+    #[test]
+    fn the_direct_writer_gives_the_bytes_of_the_tree() {
+        for original in [
+            r#"{"order_id":"o1","customer_id":"c1","amount":12.34,"currency":"eur","created_at":"2024-05-01T12:00:00Z"}"#,
+            r#"{"zeta":{"a":[1,2,{"b":null}]},"order_id":7,"customer_id":99,"amount":"0.10","currency":"Usd","created_at":1714564800,"region":"eu-west","extra":[1,2],"a":true,"fx_rate":"ignored","source":"x"}"#,
+            r#"{"order_id":"o\"1\\u00e9","customer_id":"c\n1","amount":1e2,"currency":"JPY","created_at":"1714564800.5","region":""}"#,
+        ] {
+            let (fast, tree) = both(original);
+            assert_eq!(
+                String::from_utf8_lossy(&fast),
+                String::from_utf8_lossy(&tree),
+                "{original}"
+            );
+        }
+    }
+
+    #[test]
+    fn keys_with_escapes_take_the_general_path() {
+        let original = r#"{"order_id":"o1","customer_id":"c1","amount":1,"currency":"USD","created_at":1714564800,"we\u00efrd":1,"x y":[1, 2]}"#;
+        let (fast, tree) = both(original);
+        let fast: Value = serde_json::from_slice(&fast).unwrap();
+        let tree: Value = serde_json::from_slice(&tree).unwrap();
+        assert_eq!(fast, tree);
+        assert_eq!(fast["weïrd"], 1);
+    }
+
+    #[test]
+    fn passthrough_values_keep_their_json_value() {
+        // Raw copies keep the original spelling; the value is the same.
+        let original = r#"{"order_id":"o1","customer_id":"c1","amount":1,"currency":"USD","created_at":1714564800,"n":1.50,"s":"caf\u00e9","l":[1, 2]}"#;
+        let (fast, tree) = both(original);
+        let fast: Value = serde_json::from_slice(&fast).unwrap();
+        let tree: Value = serde_json::from_slice(&tree).unwrap();
+        assert_eq!(fast, tree);
+    }
+
+    proptest! {
+        #[test]
+        fn the_time_writer_agrees_with_chrono(ms in -62_167_219_200_000i64..253_402_300_799_999) {
+            let mut out = Vec::new();
+            write_rfc3339(ms, &mut out);
+            prop_assert_eq!(String::from_utf8(out).unwrap(), rfc3339(ms));
+        }
+
+        #[test]
+        fn the_direct_writer_agrees_with_the_tree(
+            extra in proptest::collection::btree_map("[a-z_]{1,12}", any::<i32>(), 0..6),
+            amount in 1u32..10_000_000,
+            region in "[a-z\\-\"\\\\]{0,10}",
+        ) {
+            let mut obj = serde_json::Map::new();
+            for (k, v) in &extra {
+                obj.insert(k.clone(), Value::from(*v));
+            }
+            obj.insert("order_id".into(), Value::from("o1"));
+            obj.insert("customer_id".into(), Value::from("c1"));
+            obj.insert("amount".into(), Value::from(f64::from(amount) / 100.0));
+            obj.insert("currency".into(), Value::from("GBP"));
+            obj.insert("created_at".into(), Value::from(1_714_564_800));
+            obj.insert("region".into(), Value::from(region));
+            let original = serde_json::to_string(&obj).unwrap();
+            let (fast, tree) = both(&original);
+            prop_assert_eq!(fast, tree);
+        }
     }
 }

@@ -100,12 +100,68 @@ const IN_FLIGHT: u8 = 1;
 const ACKED: u8 = 2;
 const FAILED: u8 = 3;
 
-/// Records delivery results by index into the current flush's outputs.
+/// Which of a flush's two record sequences a delivery report belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lane {
+    /// The batch's outputs, sent as they are made.
+    Outputs = 0,
+    /// The batch's changelog rows, sent once every output is acknowledged.
+    Changelog = 1,
+}
+
+/// The top bit of a delivery opaque names the lane; the rest is the index.
+const LANE_BIT: usize = 1 << (usize::BITS - 1);
+
+impl Lane {
+    fn opaque(self, index: usize) -> usize {
+        match self {
+            Lane::Outputs => index,
+            Lane::Changelog => index | LANE_BIT,
+        }
+    }
+
+    fn of(opaque: usize) -> (Lane, usize) {
+        if opaque & LANE_BIT != 0 {
+            (Lane::Changelog, opaque & !LANE_BIT)
+        } else {
+            (Lane::Outputs, opaque)
+        }
+    }
+}
+
+/// The delivery state of one lane. The counters let the flush wait for
+/// "everything acknowledged" without scanning tens of thousands of
+/// statuses on every 1 ms poll.
+#[derive(Default)]
+struct Acks {
+    status: Vec<u8>,
+    acked: usize,
+    failed: usize,
+}
+
+impl Acks {
+    fn reset(&mut self, len: usize) {
+        self.status.clear();
+        self.status.resize(len, PENDING);
+        self.acked = 0;
+        self.failed = 0;
+    }
+}
+
+/// Records delivery results by lane and index into the current flush's records.
 pub struct AckContext {
-    status: Mutex<Vec<u8>>,
+    lanes: [Mutex<Acks>; 2],
     changelog_topic: String,
     /// Highest acknowledged changelog offset per partition, this flush.
     changelog_max: Mutex<HashMap<Partition, i64>>,
+}
+
+impl AckContext {
+    fn lane(&self, lane: Lane) -> MutexGuard<'_, Acks> {
+        self.lanes[lane as usize]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl ClientContext for AckContext {}
@@ -113,7 +169,7 @@ impl ClientContext for AckContext {}
 impl ProducerContext for AckContext {
     type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, index: usize) {
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
         let ok = result.is_ok();
         match result {
             Err((e, _)) => warn!(error = %e, "an output was not delivered; it will be sent again"),
@@ -125,9 +181,18 @@ impl ProducerContext for AckContext {
             }
             Ok(_) => {}
         }
-        if let Ok(mut s) = self.status.lock() {
-            if let Some(slot) = s.get_mut(index) {
+        let (lane, index) = Lane::of(opaque);
+        let mut acks = self.lane(lane);
+        if let Some(slot) = acks.status.get_mut(index) {
+            // Only a record in flight can be acknowledged; anything else is a
+            // report from a batch that was abandoned.
+            if *slot == IN_FLIGHT {
                 *slot = if ok { ACKED } else { FAILED };
+                if ok {
+                    acks.acked += 1;
+                } else {
+                    acks.failed += 1;
+                }
             }
         }
     }
@@ -142,6 +207,10 @@ pub struct Processor {
     store: Store,
     producer: BaseProducer<AckContext>,
     out: Vec<OutRecord>,
+    /// How many of `out` have been offered to the producer (`send_new`).
+    out_offered: usize,
+    /// The producer's queue was full: leave the rest of the batch to the flush.
+    send_blocked: bool,
     /// Outputs of the batch are being retried: keep their delivery status.
     retrying: bool,
     /// Changelog records of the batch, produced once `out` is acknowledged.
@@ -343,6 +412,7 @@ impl Processor {
                 offset,
             },
         );
+        self.send_new();
         self.pending += 1;
         self.unreported.records += 1;
     }
@@ -608,24 +678,23 @@ impl Processor {
                 });
             }
             self.pending_changes = Some((id, encoded));
-            if let Ok(mut s) = self.producer.context().status.lock() {
-                *s = vec![PENDING; self.out.len()];
-            }
+            self.send_new();
+            self.producer
+                .context()
+                .lane(Lane::Changelog)
+                .reset(self.changelog_out.len());
             if let Ok(mut m) = self.producer.context().changelog_max.lock() {
                 m.clear();
             }
         }
         let produce_started = Instant::now();
         if !self.outputs_acked {
-            if let Err(e) = self.produce_all(&self.out, started + budget) {
+            if let Err(e) = self.produce_all(Lane::Outputs, &self.out, started + budget) {
                 return Err(self.flush_failed(e));
             }
             self.outputs_acked = true;
-            if let Ok(mut st) = self.producer.context().status.lock() {
-                *st = vec![PENDING; self.changelog_out.len()];
-            }
         }
-        if let Err(e) = self.produce_all(&self.changelog_out, started + budget) {
+        if let Err(e) = self.produce_all(Lane::Changelog, &self.changelog_out, started + budget) {
             return Err(self.flush_failed(e));
         }
         self.retrying = false;
@@ -657,8 +726,7 @@ impl Processor {
             commit_us = (produce_started.elapsed() - written).as_micros() as u64,
             "flushed"
         );
-        self.out.clear();
-        self.changelog_out.clear();
+        self.clear_batch();
         self.pending = 0;
         self.last_flush = Instant::now();
         Ok(())
@@ -673,43 +741,94 @@ impl Processor {
         e
     }
 
-    fn statuses(&self) -> Vec<u8> {
-        self.producer
-            .context()
-            .status
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or_default()
+    /// Offers the outputs made since the last call to the producer, so
+    /// librdkafka batches and delivers them while the pod goes on
+    /// processing, and the flush waits only for the last acks. Sending early
+    /// changes nothing about delivery: outputs were always at-least-once,
+    /// and nothing is committed before every output is acknowledged. A full
+    /// queue is not an error here: what is not sent now, the flush sends.
+    fn send_new(&mut self) {
+        let (start, end) = (self.out_offered, self.out.len());
+        if start == end {
+            return;
+        }
+        self.out_offered = end;
+        let mut acks = self.producer.context().lane(Lane::Outputs);
+        acks.status.resize(end, PENDING);
+        if self.send_blocked {
+            return;
+        }
+        // Holding the lane is safe: `send` never runs delivery callbacks
+        // (only `poll` does, on this thread).
+        for i in start..end {
+            match self
+                .producer
+                .send(base_record(&self.out[i], Lane::Outputs.opaque(i)))
+            {
+                Ok(()) => acks.status[i] = IN_FLIGHT,
+                Err(_) => {
+                    self.send_blocked = true;
+                    break;
+                }
+            }
+        }
     }
 
-    /// Sends every output not yet acknowledged and waits for the acks;
-    /// failed ones are sent again, until `deadline`.
-    fn produce_all(&self, records: &[OutRecord], deadline: Instant) -> Result<(), PodError> {
+    /// Sends every record of `lane` not yet acknowledged and waits for the
+    /// acks; failed ones are sent again, until `deadline`.
+    fn produce_all(
+        &self,
+        lane: Lane,
+        records: &[OutRecord],
+        deadline: Instant,
+    ) -> Result<(), PodError> {
+        let ctx = self.producer.context();
         loop {
-            let status = self.statuses();
-            for (i, rec) in records.iter().enumerate() {
-                if status.get(i).is_some_and(|s| *s == PENDING || *s == FAILED) {
-                    send(&self.producer, rec, i, deadline)?;
-                }
+            let todo: Vec<usize> = {
+                let mut acks = ctx.lane(lane);
+                acks.status.resize(records.len(), PENDING);
+                acks.status
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| **s == PENDING || **s == FAILED)
+                    .map(|(i, _)| i)
+                    .collect()
+            };
+            for i in todo {
+                send(&self.producer, &records[i], lane, i, deadline)?;
             }
             // Not `Producer::flush`: in rdkafka 0.39 `BaseProducer::poll(t)`
             // always runs for the whole of `t`, so `flush` waits out a 100 ms
             // poll on every call. Short polls return as soon as the last
             // delivery report is served.
             loop {
-                let status = self.statuses();
-                if status.iter().all(|s| *s == ACKED) {
+                let (acked, failed) = {
+                    let acks = ctx.lane(lane);
+                    (acks.acked, acks.failed)
+                };
+                if acked >= records.len() {
                     return Ok(());
                 }
                 if Instant::now() >= deadline {
                     return Err(PodError::ProduceTimeout(self.last_flush.elapsed()));
                 }
-                if status.contains(&FAILED) {
+                if failed > 0 {
                     break;
                 }
                 self.producer.poll(Duration::from_millis(1));
             }
         }
+    }
+
+    /// Forgets the batch's records and their delivery state.
+    fn clear_batch(&mut self) {
+        self.out.clear();
+        self.changelog_out.clear();
+        self.out_offered = 0;
+        self.send_blocked = false;
+        let ctx = self.producer.context();
+        ctx.lane(Lane::Outputs).reset(0);
+        ctx.lane(Lane::Changelog).reset(0);
     }
 
     fn commit(&self, consumer: &BaseConsumer<PodContext>) {
@@ -874,38 +993,46 @@ fn cached_high_watermark(
     (err == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
 }
 
+fn base_record(rec: &OutRecord, opaque: usize) -> BaseRecord<'_, [u8], [u8], usize> {
+    let mut r: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(&rec.topic, opaque);
+    if let Some(p) = rec.partition {
+        r = r.partition(p);
+    }
+    if let Some(k) = &rec.key {
+        r = r.key(k.as_slice());
+    }
+    if let Some(p) = &rec.payload {
+        r = r.payload(p.as_slice());
+    }
+    if !rec.headers.is_empty() {
+        let mut h = OwnedHeaders::new();
+        for (k, v) in &rec.headers {
+            h = h.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        r = r.headers(h);
+    }
+    r
+}
+
+/// Sends one record of `lane`, waiting out a full queue until `deadline`.
 fn send(
     producer: &BaseProducer<AckContext>,
     rec: &OutRecord,
+    lane: Lane,
     i: usize,
     deadline: Instant,
 ) -> Result<(), PodError> {
     loop {
-        let mut r: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(&rec.topic, i);
-        if let Some(p) = rec.partition {
-            r = r.partition(p);
-        }
-        if let Some(k) = &rec.key {
-            r = r.key(k.as_slice());
-        }
-        if let Some(p) = &rec.payload {
-            r = r.payload(p.as_slice());
-        }
-        if !rec.headers.is_empty() {
-            let mut h = OwnedHeaders::new();
-            for (k, v) in &rec.headers {
-                h = h.insert(Header {
-                    key: k,
-                    value: Some(v),
-                });
-            }
-            r = r.headers(h);
-        }
-        match producer.send(r) {
+        match producer.send(base_record(rec, lane.opaque(i))) {
             Ok(()) => {
-                if let Ok(mut s) = producer.context().status.lock() {
-                    if let Some(slot) = s.get_mut(i) {
-                        *slot = IN_FLIGHT;
+                let mut acks = producer.context().lane(lane);
+                if let Some(slot) = acks.status.get_mut(i) {
+                    let was = std::mem::replace(slot, IN_FLIGHT);
+                    if was == FAILED {
+                        acks.failed -= 1;
                     }
                 }
                 return Ok(());
@@ -1135,7 +1262,7 @@ pub fn start_with_metrics(cfg: PodConfig, metrics: Arc<Metrics>) -> Result<PodHa
         })?;
     let producer: BaseProducer<AckContext> =
         producer_config(&cfg)?.create_with_context(AckContext {
-            status: Mutex::new(Vec::new()),
+            lanes: Default::default(),
             changelog_topic: cfg.changelog_topic.clone(),
             changelog_max: Mutex::new(HashMap::new()),
         })?;
@@ -1147,6 +1274,8 @@ pub fn start_with_metrics(cfg: PodConfig, metrics: Arc<Metrics>) -> Result<PodHa
         store,
         producer,
         out: Vec::new(),
+        out_offered: 0,
+        send_blocked: false,
         retrying: false,
         changelog_out: Vec::new(),
         outputs_acked: false,
@@ -1226,6 +1355,8 @@ fn run_loop(
             wait = Duration::ZERO;
         }
         let mut proc = lock(&processor);
+        // Serve the delivery reports of the outputs sent so far.
+        proc.producer.poll(Duration::ZERO);
         if !proc.restoring.is_empty() {
             proc.restore_step(&consumer, Duration::from_millis(50));
         }
@@ -1285,8 +1416,7 @@ fn run_loop(
             Err(e) => {
                 warn!(error = %e, "final flush failed; the next owner redoes the work from the last durable offsets");
                 proc.retrying = false;
-                proc.out.clear();
-                proc.changelog_out.clear();
+                proc.clear_batch();
                 proc.outputs_acked = false;
                 proc.pending_changes = None;
                 break;
