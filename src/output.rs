@@ -317,20 +317,18 @@ fn write_rfc3339(ms: i64, out: &mut Vec<u8>) {
             out.push(b'0' + (v / 10u32.pow(i) % 10) as u8);
         }
     };
-    digits(out, t.year() as u32, 4);
-    out.push(b'-');
-    digits(out, t.month(), 2);
-    out.push(b'-');
-    digits(out, t.day(), 2);
-    out.push(b'T');
-    digits(out, t.hour(), 2);
-    out.push(b':');
-    digits(out, t.minute(), 2);
-    out.push(b':');
-    digits(out, t.second(), 2);
-    out.push(b'.');
-    digits(out, t.timestamp_subsec_millis(), 3);
-    out.push(b'Z');
+    for (value, width, then) in [
+        (t.year() as u32, 4, b'-'),
+        (t.month(), 2, b'-'),
+        (t.day(), 2, b'T'),
+        (t.hour(), 2, b':'),
+        (t.minute(), 2, b':'),
+        (t.second(), 2, b'.'),
+        (t.timestamp_subsec_millis(), 3, b'Z'),
+    ] {
+        digits(out, value, width);
+        out.push(then);
+    }
 }
 
 pub fn rfc3339(ms: i64) -> String {
