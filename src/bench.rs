@@ -641,3 +641,318 @@ pub fn restore(
         "prepare_seconds": prepared_secs,
     }))
 }
+
+/// The region of latency probe `n`: a window key of its own, so the first
+/// `revenue-windows` record naming it is the probe becoming visible.
+fn probe_region(n: usize) -> String {
+    format!("lat-{n}")
+}
+
+/// `latency`: end-to-end latency at a fixed input rate. Orders are
+/// generated before the clock starts, then produced at `rate`/s for
+/// `seconds`; every `rate / 200`-th send is a probe order in a region of its
+/// own. A probe's latency runs from its `send` to the first record on
+/// `revenue-windows` naming its region, read by a plain consumer (what any
+/// downstream reader sees). Probes of the first second are warm-up and not
+/// counted. After the load, the run waits up to 60 s for the remaining
+/// probes: one never seen counts as unseen, not as a figure.
+pub fn latency(
+    topics: &[TopicSpec],
+    base: &PodConfig,
+    rate: f64,
+    seconds: f64,
+) -> Result<serde_json::Value, BenchError> {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    if !(rate >= 1.0 && seconds > 0.0) {
+        return Err(BenchError::Invalid(
+            "--rate must be ≥ 1 and --seconds > 0".into(),
+        ));
+    }
+    let broker = EmbeddedBroker::start(1, topics)?;
+    let brokers = broker.bootstrap_servers();
+    let mut cfg = base.clone();
+    cfg.brokers = brokers.clone();
+    cfg.group = "bench-latency".into();
+    cfg.apply_topics = false;
+    cfg.state_dir = std::env::temp_dir().join(format!(
+        "tally-bench-l-{}-{}",
+        std::process::id(),
+        pod::now_ms()
+    ));
+    let count = (rate * seconds) as u64;
+    let records = gen::generate(&GenSpec {
+        count,
+        rate,
+        customers: 100_000,
+        start_ms: pod::now_ms() + 1_000,
+        invalid_pct: 0.0,
+        duplicate_pct: 0.0,
+        late_pct: 0.0,
+        ..GenSpec::default()
+    });
+    let handle = pod::start(cfg.clone())?;
+    let warm = Instant::now() + Duration::from_secs(60);
+    while !handle.stats.joined.load(Ordering::SeqCst) {
+        if Instant::now() > warm || handle.is_finished() {
+            return Err(BenchError::Timeout("the pod did not join".into()));
+        }
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+
+    // The reader: when each probe's region first appears.
+    let seen: Arc<Mutex<HashMap<usize, Instant>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (seen, stop) = (seen.clone(), stop.clone());
+        let partitions = topics
+            .iter()
+            .find(|t| t.name == cfg.windows_topic)
+            .map_or(1, |t| t.partitions);
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", "bench-latency-reader")
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "5")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(&cfg.windows_topic, p, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let Some(Ok(m)) = consumer.poll(Duration::from_millis(20)) else {
+                    continue;
+                };
+                let at = Instant::now();
+                let key = rdkafka::message::Message::key(&m).unwrap_or_default();
+                // `spec|group|start|p<partition>`: the group names the probe.
+                let n = std::str::from_utf8(key)
+                    .ok()
+                    .and_then(|k| k.split('|').nth(1))
+                    .and_then(|g| g.strip_prefix("lat-"))
+                    .and_then(|n| n.parse::<usize>().ok());
+                if let Some(n) = n {
+                    if let Ok(mut s) = seen.lock() {
+                        s.entry(n).or_insert(at);
+                    }
+                }
+            }
+        })
+    };
+
+    // The load, paced, with the probes among it.
+    let producer: rdkafka::producer::BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    let every = ((rate / 200.0) as usize).max(1);
+    let mut probes: Vec<Instant> = Vec::new();
+    let started = Instant::now();
+    let send = |key: &[u8], payload: &[u8]| -> Result<(), BenchError> {
+        loop {
+            match producer.send(
+                rdkafka::producer::BaseRecord::<[u8], [u8]>::to(&cfg.input_topic)
+                    .key(key)
+                    .payload(payload),
+            ) {
+                Ok(()) => return Ok(()),
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    _,
+                )) => {
+                    producer.poll(Duration::from_millis(1));
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+    };
+    for (i, r) in records.iter().enumerate() {
+        let due = started + Duration::from_secs_f64(i as f64 / rate);
+        let now = Instant::now();
+        if due > now {
+            producer.poll(due - now);
+        }
+        send(&r.key, &r.payload)?;
+        if i % every == 0 {
+            let n = probes.len();
+            let json = format!(
+                r#"{{"order_id":"lat-{n}","customer_id":"lat-{n}","amount":1,"currency":"USD","created_at":{},"region":"{}"}}"#,
+                pod::now_ms(),
+                probe_region(n)
+            );
+            probes.push(Instant::now());
+            send(format!("lat-{n}").as_bytes(), json.as_bytes())?;
+        }
+        producer.poll(Duration::ZERO);
+    }
+    let send_secs = started.elapsed().as_secs_f64();
+    let consumed = handle.stats.records.load(Ordering::Relaxed);
+    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(60))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let warmup = probes
+        .iter()
+        .take_while(|t| **t < started + Duration::from_secs(1))
+        .count();
+    while seen.lock().map_or(0, |s| s.len()) < probes.len() && Instant::now() < deadline {
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::SeqCst);
+    let _ = reader.join();
+    handle.join()?;
+    let _ = std::fs::remove_dir_all(&cfg.state_dir);
+    let seen = seen.lock().map(|s| s.clone()).unwrap_or_default();
+    let mut lat: Vec<f64> = Vec::new();
+    let mut unseen = 0usize;
+    for (n, sent) in probes.iter().enumerate().skip(warmup) {
+        match seen.get(&n) {
+            Some(at) => lat.push(at.duration_since(*sent).as_secs_f64() * 1000.0),
+            None => unseen += 1,
+        }
+    }
+    lat.sort_by(f64::total_cmp);
+    Ok(json!({
+        "scenario": "latency",
+        "target_rate_per_sec": rate,
+        "sent_per_sec": (records.len() + probes.len()) as f64 / send_secs,
+        // What the pod had read when the last record was sent.
+        "consumed_per_sec": consumed as f64 / send_secs,
+        "seconds": seconds,
+        "probes": lat.len(),
+        "probes_unseen": unseen,
+        "latency_p50_ms": pct(&lat, 0.50),
+        "latency_p99_ms": pct(&lat, 0.99),
+        "latency_max_ms": lat.last().copied().unwrap_or(f64::NAN),
+    }))
+}
+
+/// `rss`: the peak resident memory of a pod holding `customers` open
+/// sessions. One order per distinct customer, event times spread over ten
+/// minutes (less than the 30-minute session gap, so no session closes), so
+/// the pod ends up holding one open session and one dedup entry per
+/// customer. The pod is a `tally run` child process, so its memory is
+/// measured alone (`VmHWM` from `/proc/<pid>/status`), with its memory
+/// limit set to 512 MiB as a container would give it (RocksDB sizes its
+/// caches from that). Input is produced in chunks the pod has nearly
+/// consumed, because the embedded broker keeps only about 5 MiB per
+/// partition.
+pub fn rss(
+    topics: &[TopicSpec],
+    base: &PodConfig,
+    customers: u64,
+) -> Result<serde_json::Value, BenchError> {
+    const CHUNK: u64 = 50_000;
+    const LIMIT: u64 = 512 << 20;
+    let broker = EmbeddedBroker::start(1, topics)?;
+    let brokers = broker.bootstrap_servers();
+    let group = format!("bench-rss-{}", pod::now_ms());
+    let state_dir = std::env::temp_dir().join(format!("tally-bench-{group}"));
+    let partitions = topics
+        .iter()
+        .find(|t| t.name == base.input_topic)
+        .map_or(1, |t| t.partitions);
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .arg("run")
+        .env("TALLY_BROKERS", &brokers)
+        .env("TALLY_GROUP", &group)
+        .env("TALLY_STATE_DIR", &state_dir)
+        .env("TALLY_HTTP", "127.0.0.1:0")
+        .env("TALLY_APPLY_TOPICS", "false")
+        .env("TALLY_INPUT_TOPIC", &base.input_topic)
+        .env("TALLY_MEMORY_LIMIT_BYTES", LIMIT.to_string())
+        .env("TALLY_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let pid = child.id();
+    let status = |field: &str| -> Option<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = s.lines().find(|l| l.starts_with(field))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    };
+    let result = (|| -> Result<serde_json::Value, BenchError> {
+        let producer: rdkafka::producer::BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("linger.ms", "5")
+            .set("queue.buffering.max.messages", "1000000")
+            .create()?;
+        let t0 = pod::now_ms() - 600_000;
+        let started = Instant::now();
+        let mut sent = 0u64;
+        while sent < customers {
+            let n = CHUNK.min(customers - sent);
+            for i in sent..sent + n {
+                let payload = format!(
+                    r#"{{"order_id":"o{i}","customer_id":"c{i}","amount":"{}.25","currency":"EUR","created_at":{},"region":"eu"}}"#,
+                    1 + i % 500,
+                    t0 + (i * 600_000 / customers) as i64
+                );
+                let key = format!("c{i}");
+                loop {
+                    match producer.send(
+                        rdkafka::producer::BaseRecord::<[u8], [u8]>::to(&base.input_topic)
+                            .key(key.as_bytes())
+                            .payload(payload.as_bytes()),
+                    ) {
+                        Ok(()) => break,
+                        Err((
+                            rdkafka::error::KafkaError::MessageProduction(
+                                rdkafka::types::RDKafkaErrorCode::QueueFull,
+                            ),
+                            _,
+                        )) => {
+                            producer.poll(Duration::from_millis(1));
+                        }
+                        Err((e, _)) => return Err(e.into()),
+                    }
+                }
+            }
+            rdkafka::producer::Producer::flush(&producer, Duration::from_secs(60))?;
+            sent += n;
+            // Keep the backlog to about one chunk.
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while committed_sum(&brokers, &group, &base.input_topic, partitions)?
+                < (sent.saturating_sub(CHUNK)) as i64
+            {
+                if Instant::now() > deadline {
+                    return Err(BenchError::Timeout("the pod fell behind".into()));
+                }
+                if let Ok(Some(s)) = child.try_wait() {
+                    return Err(BenchError::Invalid(format!("the pod exited: {s}")));
+                }
+                std::thread::park_timeout(Duration::from_millis(50));
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while committed_sum(&brokers, &group, &base.input_topic, partitions)? < customers as i64 {
+            if Instant::now() > deadline {
+                return Err(BenchError::Timeout("the pod did not catch up".into()));
+            }
+            std::thread::park_timeout(Duration::from_millis(50));
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let hwm = status("VmHWM:").unwrap_or(0);
+        let now = status("VmRSS:").unwrap_or(0);
+        Ok(json!({
+            "scenario": "rss",
+            "customers": customers,
+            "open_sessions": customers,
+            "memory_limit_bytes": LIMIT,
+            "peak_rss_bytes": hwm,
+            "peak_rss_mib": hwm as f64 / f64::from(1 << 20),
+            "rss_at_end_mib": now as f64 / f64::from(1 << 20),
+            "seconds": secs,
+        }))
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&state_dir);
+    result
+}

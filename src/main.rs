@@ -68,16 +68,19 @@ enum Command {
         /// Scenario: flush (throughput for several flush settings),
         /// serving (/revenue latency and freshness while ingesting), or
         /// ceiling (raw consume rate vs. the full job, one run), or
-        /// restore (one partition of `--rows` state rows from the changelog).
+        /// restore (one partition of `--rows` state rows from the changelog),
+        /// latency (produce → window update visible, at `--rate` for
+        /// `--seconds`), or rss (peak memory of a pod holding `--customers`
+        /// open sessions).
         #[arg(long, default_value = "flush")]
         scenario: String,
-        /// serving: ingest rate, events/s.
+        /// serving, latency: ingest rate, events/s.
         #[arg(long, default_value_t = 50_000.0)]
         rate: f64,
         /// serving: /revenue requests per second.
         #[arg(long, default_value_t = 1_000.0)]
         rps: f64,
-        /// serving: duration, seconds.
+        /// serving, latency: duration, seconds.
         #[arg(long, default_value_t = 20.0)]
         seconds: f64,
         /// Input records per run.
@@ -88,6 +91,9 @@ enum Command {
         /// restore: state rows in the partition.
         #[arg(long, default_value_t = 1_000_000)]
         rows: u64,
+        /// rss: distinct customers, each with an open session.
+        #[arg(long, default_value_t = 1_000_000)]
+        customers: u64,
         /// restore: an external broker (the embedded one keeps ~5 MiB per partition).
         #[arg(long = "brokers")]
         external_brokers: Option<String>,
@@ -228,6 +234,7 @@ fn main() -> anyhow::Result<()> {
             rps,
             seconds,
             rows,
+            customers,
             external_brokers,
         } => {
             init_logging(log_format_from_env());
@@ -252,8 +259,14 @@ fn main() -> anyhow::Result<()> {
                     };
                     println!("{}", tally::bench::restore(&specs, &base, rows, &b)?);
                 }
+                "latency" => {
+                    println!("{}", tally::bench::latency(&specs, &base, rate, seconds)?);
+                }
+                "rss" => {
+                    println!("{}", tally::bench::rss(&specs, &base, customers)?);
+                }
                 other => {
-                    bail!("invalid scenario: {other:?} (known: flush, serving, ceiling, restore)")
+                    bail!("invalid scenario: {other:?} (known: flush, serving, ceiling, restore, latency, rss)")
                 }
             }
             Ok(())

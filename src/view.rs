@@ -16,7 +16,8 @@
 //! - `__progress|p<partition>` rows carry each input partition's next offset
 //!   and watermark: the `as_of` of every answer.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -52,10 +53,42 @@ pub enum ViewError {
     Value { key: String, message: String },
 }
 
+/// What the view keeps of one input partition's row of a window: the
+/// mergeable aggregate and the final flag, not the whole record.
+#[derive(Clone, Debug)]
+struct Partial {
+    is_final: bool,
+    agg: WireAgg,
+}
+
+/// What names a window. The names are shared (`Arc`): a million sessions
+/// hold three pointers to one "sessions", "session" and "customer".
+#[derive(Clone, Debug)]
+struct Head {
+    spec: Arc<str>,
+    kind: Arc<str>,
+    by: Arc<str>,
+    key: Arc<str>,
+    start: i64,
+    end: i64,
+}
+
+impl Head {
+    /// `spec|key|start`, as the pod names the window (`core::window_id`).
+    fn window_id(&self) -> String {
+        format!("{}|{}|{}", self.spec, self.key, self.start)
+    }
+}
+
+/// One window: its partials by input partition, in partition order (a
+/// small sorted vector: most windows have one or a handful).
+///
+/// Memory matters here: every pod holds every window and session of the
+/// group, a million sessions in a normal load.
 #[derive(Clone, Debug)]
 struct Entry {
-    rec: WindowRecord,
-    partials: BTreeMap<Partition, WindowRecord>,
+    head: Head,
+    partials: Vec<(Partition, Partial)>,
     /// Kept current on every change, so `/revenue` adds numbers instead of
     /// merging aggregates per request.
     revenue_micros: i128,
@@ -64,10 +97,10 @@ struct Entry {
 }
 
 impl Entry {
-    fn new(rec: WindowRecord) -> Entry {
+    fn new(head: Head) -> Entry {
         Entry {
-            rec,
-            partials: BTreeMap::new(),
+            head,
+            partials: Vec::new(),
             revenue_micros: 0,
             count: 0,
             all_final: false,
@@ -77,11 +110,31 @@ impl Entry {
     fn refresh(&mut self) {
         self.revenue_micros = self
             .partials
-            .values()
-            .map(|p| p.agg.revenue_usd_micros)
+            .iter()
+            .map(|(_, p)| p.agg.revenue_usd_micros)
             .sum();
-        self.count = self.partials.values().map(|p| p.agg.count).sum();
-        self.all_final = !self.partials.is_empty() && self.partials.values().all(|p| p.is_final);
+        self.count = self.partials.iter().map(|(_, p)| p.agg.count).sum();
+        self.all_final = !self.partials.is_empty() && self.partials.iter().all(|(_, p)| p.is_final);
+    }
+
+    /// Applies one partition's row; a final row is sticky.
+    fn set(&mut self, partition: Partition, end: i64, p: Partial) {
+        match self.partials.binary_search_by_key(&partition, |e| e.0) {
+            Ok(i) if self.partials[i].1.is_final && !p.is_final => return,
+            Ok(i) => self.partials[i].1 = p,
+            Err(i) => self.partials.insert(i, (partition, p)),
+        }
+        self.head.end = self.head.end.max(end);
+        self.refresh();
+    }
+
+    /// Removes one partition's row; returns whether none is left.
+    fn remove(&mut self, partition: Partition) -> bool {
+        if let Ok(i) = self.partials.binary_search_by_key(&partition, |e| e.0) {
+            self.partials.remove(i);
+            self.refresh();
+        }
+        self.partials.is_empty()
     }
 }
 
@@ -146,31 +199,12 @@ pub struct View {
     grace_ms: i64,
     /// Tumbling and sliding windows by (kind, by) then (start, spec, key).
     fixed: HashMap<(String, String), BTreeMap<FixedKey, Entry>>,
-    /// Sessions by customer, then (spec, start).
-    sessions: HashMap<String, BTreeMap<(String, i64), Entry>>,
+    /// Sessions by customer, each customer's sorted by (spec, start).
+    sessions: HashMap<Arc<str>, Vec<Entry>>,
+    /// Spec, kind and group-by names, shared by every entry.
+    names: HashSet<Arc<str>>,
     progress: BTreeMap<Partition, ProgressRecord>,
-    /// window_id → where its entry lives, for tombstones.
-    index: HashMap<String, Slot>,
     records: u64,
-}
-
-#[derive(Clone, Debug)]
-enum Slot {
-    Fixed((String, String), FixedKey),
-    Session(String, (String, i64)),
-}
-
-/// Removes one partition's partial; drops the window when none is left.
-/// Returns whether the window is gone.
-fn remove_from<K: Ord>(m: &mut BTreeMap<K, Entry>, k: &K, partition: Partition) -> bool {
-    let Some(e) = m.get_mut(k) else { return false };
-    e.partials.remove(&partition);
-    e.refresh();
-    if e.partials.is_empty() {
-        m.remove(k);
-        return true;
-    }
-    false
 }
 
 /// One `revenue-windows` record, decoded.
@@ -242,7 +276,7 @@ impl View {
     /// under it).
     pub fn apply_parsed(&mut self, parsed: Result<Parsed, ViewError>) -> Result<(), ViewError> {
         self.records += 1;
-        let rec = match parsed? {
+        let (partition, rec) = match parsed? {
             Parsed::Progress(rec) => {
                 self.progress.insert(rec.partition, rec);
                 return Ok(());
@@ -251,67 +285,106 @@ impl View {
                 self.remove_partial(&id, partition);
                 return Ok(());
             }
-            Parsed::Window(id, partition, rec) => (id, partition, *rec),
+            Parsed::Window(_, partition, rec) => (partition, *rec),
             Parsed::Nothing => return Ok(()),
         };
-        let (id, partition, rec) = rec;
-        let slot = if rec.kind == "session" {
-            Slot::Session(rec.key.clone(), (rec.spec.clone(), rec.start))
+        let WindowRecord {
+            spec,
+            kind,
+            by,
+            key,
+            start,
+            end,
+            is_final,
+            agg,
+            ..
+        } = rec;
+        let partial = Partial { is_final, agg };
+        if kind == "session" {
+            let customer = match self.sessions.get_key_value(key.as_str()) {
+                Some((k, _)) => k.clone(),
+                None => Arc::from(key),
+            };
+            let head = Head {
+                spec: self.intern(&spec),
+                kind: self.intern(&kind),
+                by: self.intern(&by),
+                key: customer.clone(),
+                start,
+                end,
+            };
+            let list = self.sessions.entry(customer).or_default();
+            let i = match list
+                .binary_search_by(|e| (&*e.head.spec, e.head.start).cmp(&(spec.as_str(), start)))
+            {
+                Ok(i) => i,
+                Err(i) => {
+                    list.insert(i, Entry::new(head));
+                    i
+                }
+            };
+            list[i].set(partition, end, partial);
         } else {
-            Slot::Fixed(
-                (rec.kind.clone(), rec.by.clone()),
-                (rec.start, rec.spec.clone(), rec.key.clone()),
-            )
-        };
-        let entry = match &slot {
-            Slot::Fixed(a, b) => self
-                .fixed
-                .entry(a.clone())
+            let head = Head {
+                spec: self.intern(&spec),
+                kind: self.intern(&kind),
+                by: self.intern(&by),
+                key: Arc::from(key.as_str()),
+                start,
+                end,
+            };
+            self.fixed
+                .entry((kind, by))
                 .or_default()
-                .entry(b.clone())
-                .or_insert_with(|| Entry::new(rec.clone())),
-            Slot::Session(a, b) => self
-                .sessions
-                .entry(a.clone())
-                .or_default()
-                .entry(b.clone())
-                .or_insert_with(|| Entry::new(rec.clone())),
-        };
-        let sticky = entry
-            .partials
-            .get(&partition)
-            .is_some_and(|old| old.is_final && !rec.is_final);
-        if !sticky {
-            entry.rec.end = entry.rec.end.max(rec.end);
-            entry.partials.insert(partition, rec);
-            entry.refresh();
+                .entry((start, spec, key))
+                .or_insert_with(|| Entry::new(head))
+                .set(partition, end, partial);
         }
-        self.index.insert(id, slot);
         Ok(())
     }
 
+    fn intern(&mut self, name: &str) -> Arc<str> {
+        if let Some(n) = self.names.get(name) {
+            return n.clone();
+        }
+        let n: Arc<str> = Arc::from(name);
+        self.names.insert(n.clone());
+        n
+    }
+
+    /// A tombstone names the window by id, `spec|key|start` (spec names
+    /// have no `|`; a key may).
     fn remove_partial(&mut self, id: &str, partition: Partition) {
-        let Some(slot) = self.index.get(id).cloned() else {
+        let Some((spec, rest)) = id.split_once('|') else {
             return;
         };
-        let gone = match &slot {
-            Slot::Fixed(a, b) => self
-                .fixed
-                .get_mut(a)
-                .is_some_and(|m| remove_from(m, b, partition)),
-            Slot::Session(a, b) => {
-                let gone = self
-                    .sessions
-                    .get_mut(a)
-                    .is_some_and(|m| remove_from(m, b, partition));
-                if self.sessions.get(a).is_some_and(BTreeMap::is_empty) {
-                    self.sessions.remove(a);
-                }
-                gone
-            }
+        let Some((key, start)) = rest.rsplit_once('|') else {
+            return;
         };
-        if gone {
-            self.index.remove(id);
+        let Ok(start) = start.parse::<i64>() else {
+            return;
+        };
+        if let Some(list) = self.sessions.get_mut(key) {
+            if let Ok(i) =
+                list.binary_search_by(|e| (&*e.head.spec, e.head.start).cmp(&(spec, start)))
+            {
+                if list[i].remove(partition) {
+                    list.remove(i);
+                }
+                if list.is_empty() {
+                    self.sessions.remove(key);
+                }
+                return;
+            }
+        }
+        let fk = (start, spec.to_string(), key.to_string());
+        for m in self.fixed.values_mut() {
+            if let Some(e) = m.get_mut(&fk) {
+                if e.remove(partition) {
+                    m.remove(&fk);
+                }
+                return;
+            }
         }
     }
 
@@ -331,26 +404,27 @@ impl View {
     /// partition's watermark past the close.
     fn is_final(&self, e: &Entry, global_wm: Option<i64>) -> bool {
         e.all_final
-            && (e.rec.kind == "session"
-                || global_wm.is_some_and(|w| w >= e.rec.end.saturating_add(self.grace_ms)))
+            && (&*e.head.kind == "session"
+                || global_wm.is_some_and(|w| w >= e.head.end.saturating_add(self.grace_ms)))
     }
 
     /// `wm`: the global watermark, computed once per query.
     fn merged(&self, e: &Entry, wm: Option<i64>) -> WindowView {
         let mut agg = WireAgg::default();
-        for p in e.partials.values() {
+        for (_, p) in &e.partials {
             agg.merge(&p.agg);
         }
+        let h = &e.head;
         WindowView {
-            window_id: e.rec.window_id.clone(),
-            spec: e.rec.spec.clone(),
-            kind: e.rec.kind.clone(),
-            by: e.rec.by.clone(),
-            key: e.rec.key.clone(),
-            start: e.rec.start,
-            end: e.rec.end,
+            window_id: h.window_id(),
+            spec: h.spec.to_string(),
+            kind: h.kind.to_string(),
+            by: h.by.to_string(),
+            key: h.key.to_string(),
+            start: h.start,
+            end: h.end,
             is_final: self.is_final(e, wm),
-            partitions: e.partials.keys().copied().collect(),
+            partitions: e.partials.iter().map(|(p, _)| *p).collect(),
             count: agg.count,
             revenue_usd: usd(agg.revenue_usd_micros),
             revenue_by_currency: agg
@@ -384,19 +458,14 @@ impl View {
         };
         let mut out = Vec::new();
         if q.kind == "session" {
-            let customers: Vec<&String> = match &q.key {
-                Some(k) => self
-                    .sessions
-                    .get_key_value(k)
-                    .map(|(c, _)| c)
-                    .into_iter()
-                    .collect(),
-                None => self.sessions.keys().collect(),
+            let lists: Vec<&Vec<Entry>> = match &q.key {
+                Some(k) => self.sessions.get(k.as_str()).into_iter().collect(),
+                None => self.sessions.values().collect(),
             };
-            for c in customers {
-                for e in self.sessions[c].values() {
-                    if q.from.is_some_and(|f| e.rec.start < f)
-                        || q.to.is_some_and(|t| e.rec.start >= t)
+            for list in lists {
+                for e in list {
+                    if q.from.is_some_and(|f| e.head.start < f)
+                        || q.to.is_some_and(|t| e.head.start >= t)
                     {
                         continue;
                     }
@@ -432,7 +501,7 @@ impl View {
             .get(customer)
             .map(|m| {
                 let wm = self.global_watermark();
-                m.values().map(|e| self.merged(e, wm)).collect()
+                m.iter().map(|e| self.merged(e, wm)).collect()
             })
             .unwrap_or_default()
     }
@@ -453,7 +522,7 @@ impl View {
                 if to.is_some_and(|t| k.0 >= t) {
                     break;
                 }
-                let s = sums.entry(e.rec.key.as_str()).or_default();
+                let s = sums.entry(&*e.head.key).or_default();
                 if self.is_final(e, wm) {
                     s.0 += e.revenue_micros;
                     s.2 += e.count;
@@ -596,6 +665,16 @@ mod tests {
         assert_eq!(v.customer_sessions("c1").len(), 1);
         v.apply(&sk, None).unwrap();
         assert!(v.customer_sessions("c1").is_empty());
+        // A key may hold the separator; the id is split at its first and
+        // last `|`.
+        let (sk, sv) = update(1, "s", s, "a|b", 5, 9, 3_000_000, false);
+        v.apply(&sk, Some(&sv)).unwrap();
+        assert_eq!(v.customer_sessions("a|b")[0].window_id, "s|a|b|5");
+        v.apply(&sk, None).unwrap();
+        assert!(v.customer_sessions("a|b").is_empty());
+        // A tombstone for a fixed window removes it too.
+        v.apply(&k, None).unwrap();
+        assert!(v.windows(&q).is_empty());
     }
 
     #[test]
