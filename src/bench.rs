@@ -154,6 +154,28 @@ fn measure_pod(
     }))
 }
 
+/// A group-less reader of every partition of `topic` from the beginning,
+/// with the pod's short fetch wait.
+fn reader_from_start(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> Result<BaseConsumer, BenchError> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    Ok(consumer)
+}
+
 /// `ceiling`: the raw consume rate of a pre-filled input topic (rdkafka, no
 /// processing), then the full job on the same broker and topic, and their
 /// ratio, measured in one run.
@@ -179,17 +201,7 @@ pub fn ceiling(
         .unwrap_or(1);
 
     // Raw consume: same client settings as the pod's fetches, no processing.
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", "bench-raw")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10")
-        .create()?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(&base.input_topic, p, Offset::Beginning)?;
-    }
-    consumer.assign(&tpl)?;
+    let consumer = reader_from_start(&brokers, "bench-raw", &base.input_topic, partitions)?;
     let deadline = Instant::now() + Duration::from_secs(600);
     let (mut n, mut bytes, mut first) = (0i64, 0usize, None);
     while n < total {
@@ -580,27 +592,14 @@ pub fn restore(
         .set("queue.buffering.max.messages", "1000000")
         .create()?;
     let send = |k: &[u8], v: Option<&Vec<u8>>| -> Result<(), BenchError> {
-        loop {
-            let mut r = rdkafka::producer::BaseRecord::<[u8], [u8]>::to(&cfg.changelog_topic)
-                .partition(0)
-                .key(k);
-            if let Some(v) = v {
-                r = r.payload(v.as_slice());
-            }
-            producer.poll(Duration::ZERO);
-            match producer.send(r) {
-                Ok(()) => return Ok(()),
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(
-                        rdkafka::types::RDKafkaErrorCode::QueueFull,
-                    ),
-                    _,
-                )) => {
-                    producer.poll(Duration::from_millis(10));
-                }
-                Err((e, _)) => return Err(e.into()),
-            }
-        }
+        producer.poll(Duration::ZERO);
+        Ok(gen::send_waiting(
+            &producer,
+            &cfg.changelog_topic,
+            Some(0),
+            k,
+            v.map(Vec::as_slice),
+        )?)
     };
     let (last, rest) = encoded
         .split_last()
@@ -711,17 +710,12 @@ pub fn latency(
             .iter()
             .find(|t| t.name == cfg.windows_topic)
             .map_or(1, |t| t.partitions);
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .set("group.id", "bench-latency-reader")
-            .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "5")
-            .create()?;
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..partitions {
-            tpl.add_partition_offset(&cfg.windows_topic, p, Offset::Beginning)?;
-        }
-        consumer.assign(&tpl)?;
+        let consumer = reader_from_start(
+            &brokers,
+            "bench-latency-reader",
+            &cfg.windows_topic,
+            partitions,
+        )?;
         std::thread::spawn(move || {
             while !stop.load(Ordering::SeqCst) {
                 let Some(Ok(m)) = consumer.poll(Duration::from_millis(20)) else {
@@ -755,24 +749,13 @@ pub fn latency(
     let mut probes: Vec<Instant> = Vec::new();
     let started = Instant::now();
     let send = |key: &[u8], payload: &[u8]| -> Result<(), BenchError> {
-        loop {
-            match producer.send(
-                rdkafka::producer::BaseRecord::<[u8], [u8]>::to(&cfg.input_topic)
-                    .key(key)
-                    .payload(payload),
-            ) {
-                Ok(()) => return Ok(()),
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(
-                        rdkafka::types::RDKafkaErrorCode::QueueFull,
-                    ),
-                    _,
-                )) => {
-                    producer.poll(Duration::from_millis(1));
-                }
-                Err((e, _)) => return Err(e.into()),
-            }
-        }
+        Ok(gen::send_waiting(
+            &producer,
+            &cfg.input_topic,
+            None,
+            key,
+            Some(payload),
+        )?)
     };
     for (i, r) in records.iter().enumerate() {
         let due = started + Duration::from_secs_f64(i as f64 / rate);
@@ -895,24 +878,13 @@ pub fn rss(
                     t0 + (i * 600_000 / customers) as i64
                 );
                 let key = format!("c{i}");
-                loop {
-                    match producer.send(
-                        rdkafka::producer::BaseRecord::<[u8], [u8]>::to(&base.input_topic)
-                            .key(key.as_bytes())
-                            .payload(payload.as_bytes()),
-                    ) {
-                        Ok(()) => break,
-                        Err((
-                            rdkafka::error::KafkaError::MessageProduction(
-                                rdkafka::types::RDKafkaErrorCode::QueueFull,
-                            ),
-                            _,
-                        )) => {
-                            producer.poll(Duration::from_millis(1));
-                        }
-                        Err((e, _)) => return Err(e.into()),
-                    }
-                }
+                gen::send_waiting(
+                    &producer,
+                    &base.input_topic,
+                    None,
+                    key.as_bytes(),
+                    Some(payload.as_bytes()),
+                )?;
             }
             rdkafka::producer::Producer::flush(&producer, Duration::from_secs(60))?;
             sent += n;

@@ -320,6 +320,33 @@ pub fn write_truth(records: &[GenRecord], w: &mut impl Write) -> std::io::Result
     Ok(())
 }
 
+/// Sends one record, serving delivery reports while librdkafka's queue is
+/// full instead of failing.
+pub fn send_waiting(
+    producer: &BaseProducer,
+    topic: &str,
+    partition: Option<i32>,
+    key: &[u8],
+    payload: Option<&[u8]>,
+) -> Result<(), KafkaError> {
+    loop {
+        let mut r = BaseRecord::<[u8], [u8]>::to(topic).key(key);
+        if let Some(p) = partition {
+            r = r.partition(p);
+        }
+        if let Some(v) = payload {
+            r = r.payload(v);
+        }
+        match producer.send(r) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                producer.poll(Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
 /// Sends the records, paced at `rate` per second (0 = unthrottled), and
 /// waits for every acknowledgement. Returns how many were sent.
 pub fn produce(
@@ -352,19 +379,7 @@ pub fn produce(
                 producer.poll(due - now);
             }
         }
-        loop {
-            match producer.send(
-                BaseRecord::to(topic)
-                    .key(r.key.as_slice())
-                    .payload(r.payload.as_slice()),
-            ) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    producer.poll(Duration::from_millis(10));
-                }
-                Err((e, _)) => return Err(e),
-            }
-        }
+        send_waiting(&producer, topic, None, &r.key, Some(&r.payload))?;
         sent += 1;
         producer.poll(Duration::ZERO);
     }
