@@ -431,10 +431,20 @@ impl PodConfig {
             dedup_horizon_ms: self.dedup_horizon_ms,
             limits,
             alert_threshold_usd_micros: (self.alert_threshold_usd * MICROS as f64).round() as i64,
+            hash_seed: random_seed(),
         };
         core.validate().map_err(|e| invalid(&e.field, e.message))?;
         Ok(core)
     }
+}
+
+/// A random seed for the core's hash maps, from std's per-process random
+/// keys (no extra dependency, no syscall of our own).
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
 }
 
 #[cfg(test)]
@@ -479,7 +489,12 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         let c = parse(&[], None).unwrap();
-        assert_eq!(c.core().unwrap(), CoreConfig::default());
+        let mut core = c.core().unwrap();
+        // The hash seed is the one value that is not a default: each engine
+        // gets a fresh random one.
+        assert_ne!(core.hash_seed, c.core().unwrap().hash_seed);
+        core.hash_seed = CoreConfig::default().hash_seed;
+        assert_eq!(core, CoreConfig::default());
     }
 
     #[test]
