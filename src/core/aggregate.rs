@@ -8,6 +8,7 @@
 
 use std::collections::HashSet;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -49,10 +50,16 @@ pub type IdSet = HashSet<u64, BuildHasherDefault<IdentityHasher>>;
 
 /// Distinct customers. Small sets (a session has one customer) stay a sorted
 /// vector; large ones become a hash set. Serialised as a sorted list either way.
+///
+/// A large set is shared copy-on-write (`Arc`): every flush hands each
+/// touched window's row to the shell twice (its update and its state row),
+/// and a busy window holds tens of thousands of customers. Those copies are
+/// dropped before the next record, so the next insert finds the set
+/// unshared and changes it in place; cloning costs a reference count.
 #[derive(Clone, Debug)]
 pub enum CustomerSet {
     Small(Vec<u64>),
-    Large(IdSet),
+    Large(Arc<IdSet>),
 }
 
 const SMALL_SET: usize = 32;
@@ -73,12 +80,14 @@ impl CustomerSet {
                     } else {
                         let mut set: IdSet = v.iter().copied().collect();
                         set.insert(h);
-                        *self = CustomerSet::Large(set);
+                        *self = CustomerSet::Large(Arc::new(set));
                     }
                 }
             }
             CustomerSet::Large(s) => {
-                s.insert(h);
+                if !s.contains(&h) {
+                    Arc::make_mut(s).insert(h);
+                }
             }
         }
     }
@@ -289,6 +298,19 @@ mod tests {
         assert_eq!(s.len(), 100);
         let round: CustomerSet = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(round, s);
+    }
+
+    #[test]
+    fn a_cloned_large_set_is_a_snapshot() {
+        let mut s = CustomerSet::default();
+        for i in 0..100u64 {
+            s.insert(i);
+        }
+        let snapshot = s.clone();
+        s.insert(1_000);
+        s.insert(5);
+        assert_eq!((snapshot.len(), s.len()), (100, 101));
+        assert!(!snapshot.contains(1_000) && s.contains(1_000));
     }
 
     #[test]
