@@ -71,10 +71,12 @@ impl Default for CustomerSet {
 }
 
 impl CustomerSet {
-    pub fn insert(&mut self, h: u64) {
+    /// Adds `h`; returns whether it was new.
+    pub fn insert(&mut self, h: u64) -> bool {
         match self {
-            CustomerSet::Small(v) => {
-                if let Err(i) = v.binary_search(&h) {
+            CustomerSet::Small(v) => match v.binary_search(&h) {
+                Ok(_) => false,
+                Err(i) => {
                     if v.len() < SMALL_SET {
                         v.insert(i, h);
                     } else {
@@ -82,13 +84,10 @@ impl CustomerSet {
                         set.insert(h);
                         *self = CustomerSet::Large(Arc::new(set));
                     }
+                    true
                 }
-            }
-            CustomerSet::Large(s) => {
-                if !s.contains(&h) {
-                    Arc::make_mut(s).insert(h);
-                }
-            }
+            },
+            CustomerSet::Large(s) => !s.contains(&h) && Arc::make_mut(s).insert(h),
         }
     }
 
@@ -186,15 +185,35 @@ impl Default for Aggregate {
 }
 
 impl Aggregate {
-    /// Folds one order in.
-    pub fn add(&mut self, usd_micros: i64, currency: Currency, amount_micros: i64, customer: u64) {
+    /// Folds one order in; returns whether its customer is new here.
+    pub fn add(
+        &mut self,
+        usd_micros: i64,
+        currency: Currency,
+        amount_micros: i64,
+        customer: u64,
+    ) -> bool {
         self.count += 1;
         self.revenue_usd_micros += i128::from(usd_micros);
         self.add_currency(currency, i128::from(amount_micros));
         self.min_usd_micros = self.min_usd_micros.min(usd_micros);
         self.max_usd_micros = self.max_usd_micros.max(usd_micros);
-        self.customers.insert(customer);
         self.sketch.insert(usd_micros as f64 / MICROS as f64);
+        self.customers.insert(customer)
+    }
+
+    /// A copy without the customer set (which a window's state row stores
+    /// apart, see `StateRow::Members`).
+    pub fn without_customers(&self) -> Aggregate {
+        Aggregate {
+            count: self.count,
+            revenue_usd_micros: self.revenue_usd_micros,
+            revenue_by_currency: self.revenue_by_currency.clone(),
+            min_usd_micros: self.min_usd_micros,
+            max_usd_micros: self.max_usd_micros,
+            customers: CustomerSet::default(),
+            sketch: self.sketch.clone(),
+        }
     }
 
     fn add_currency(&mut self, currency: Currency, amount: i128) {

@@ -239,11 +239,25 @@ pub struct PartitionMeta {
 /// One row of partition state, as stored and restored.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum StateRow {
+    /// A tumbling or sliding window. Its customer set is not in the row
+    /// (it is empty there) but in its [`StateRow::Members`] rows.
     Window(WindowKey, WindowRow),
     /// Keyed by (session spec, customer).
     Sessions(u16, String, SessionSet),
     Dedup(String, DedupRow),
     Meta(PartitionMeta),
+    /// Customers a window gained in one flush, chunk `n` of that window.
+    ///
+    /// Why apart: a busy window holds tens of thousands of customers, and
+    /// writing the whole set with every update made each flush cost as
+    /// much as the windows' sizes, not the records. Chunks are written
+    /// before their window's row in the same flush (so a stored row always
+    /// has its chunks, even from a flush cut in half), unioned on restore,
+    /// and deleted after the window's row when it is purged (so a cut
+    /// leaves orphan chunks, which a restore deletes, never a window
+    /// missing customers). A set is a union, so a chunk holding customers
+    /// of records that are replayed anyway changes nothing.
+    Members(WindowKey, u64, Vec<u64>),
 }
 
 /// The key of a [`StateRow`].
@@ -253,6 +267,7 @@ pub enum RowKey {
     Sessions(u16, String),
     Dedup(String),
     Meta,
+    Members(WindowKey, u64),
 }
 
 impl StateRow {
@@ -262,6 +277,7 @@ impl StateRow {
             StateRow::Sessions(s, c, _) => RowKey::Sessions(*s, c.clone()),
             StateRow::Dedup(id, _) => RowKey::Dedup(id.clone()),
             StateRow::Meta(_) => RowKey::Meta,
+            StateRow::Members(k, n, _) => RowKey::Members(k.clone(), *n),
         }
     }
 }
@@ -385,6 +401,13 @@ struct Part {
     /// Live dedup entries by expiry time.
     dedup_expiry: BTreeSet<(i64, String)>,
     touched: FastSet<WindowKey>,
+    /// Customers each window gained since the last flush (its next chunk).
+    new_members: FastMap<WindowKey, Vec<u64>>,
+    /// The chunk numbers stored for each window, ascending.
+    chunks: FastMap<WindowKey, Vec<u64>>,
+    /// Stored chunks of windows that no longer exist (from a flush cut in
+    /// half): deleted by the next flush.
+    orphan_chunks: Vec<(WindowKey, u64)>,
     sessions_touched: FastSet<(u16, String)>,
     dedup_touched: FastSet<String>,
     meta_dirty: bool,
@@ -405,6 +428,8 @@ impl Part {
             sessions: HashMap::with_hasher(h()),
             dedup: HashMap::with_hasher(h()),
             touched: HashSet::with_hasher(h()),
+            new_members: HashMap::with_hasher(h()),
+            chunks: HashMap::with_hasher(h()),
             sessions_touched: HashSet::with_hasher(h()),
             dedup_touched: HashSet::with_hasher(h()),
             ..Part::default()
@@ -552,8 +577,11 @@ impl Engine {
         let mut part = Part::new(wall_ms, self.cfg.hash_seed);
         part.meta_dirty = false;
         let horizon = self.cfg.dedup_horizon_ms;
+        let mut members: Vec<(WindowKey, u64, Vec<u64>)> = Vec::new();
+        let mut refinal: Vec<WindowKey> = Vec::new();
         for row in rows {
             match row {
+                StateRow::Members(key, n, m) => members.push((key, n, m)),
                 StateRow::Meta(m) => {
                     part.next_offset = m.next_offset;
                     part.max_event_ms = m.max_event_ms;
@@ -571,7 +599,8 @@ impl Engine {
                     if row.closed {
                         part.pending_purge
                             .push(Purge::Window(close_at, key.clone()));
-                        out.push(self.update(p, &key, row.clone()));
+                        // Emitted once its customers have joined (below).
+                        refinal.push(key.clone());
                     } else {
                         part.closing.insert((close_at, key.clone()));
                     }
@@ -611,6 +640,24 @@ impl Engine {
                     }
                     part.sessions.insert((spec, customer), set);
                 }
+            }
+        }
+        // Rows come in any order: chunks join their windows at the end.
+        members.sort_by_key(|(_, n, _)| *n);
+        for (key, n, m) in members {
+            match part.windows.get_mut(&key) {
+                Some(row) => {
+                    for h in m {
+                        row.agg.customers.insert(h);
+                    }
+                    part.chunks.entry(key).or_default().push(n);
+                }
+                None => part.orphan_chunks.push((key, n)),
+            }
+        }
+        for key in refinal {
+            if let Some(row) = part.windows.get(&key) {
+                out.push(self.update(p, &key, row.clone()));
             }
         }
         part.durable_wm = part.watermark;
@@ -905,16 +952,43 @@ impl Engine {
             stouched.sort();
             let mut ids: Vec<String> = part.dedup_touched.drain().collect();
             ids.sort();
+            let mut new_members = std::mem::take(&mut part.new_members);
+            let mut chunks = std::mem::take(&mut part.chunks);
+            for (key, n) in std::mem::take(&mut part.orphan_chunks) {
+                changes.push(StateChange::Delete(p, RowKey::Members(key, n)));
+            }
             let part = &self.parts[&p];
             for key in touched {
                 match part.windows.get(&key) {
                     Some(row) => {
+                        if let Some(mut members) = new_members.remove(&key) {
+                            members.sort_unstable();
+                            let list = chunks.entry(key.clone()).or_default();
+                            let n = list.last().map_or(0, |n| n + 1);
+                            list.push(n);
+                            changes.push(StateChange::Put(
+                                p,
+                                StateRow::Members(key.clone(), n, members),
+                            ));
+                        }
                         if !row.closed {
                             effects.push(self.update(p, &key, row.clone()));
                         }
-                        changes.push(StateChange::Put(p, StateRow::Window(key, row.clone())));
+                        let stored = WindowRow {
+                            end: row.end,
+                            agg: row.agg.without_customers(),
+                            offset: row.offset,
+                            closed: row.closed,
+                        };
+                        changes.push(StateChange::Put(p, StateRow::Window(key, stored)));
                     }
-                    None => changes.push(StateChange::Delete(p, RowKey::Window(key))),
+                    None => {
+                        let gone = chunks.remove(&key).unwrap_or_default();
+                        changes.push(StateChange::Delete(p, RowKey::Window(key.clone())));
+                        for n in gone {
+                            changes.push(StateChange::Delete(p, RowKey::Members(key.clone(), n)));
+                        }
+                    }
                 }
             }
             for (spec, customer) in stouched {
@@ -946,6 +1020,7 @@ impl Engine {
             let Some(part) = self.parts.get_mut(&p) else {
                 continue;
             };
+            part.chunks = chunks;
             if part.meta_dirty {
                 part.meta_dirty = false;
                 changes.push(StateChange::Put(p, StateRow::Meta(part.meta())));
@@ -1062,7 +1137,14 @@ fn fold_fixed(
             if row.closed || row.offset >= offset {
                 return;
             }
-            add_order(&mut row.agg, order, customer);
+            if add_order(&mut row.agg, order, customer) {
+                match part.new_members.get_mut(key) {
+                    Some(v) => v.push(customer),
+                    None => {
+                        part.new_members.insert(key.clone(), vec![customer]);
+                    }
+                }
+            }
             row.offset = offset;
             if !part.touched.contains(key) {
                 part.touched.insert(key.clone());
@@ -1071,6 +1153,7 @@ fn fold_fixed(
         None => {
             let mut agg = Aggregate::default();
             add_order(&mut agg, order, customer);
+            part.new_members.insert(key.clone(), vec![customer]);
             part.windows.insert(
                 key.clone(),
                 WindowRow {
@@ -1086,13 +1169,14 @@ fn fold_fixed(
     }
 }
 
-fn add_order(agg: &mut Aggregate, o: &EnrichedOrder, customer: u64) {
+/// Returns whether the customer is new in `agg`.
+fn add_order(agg: &mut Aggregate, o: &EnrichedOrder, customer: u64) -> bool {
     agg.add(
         o.amount_usd_micros,
         o.order.currency,
         o.order.amount_micros,
         customer,
-    );
+    )
 }
 
 /// Folding one order into its customer's sessions for one definition.
