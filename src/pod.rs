@@ -663,6 +663,9 @@ impl Processor {
             let id = self.engine.flush(&mut self.effects, &mut changes);
             self.emit_engine();
             self.publish_progress();
+            // The window updates leave first: encoding the state rows is
+            // not on the path of what a reader sees.
+            self.send_new();
             // Each changed row goes to the changelog, but only after every
             // output is acknowledged: the changelog must never be ahead of
             // the outputs, or a pod restoring from it would skip records
@@ -678,7 +681,6 @@ impl Processor {
                 });
             }
             self.pending_changes = Some((id, encoded));
-            self.send_new();
             self.producer
                 .context()
                 .lane(Lane::Changelog)
@@ -728,7 +730,10 @@ impl Processor {
         );
         self.clear_batch();
         self.pending = 0;
-        self.last_flush = Instant::now();
+        // The interval runs from flush start to flush start: a flush that
+        // takes 50 ms of a 100 ms interval does not stretch the cycle to
+        // 150 ms (every window update would wait that much longer).
+        self.last_flush = started;
         Ok(())
     }
 
