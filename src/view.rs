@@ -122,7 +122,13 @@ impl Entry {
         match self.partials.binary_search_by_key(&partition, |e| e.0) {
             Ok(i) if self.partials[i].1.is_final && !p.is_final => return,
             Ok(i) => self.partials[i].1 = p,
-            Err(i) => self.partials.insert(i, (partition, p)),
+            Err(i) => {
+                if self.partials.is_empty() {
+                    // Most windows have one partial: no room for four.
+                    self.partials.reserve_exact(1);
+                }
+                self.partials.insert(i, (partition, p))
+            }
         }
         self.head.end = self.head.end.max(end);
         self.refresh();
@@ -299,6 +305,11 @@ impl View {
             agg,
             ..
         } = rec;
+        // Decoded from JSON by pushes, the vectors have spare room; a
+        // million sessions are held here.
+        let mut agg = agg;
+        agg.revenue_by_currency.shrink_to_fit();
+        agg.sketch.shrink_to_fit();
         let partial = Partial { is_final, agg };
         if kind == "session" {
             let customer = match self.sessions.get_key_value(key.as_str()) {
@@ -319,6 +330,9 @@ impl View {
             {
                 Ok(i) => i,
                 Err(i) => {
+                    if list.is_empty() {
+                        list.reserve_exact(1);
+                    }
                     list.insert(i, Entry::new(head));
                     i
                 }

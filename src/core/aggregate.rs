@@ -78,6 +78,7 @@ impl CustomerSet {
                 Ok(_) => false,
                 Err(i) => {
                     if v.len() < SMALL_SET {
+                        first_of_many(v);
                         v.insert(i, h);
                     } else {
                         let mut set: IdSet = v.iter().copied().collect();
@@ -154,6 +155,15 @@ impl<'de> Deserialize<'de> for CustomerSet {
     }
 }
 
+/// Before the first push: room for exactly one element. A `Vec` otherwise
+/// starts at four, and a million sessions each hold one currency, one
+/// customer and one sketch bucket: 160 bytes per session of empty slots.
+pub(crate) fn first_of_many<T>(v: &mut Vec<T>) {
+    if v.capacity() == 0 {
+        v.reserve_exact(1);
+    }
+}
+
 /// Revenue, count, customers, min/max/avg and p95 of one window.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Aggregate {
@@ -222,7 +232,10 @@ impl Aggregate {
             .binary_search_by_key(&currency, |e| e.0)
         {
             Ok(i) => self.revenue_by_currency[i].1 += amount,
-            Err(i) => self.revenue_by_currency.insert(i, (currency, amount)),
+            Err(i) => {
+                first_of_many(&mut self.revenue_by_currency);
+                self.revenue_by_currency.insert(i, (currency, amount))
+            }
         }
     }
 
@@ -317,6 +330,23 @@ mod tests {
         assert_eq!(s.len(), 100);
         let round: CustomerSet = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(round, s);
+    }
+
+    #[test]
+    fn a_one_order_aggregate_holds_no_spare_room() {
+        // A million open sessions are one-order aggregates: a Vec's usual
+        // first capacity of four was most of their memory.
+        let mut a = Aggregate::default();
+        a.add(1_000_000, usd(), 1_000_000, customer_hash("a"));
+        assert_eq!(a.revenue_by_currency.capacity(), 1);
+        assert!(matches!(&a.customers, CustomerSet::Small(v) if v.capacity() == 1));
+        a.add(
+            2_000_000,
+            Currency::parse("EUR").unwrap(),
+            1,
+            customer_hash("b"),
+        );
+        assert_eq!(a.revenue_by_currency.len(), 2);
     }
 
     #[test]

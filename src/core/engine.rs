@@ -1265,6 +1265,7 @@ impl SessionFold<'_> {
         part.closing
             .insert((merged.last + gap + grace, self.key(cust, merged.start)));
         let at = set.sessions.partition_point(|s| s.start < merged.start);
+        crate::core::aggregate::first_of_many(&mut set.sessions);
         set.sessions.insert(at, merged);
         set.offset = self.offset;
         if !part.sessions_touched.contains(&skey) {

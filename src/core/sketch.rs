@@ -59,8 +59,16 @@ impl QuantileSketch {
         let key = Self::key(value);
         match self.bins.binary_search_by_key(&key, |b| b.0) {
             Ok(i) => self.bins[i].1 += n,
-            Err(i) => self.bins.insert(i, (key, n)),
+            Err(i) => {
+                super::aggregate::first_of_many(&mut self.bins);
+                self.bins.insert(i, (key, n))
+            }
         }
+    }
+
+    /// Drops spare capacity (a sketch decoded from JSON grows by pushes).
+    pub fn shrink_to_fit(&mut self) {
+        self.bins.shrink_to_fit();
     }
 
     pub fn count(&self) -> u64 {
