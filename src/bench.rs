@@ -826,10 +826,13 @@ pub fn latency(
 /// caches from that). Input is produced in chunks the pod has nearly
 /// consumed, because the embedded broker keeps only about 5 MiB per
 /// partition.
+/// `tally` is the binary to run as the pod (`std::env::current_exe()` from
+/// the command line; the built binary from tests).
 pub fn rss(
     topics: &[TopicSpec],
     base: &PodConfig,
     customers: u64,
+    tally: &std::path::Path,
 ) -> Result<serde_json::Value, BenchError> {
     const CHUNK: u64 = 50_000;
     const LIMIT: u64 = 512 << 20;
@@ -841,7 +844,10 @@ pub fn rss(
         .iter()
         .find(|t| t.name == base.input_topic)
         .map_or(1, |t| t.partitions);
-    let mut child = std::process::Command::new(std::env::current_exe()?)
+    if customers == 0 {
+        return Err(BenchError::Invalid("--customers must be > 0".into()));
+    }
+    let mut child = std::process::Command::new(tally)
         .arg("run")
         .env("TALLY_BROKERS", &brokers)
         .env("TALLY_GROUP", &group)

@@ -263,7 +263,8 @@ fn main() -> anyhow::Result<()> {
                     println!("{}", tally::bench::latency(&specs, &base, rate, seconds)?);
                 }
                 "rss" => {
-                    println!("{}", tally::bench::rss(&specs, &base, customers)?);
+                    let exe = std::env::current_exe().context("locating the tally binary")?;
+                    println!("{}", tally::bench::rss(&specs, &base, customers, &exe)?);
                 }
                 other => {
                     bail!("invalid scenario: {other:?} (known: flush, serving, ceiling, restore, latency, rss)")
