@@ -1211,8 +1211,8 @@ impl SessionFold<'_> {
             return false;
         }
         let cust = &order.order.customer_id;
-        // The key is owned only where it is stored: a customer seen before
-        // (and already touched in this flush) costs no allocation.
+        // Look up before inserting: a customer seen before costs one key
+        // (the lookup's), not the two an `entry` and its clone would.
         let skey = (self.spec_ix, cust.clone());
         let set = match part.sessions.get_mut(&skey) {
             Some(set) => set,
