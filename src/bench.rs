@@ -80,11 +80,7 @@ pub fn pod_throughput(
     let brokers = broker.bootstrap_servers();
     let records = gen::generate(spec);
     gen::produce(&brokers, &base.input_topic, &[], &records, 0.0, &|| false)?;
-    let partitions = topics
-        .iter()
-        .find(|t| t.name == base.input_topic)
-        .map(|t| t.partitions)
-        .unwrap_or(1);
+    let partitions = partitions_of(topics, &base.input_topic);
     measure_pod(
         &brokers,
         base,
@@ -105,15 +101,7 @@ fn measure_pod(
     group: &str,
     tweak: &dyn Fn(&mut PodConfig),
 ) -> Result<serde_json::Value, BenchError> {
-    let mut cfg = base.clone();
-    cfg.brokers = brokers.to_string();
-    cfg.group = group.into();
-    cfg.apply_topics = false;
-    cfg.state_dir = std::env::temp_dir().join(format!(
-        "tally-bench-{}-{}",
-        std::process::id(),
-        pod::now_ms()
-    ));
+    let mut cfg = bench_pod_config(base, brokers, group);
     tweak(&mut cfg);
     let handle = pod::start(cfg.clone())?;
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -152,6 +140,29 @@ fn measure_pod(
         "events_per_sec": total as f64 / secs,
         "flushes": flushes,
     }))
+}
+
+/// The declared partition count of `topic` (1 if it is not declared).
+fn partitions_of(topics: &[TopicSpec], topic: &str) -> i32 {
+    topics
+        .iter()
+        .find(|t| t.name == topic)
+        .map_or(1, |t| t.partitions)
+}
+
+/// The pod of a scenario: on `brokers`, in `group`, topics already made,
+/// with a fresh state directory of its own.
+fn bench_pod_config(base: &PodConfig, brokers: &str, group: &str) -> PodConfig {
+    let mut cfg = base.clone();
+    cfg.brokers = brokers.to_string();
+    cfg.group = group.into();
+    cfg.apply_topics = false;
+    cfg.state_dir = std::env::temp_dir().join(format!(
+        "tally-{group}-{}-{}",
+        std::process::id(),
+        pod::now_ms()
+    ));
+    cfg
 }
 
 /// A group-less reader of every partition of `topic` from the beginning,
@@ -194,11 +205,7 @@ pub fn ceiling(
     gen::produce(&brokers, &base.input_topic, &[], &records, 0.0, &|| false)?;
     let total = records.len() as i64;
     drop(records);
-    let partitions = topics
-        .iter()
-        .find(|t| t.name == base.input_topic)
-        .map(|t| t.partitions)
-        .unwrap_or(1);
+    let partitions = partitions_of(topics, &base.input_topic);
 
     // Raw consume: same client settings as the pod's fetches, no processing.
     let consumer = reader_from_start(&brokers, "bench-raw", &base.input_topic, partitions)?;
@@ -321,15 +328,7 @@ pub fn serving(
     let broker = EmbeddedBroker::start(1, topics)?;
     let brokers = broker.bootstrap_servers();
     let metrics = Arc::new(crate::metrics::Metrics::new());
-    let mut cfg = base.clone();
-    cfg.brokers = brokers.clone();
-    cfg.group = "bench-serving".into();
-    cfg.apply_topics = false;
-    cfg.state_dir = std::env::temp_dir().join(format!(
-        "tally-bench-s-{}-{}",
-        std::process::id(),
-        pod::now_ms()
-    ));
+    let cfg = bench_pod_config(base, &brokers, "bench-serving");
     let handle = pod::start_with_metrics(cfg.clone(), metrics.clone())?;
     let follower =
         crate::serving::follow(&brokers, &[], &cfg.windows_topic, 10_000, metrics.clone())?;
@@ -672,15 +671,7 @@ pub fn latency(
     }
     let broker = EmbeddedBroker::start(1, topics)?;
     let brokers = broker.bootstrap_servers();
-    let mut cfg = base.clone();
-    cfg.brokers = brokers.clone();
-    cfg.group = "bench-latency".into();
-    cfg.apply_topics = false;
-    cfg.state_dir = std::env::temp_dir().join(format!(
-        "tally-bench-l-{}-{}",
-        std::process::id(),
-        pod::now_ms()
-    ));
+    let cfg = bench_pod_config(base, &brokers, "bench-latency");
     let count = (rate * seconds) as u64;
     let records = gen::generate(&GenSpec {
         count,
@@ -706,10 +697,7 @@ pub fn latency(
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {
         let (seen, stop) = (seen.clone(), stop.clone());
-        let partitions = topics
-            .iter()
-            .find(|t| t.name == cfg.windows_topic)
-            .map_or(1, |t| t.partitions);
+        let partitions = partitions_of(topics, &cfg.windows_topic);
         let consumer = reader_from_start(
             &brokers,
             "bench-latency-reader",
@@ -840,10 +828,7 @@ pub fn rss(
     let brokers = broker.bootstrap_servers();
     let group = format!("bench-rss-{}", pod::now_ms());
     let state_dir = std::env::temp_dir().join(format!("tally-bench-{group}"));
-    let partitions = topics
-        .iter()
-        .find(|t| t.name == base.input_topic)
-        .map_or(1, |t| t.partitions);
+    let partitions = partitions_of(topics, &base.input_topic);
     if customers == 0 {
         return Err(BenchError::Invalid("--customers must be > 0".into()));
     }

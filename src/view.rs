@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::core::aggregate::first_of_many;
 use crate::core::order::MICROS;
 use crate::core::Partition;
 use crate::output::{usd, WindowRecord, WireAgg};
@@ -123,10 +124,8 @@ impl Entry {
             Ok(i) if self.partials[i].1.is_final && !p.is_final => return,
             Ok(i) => self.partials[i].1 = p,
             Err(i) => {
-                if self.partials.is_empty() {
-                    // Most windows have one partial: no room for four.
-                    self.partials.reserve_exact(1);
-                }
+                // Most windows have one partial: no room for four.
+                first_of_many(&mut self.partials);
                 self.partials.insert(i, (partition, p))
             }
         }
@@ -211,6 +210,11 @@ pub struct View {
     names: HashSet<Arc<str>>,
     progress: BTreeMap<Partition, ProgressRecord>,
     records: u64,
+}
+
+/// Where a customer's session `(spec, start)` is, or would go, in its list.
+fn find_session(list: &[Entry], spec: &str, start: i64) -> Result<usize, usize> {
+    list.binary_search_by(|e| (&*e.head.spec, e.head.start).cmp(&(spec, start)))
 }
 
 /// One `revenue-windows` record, decoded.
@@ -325,14 +329,10 @@ impl View {
                 end,
             };
             let list = self.sessions.entry(customer).or_default();
-            let i = match list
-                .binary_search_by(|e| (&*e.head.spec, e.head.start).cmp(&(spec.as_str(), start)))
-            {
+            let i = match find_session(list, &spec, start) {
                 Ok(i) => i,
                 Err(i) => {
-                    if list.is_empty() {
-                        list.reserve_exact(1);
-                    }
+                    first_of_many(list);
                     list.insert(i, Entry::new(head));
                     i
                 }
@@ -379,9 +379,7 @@ impl View {
             return;
         };
         if let Some(list) = self.sessions.get_mut(key) {
-            if let Ok(i) =
-                list.binary_search_by(|e| (&*e.head.spec, e.head.start).cmp(&(spec, start)))
-            {
+            if let Ok(i) = find_session(list, spec, start) {
                 if list[i].remove(partition) {
                     list.remove(i);
                 }
