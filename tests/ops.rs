@@ -366,10 +366,7 @@ fn live_metrics() -> String {
         late_pct: 5.0,
         ..GenSpec::default()
     });
-    gen::produce(&brokers, &topic("raw-orders"), &[], &records, 0.0, &|| {
-        false
-    })
-    .unwrap();
+    produce_input(&brokers, &records);
     let dir = temp_dir("ops-metrics");
     let handle = pod::start(pod_config(&brokers, "ops", dir.clone())).unwrap();
     wait_all_committed(

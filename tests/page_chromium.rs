@@ -66,10 +66,7 @@ fn the_live_page_shows_the_numbers_of_revenue() {
         seed: 5,
         ..GenSpec::default()
     });
-    gen::produce(&brokers, &topic("raw-orders"), &[], &records, 0.0, &|| {
-        false
-    })
-    .unwrap();
+    produce_input(&brokers, &records);
     let metrics = Arc::new(Metrics::new());
     let cfg = pod_config(&brokers, "page", temp_dir("page"));
     let handle = pod::start_with_metrics(cfg.clone(), metrics.clone()).unwrap();

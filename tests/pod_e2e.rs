@@ -28,10 +28,7 @@ fn every_window_total_dlq_and_late_record_matches_the_truth() {
         late_pct: 2.0,
         ..GenSpec::default()
     });
-    gen::produce(&brokers, &topic("raw-orders"), &[], &records, 0.0, &|| {
-        false
-    })
-    .unwrap();
+    produce_input(&brokers, &records);
     let ends = end_offsets(&brokers, "raw-orders");
     assert_eq!(ends.values().sum::<i64>(), records.len() as i64);
 

@@ -51,7 +51,7 @@ fn request_errors_and_a_broker_outage_lose_and_double_nothing() {
         wait_all_committed(&brokers, "faults", what, Duration::from_secs(120));
     };
 
-    gen::produce(&brokers, &topic("raw-orders"), &[], a, 0.0, &|| false).unwrap();
+    produce_input(&brokers, a);
     caught_up("the first third");
 
     // Retriable errors on every request kind the pod depends on.
@@ -71,7 +71,7 @@ fn request_errors_and_a_broker_outage_lose_and_double_nothing() {
         RDKafkaApiKey::OffsetCommit,
         &err(RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT, 4),
     );
-    gen::produce(&brokers, &topic("raw-orders"), &[], b, 0.0, &|| false).unwrap();
+    produce_input(&brokers, b);
     caught_up("the second third, through request errors");
 
     // A broker outage: its partitions cannot be written until it returns.

@@ -41,14 +41,14 @@ fn a_partition_moves_through_the_changelog() {
 
     // Pod 1 processes the first third, then stops.
     let dir1 = temp_dir("restore-1");
-    gen::produce(&brokers, &topic("raw-orders"), &[], a, 0.0, &|| false).unwrap();
+    produce_input(&brokers, a);
     let pod1 = pod::start(pod_config(&brokers, "restore", dir1.clone())).unwrap();
     caught_up();
     pod1.join().unwrap();
 
     // Pod 2 starts with an empty state directory: it restores every
     // partition from the changelog and processes only the second third.
-    gen::produce(&brokers, &topic("raw-orders"), &[], b, 0.0, &|| false).unwrap();
+    produce_input(&brokers, b);
     let dir2 = temp_dir("restore-2");
     let pod2 = pod::start(pod_config(&brokers, "restore", dir2.clone())).unwrap();
     caught_up();
@@ -67,7 +67,7 @@ fn a_partition_moves_through_the_changelog() {
 
     // Pod 1 comes back with its old local state: it applies only the tail
     // that pod 2 wrote, then processes the last third.
-    gen::produce(&brokers, &topic("raw-orders"), &[], c, 0.0, &|| false).unwrap();
+    produce_input(&brokers, c);
     let pod1 = pod::start(pod_config(&brokers, "restore", dir1.clone())).unwrap();
     caught_up();
     let stats1 = pod1.stats.clone();

@@ -27,10 +27,7 @@ fn replaying_what_was_processed_live_finds_no_difference() {
         customers: 300,
         ..GenSpec::default()
     });
-    gen::produce(&brokers, &topic("raw-orders"), &[], &records, 0.0, &|| {
-        false
-    })
-    .unwrap();
+    produce_input(&brokers, &records);
     let cfg = pod_config(&brokers, "replay", temp_dir("replay"));
     let handle = pod::start(cfg.clone()).unwrap();
     wait_all_committed(

@@ -27,10 +27,7 @@ fn the_view_merges_every_partition_to_the_exact_truth() {
         customers: 200,
         ..GenSpec::default()
     });
-    gen::produce(&brokers, &topic("raw-orders"), &[], &records, 0.0, &|| {
-        false
-    })
-    .unwrap();
+    produce_input(&brokers, &records);
 
     let metrics = Arc::new(Metrics::new());
     let cfg = pod_config(&brokers, "serving", temp_dir("serving"));

@@ -43,6 +43,13 @@ pub fn topic(name: &str) -> String {
     format!("{}{name}", prefix())
 }
 
+/// Sends `records` to the broker under test's `raw-orders`, unpaced, and
+/// waits for every acknowledgement.
+pub fn produce_input(brokers: &str, records: &[tally::gen::GenRecord]) {
+    tally::gen::produce(brokers, &topic("raw-orders"), &[], records, 0.0, &|| false)
+        .expect("the input is produced");
+}
+
 /// The name of a consumer group on the broker under test.
 pub fn group(name: &str) -> String {
     format!("{}{name}", prefix())
