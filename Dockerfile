@@ -10,7 +10,10 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+COPY crates ./crates
 COPY src ./src
+# The declarations are compiled into the binary as its defaults.
+COPY topics ./topics
 RUN cargo build --release --locked --bin tally \
     && strip target/release/tally
 

@@ -1,19 +1,28 @@
 # The README's two commands: `make demo` and `make test`.
 # Both install missing system packages first (scripts/ensure-deps.sh).
 #
-# Tests, binaries and clippy share the dev profile (dependencies optimised),
-# so RocksDB and librdkafka are compiled once.
+# Both build the same thing: `cargo test --workspace --all-targets`, whose
+# feature set includes the dev-dependencies'. `make demo` builds that with
+# `--no-run` and starts the binary it made, so whichever of the two runs
+# first, the second compiles neither RocksDB nor librdkafka again. (A plain
+# `cargo run` resolves features without the dev-dependencies, and one of
+# them changes a build-time dependency of librocksdb-sys: it would rebuild
+# RocksDB.)
 
 CARGO ?= cargo
+# Where cargo puts the binary (CI sets CARGO_TARGET_DIR to a cache).
+TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
+BUILD := $(CARGO) test --workspace --all-targets --no-run
 
 .PHONY: deps test test-tansu test-churn test-long-kill validate demo fmt lint ci
 
 deps:
 	@./scripts/ensure-deps.sh
 
-## Run every test: unit, property (1,000 cases each), golden, purity, integration.
+## Run every test of every crate: unit, property (1,000 cases each), golden,
+## purity, integration, bench smoke.
 test: deps
-	$(CARGO) test --all-targets
+	$(CARGO) test --workspace --all-targets
 
 ## The integration suite against tansu, a second real broker (installs it once).
 test-tansu: deps
@@ -35,14 +44,15 @@ validate:
 
 ## Run the whole job locally on an embedded broker.
 demo: deps
-	$(CARGO) run -- demo
+	$(BUILD)
+	$(TARGET_DIR)/debug/tally demo
 
 fmt:
 	$(CARGO) fmt
 
 lint: deps
 	$(CARGO) fmt --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## What CI runs.
 ci: lint validate test

@@ -15,6 +15,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 
 use crate::core::{Currency, FxTable, Rate};
+use crate::kafka::Clients;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FxError {
@@ -83,15 +84,7 @@ pub struct FxFollower {
 }
 
 fn base_config(brokers: &str, extra: &[(String, String)]) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers)
-        .set("group.id", "tally-fx-reader")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false");
-    for (k, v) in extra {
-        c.set(k, v);
-    }
-    c
+    Clients::new(brokers, extra).reader("tally-fx-reader")
 }
 
 /// Loads the table: the topic's content over the defaults. If the topic is
@@ -154,14 +147,7 @@ fn seed(
     fx: &FxTable,
     timeout: Duration,
 ) -> Result<(), FxError> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all");
-    for (k, v) in extra {
-        c.set(k, v);
-    }
-    let producer: BaseProducer = c.create()?;
+    let producer: BaseProducer = Clients::new(brokers, extra).producer().create()?;
     for (cur, rate) in fx.entries() {
         let payload =
             serde_json::json!({ "currency": cur.to_string(), "rate": rate.as_f64() }).to_string();

@@ -16,13 +16,13 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use serde::{Deserialize, Serialize};
 
 use crate::core::order::{usd_micros, MICROS};
 use crate::core::{Currency, FxTable, Reason};
+use crate::kafka::Clients;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct GenSpec {
@@ -193,7 +193,7 @@ pub fn generate(spec: &GenSpec) -> Vec<GenRecord> {
                 1 => format!(
                     r#"{{"order_id":"{id}","customer_id":"{customer}","amount":"{amount}","currency":"{}","created_at":"{}","region":"{region}"}}"#,
                     currency.to_lowercase(),
-                    crate::output::rfc3339(t)
+                    crate::wire::rfc3339(t)
                 ),
                 2 => format!(
                     r#"{{"order_id":"{id}","customer_id":"{customer}","amount":{amount},"currency":"{currency}","created_at":{}.{:03},"region":"{region}"}}"#,
@@ -357,15 +357,13 @@ pub fn produce(
     rate: f64,
     stop: &dyn Fn() -> bool,
 ) -> Result<u64, KafkaError> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5");
-    for (k, v) in extra {
-        c.set(k, v);
-    }
-    let producer: BaseProducer = c.create()?;
+    let producer: BaseProducer = Clients::new(brokers, extra)
+        .config(&[
+            ("enable.idempotence", "true"),
+            ("acks", "all"),
+            ("linger.ms", "5"),
+        ])
+        .create()?;
     let started = Instant::now();
     let mut sent = 0u64;
     for r in records {

@@ -1,36 +1,32 @@
 //! tally: a Kafka-native stream processor that turns order events into live,
-//! exact revenue figures.
+//! exact revenue figures. This is the effectful shell around the pure core
+//! ([`tally_core`], re-exported as [`core`]).
 //!
-//! - [`core`]: the pure state machine (no IO, no clock). Everything about
-//!   windows, watermarks, sessions, dedup and aggregates lives there.
 //! - [`config`]: the one configuration struct (flags, `TALLY_*` env, TOML).
-//! - [`pod`]: the consumer pod, the poll loop around the core.
-//! - [`store`]: RocksDB state (rows, offsets, watermarks).
-//! - [`output`]: effects to Kafka records (the output wire formats).
+//! - [`pod`]: the consumer pod: the poll loop around the core, flush,
+//!   restore and rebalance.
+//! - [`state`]: RocksDB state and its versioned codec.
+//! - [`wire`]: the format of every topic the job writes, `revenue-windows`
+//!   included.
+//! - [`kafka`]: the one Kafka client factory, topic declarations, the
+//!   embedded broker.
 //! - [`fx`]: the `fx-rates` table adapter.
-//! - [`topics`]: topic declarations and applying them.
+//! - [`serve`]: the view follower and the HTTP adapter.
+//! - [`telemetry`]: logs, Prometheus metrics, the memory budget.
 //! - [`gen`]: the load generator with ground truth.
-//! - [`broker`]: the embedded (mock) broker.
-//! - [`http`]: the HTTP adapter (axum): revenue, windows, sessions, webhook, metrics, health, live page.
-//! - [`serving`]: feeds the view from `revenue-windows`.
-//! - [`bench`]: measured scenarios (`tally bench`).
-//! - [`metrics`]: Prometheus metrics.
 //! - [`replay`]: the batch layer (`tally replay`).
-//! - [`view`]: the global serving view (pure), fed from `revenue-windows`.
+//!
+//! Benchmarks live in `crates/bench` (`tally-bench`), not here.
 
-pub mod bench;
-pub mod broker;
+pub use tally_core as core;
+
 pub mod config;
-pub mod core;
 pub mod fx;
 pub mod gen;
-pub mod http;
-pub mod memory;
-pub mod metrics;
-pub mod output;
+pub mod kafka;
 pub mod pod;
 pub mod replay;
-pub mod serving;
-pub mod store;
-pub mod topics;
-pub mod view;
+pub mod serve;
+pub mod state;
+pub mod telemetry;
+pub mod wire;

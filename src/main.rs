@@ -9,13 +9,15 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
-use tally::broker::EmbeddedBroker;
-use tally::config::{LogFormat, PodConfig};
+use tally::config::PodConfig;
 use tally::gen::{self, GenSpec};
-use tally::metrics::Metrics;
-use tally::serving::{self, ViewFollower};
-use tally::topics::{self, TopicStatus};
-use tally::{http, pod};
+use tally::kafka::broker::EmbeddedBroker;
+use tally::kafka::topics::{self, TopicStatus};
+use tally::pod;
+use tally::serve::follower::{self, ViewFollower};
+use tally::serve::http;
+use tally::telemetry::metrics::Metrics;
+use tally::telemetry::{init_logging, log_format_from_env};
 
 /// tally: live, exact order revenue from Kafka.
 #[derive(Parser, Debug)]
@@ -40,9 +42,9 @@ enum Command {
         /// Orders per second from the generator.
         #[arg(long, default_value_t = 500.0)]
         rate: f64,
-        /// Directory of the topic declarations.
-        #[arg(long, default_value = "topics")]
-        topics_dir: PathBuf,
+        /// Directory of the topic declarations; the compiled-in ones by default.
+        #[arg(long, env = "TALLY_TOPICS_DIR")]
+        topics_dir: Option<PathBuf>,
     },
     /// The batch layer: recompute the windows from the retained log and
     /// report where the live (final) windows differ. Exit 1 on differences.
@@ -57,46 +59,12 @@ enum Command {
     Gen(GenArgs),
     /// The embedded broker on its own: creates the topics, prints its bootstrap address.
     Broker {
-        #[arg(long, default_value = "topics")]
-        topics_dir: PathBuf,
+        /// Directory of the topic declarations; the compiled-in ones by default.
+        #[arg(long, env = "TALLY_TOPICS_DIR")]
+        topics_dir: Option<PathBuf>,
         /// Number of brokers in the mock cluster.
         #[arg(long, default_value_t = 1)]
         brokers: i32,
-    },
-    /// Measured scenarios on the embedded broker; one JSON line each.
-    Bench {
-        /// Scenario: flush (throughput for several flush settings),
-        /// serving (/revenue latency and freshness while ingesting), or
-        /// ceiling (raw consume rate vs. the full job, one run), or
-        /// restore (one partition of `--rows` state rows from the changelog),
-        /// latency (produce → window update visible, at `--rate` for
-        /// `--seconds`), or rss (peak memory of a pod holding `--customers`
-        /// open sessions).
-        #[arg(long, default_value = "flush")]
-        scenario: String,
-        /// serving, latency: ingest rate, events/s.
-        #[arg(long, default_value_t = 50_000.0)]
-        rate: f64,
-        /// serving: /revenue requests per second.
-        #[arg(long, default_value_t = 1_000.0)]
-        rps: f64,
-        /// serving, latency: duration, seconds.
-        #[arg(long, default_value_t = 20.0)]
-        seconds: f64,
-        /// Input records per run.
-        #[arg(long, default_value_t = 100_000)]
-        events: u64,
-        #[arg(long, default_value = "topics")]
-        topics_dir: PathBuf,
-        /// restore: state rows in the partition.
-        #[arg(long, default_value_t = 1_000_000)]
-        rows: u64,
-        /// rss: distinct customers, each with an open session.
-        #[arg(long, default_value_t = 1_000_000)]
-        customers: u64,
-        /// restore: an external broker (the embedded one keeps ~5 MiB per partition).
-        #[arg(long = "brokers")]
-        external_brokers: Option<String>,
     },
     /// Topic management.
     Topics {
@@ -111,8 +79,9 @@ enum TopicsCommand {
     Apply {
         #[arg(long, env = "TALLY_BROKERS", default_value = "localhost:9092")]
         brokers: String,
-        #[arg(long, env = "TALLY_TOPICS_DIR", default_value = "topics")]
-        topics_dir: PathBuf,
+        /// Directory of the topic declarations; the compiled-in ones by default.
+        #[arg(long, env = "TALLY_TOPICS_DIR")]
+        topics_dir: Option<PathBuf>,
     },
 }
 
@@ -152,27 +121,23 @@ struct GenArgs {
     truth: Option<PathBuf>,
 }
 
-fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("TALLY_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,librdkafka=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+/// Errors are printed as their chain of causes, one per line, and never as
+/// a backtrace (`fn main() -> Result` prints one when `RUST_BACKTRACE` is
+/// set, which a user's misconfiguration does not deserve).
+fn main() -> std::process::ExitCode {
+    match real_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 
-fn log_format_from_env() -> LogFormat {
-    match std::env::var("TALLY_LOG_FORMAT").as_deref() {
-        Ok("json") => LogFormat::Json,
-        _ => LogFormat::Text,
-    }
-}
-
-fn main() -> anyhow::Result<()> {
+fn real_main() -> anyhow::Result<()> {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -182,7 +147,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run { pod } => {
             let sub = matches.subcommand_matches("run").context("run arguments")?;
             let cfg = PodConfig::resolve(sub, *pod)?;
-            init_logging(cfg.log_format);
+            init_logging(cfg.resources.log_format);
             runtime.block_on(run(cfg, sub))
         }
         Command::Replay { from, pod } => {
@@ -190,7 +155,7 @@ fn main() -> anyhow::Result<()> {
                 .subcommand_matches("replay")
                 .context("replay arguments")?;
             let cfg = PodConfig::resolve(sub, *pod)?;
-            init_logging(cfg.log_format);
+            init_logging(cfg.resources.log_format);
             let from = tally::replay::From::parse(&from)?;
             let report = tally::replay::run(&cfg, from)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
@@ -220,56 +185,10 @@ fn main() -> anyhow::Result<()> {
             brokers,
         } => {
             init_logging(log_format_from_env());
-            let specs = topics::load_dir(&topics_dir)?;
+            let specs = topics::load(topics_dir.as_deref())?;
             let broker = EmbeddedBroker::start(brokers, &specs)?;
             println!("{}", broker.bootstrap_servers());
             runtime.block_on(shutdown_signal());
-            Ok(())
-        }
-        Command::Bench {
-            scenario,
-            events,
-            topics_dir,
-            rate,
-            rps,
-            seconds,
-            rows,
-            customers,
-            external_brokers,
-        } => {
-            init_logging(log_format_from_env());
-            let specs = topics::load_dir(&topics_dir)?;
-            let base = PodConfig::from_env_and_defaults()?;
-            match scenario.as_str() {
-                "flush" => {
-                    tally::bench::flush_sweep(&specs, &base, events)?;
-                }
-                "serving" => {
-                    println!(
-                        "{}",
-                        tally::bench::serving(&specs, &base, rate, rps, seconds)?
-                    );
-                }
-                "ceiling" => {
-                    println!("{}", tally::bench::ceiling(&specs, &base, events)?);
-                }
-                "restore" => {
-                    let Some(b) = external_brokers else {
-                        bail!("--scenario restore needs --brokers: the embedded broker keeps only about 5 MiB per partition")
-                    };
-                    println!("{}", tally::bench::restore(&specs, &base, rows, &b)?);
-                }
-                "latency" => {
-                    println!("{}", tally::bench::latency(&specs, &base, rate, seconds)?);
-                }
-                "rss" => {
-                    let exe = std::env::current_exe().context("locating the tally binary")?;
-                    println!("{}", tally::bench::rss(&specs, &base, customers, &exe)?);
-                }
-                other => {
-                    bail!("invalid scenario: {other:?} (known: flush, serving, ceiling, restore, latency, rss)")
-                }
-            }
             Ok(())
         }
         Command::Topics {
@@ -280,7 +199,7 @@ fn main() -> anyhow::Result<()> {
                 },
         } => {
             init_logging(log_format_from_env());
-            let specs = topics::load_dir(&topics_dir)?;
+            let specs = topics::load(topics_dir.as_deref())?;
             let report = runtime.block_on(topics::apply(&brokers, &[], &specs))?;
             let mut failed = false;
             for (name, status) in &report {
@@ -316,63 +235,58 @@ async fn start_serving(
     cfg: &PodConfig,
     metrics: Arc<Metrics>,
     pod: Option<Arc<pod::Stats>>,
-) -> anyhow::Result<ViewFollower> {
+) -> anyhow::Result<(ViewFollower, tokio::task::JoinHandle<()>)> {
     let core = cfg.core()?;
     let extra = cfg.kafka_properties()?;
     let follower = {
         let (brokers, topic, extra, metrics) = (
-            cfg.brokers.clone(),
-            cfg.windows_topic.clone(),
+            cfg.kafka.brokers.clone(),
+            cfg.topics.windows_topic.clone(),
             extra.clone(),
             metrics.clone(),
         );
         tokio::task::spawn_blocking(move || {
-            serving::follow(&brokers, &extra, &topic, core.grace_ms, metrics)
+            follower::follow(&brokers, &extra, &topic, core.grace_ms, metrics)
         })
         .await??
     };
-    let mut pc = rdkafka::ClientConfig::new();
-    pc.set("bootstrap.servers", &cfg.brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all");
-    for (k, v) in &extra {
-        pc.set(k, v);
-    }
+    let pc = tally::kafka::Clients::new(&cfg.kafka.brokers, &extra).producer();
     let webhook = http::Webhook {
-        secret: cfg.webhook_secret.clone().map(String::into_bytes),
+        secret: cfg.serving.webhook_secret.clone().map(String::into_bytes),
         producer: pc.create()?,
-        topic: cfg.input_topic.clone(),
+        topic: cfg.topics.input_topic.clone(),
         limits: core.limits,
     };
     let state = http::AppState {
         view: follower.view.clone(),
         view_caught_up: follower.caught_up.clone(),
         pod,
-        ready_max_lag: cfg.ready_max_lag,
+        ready_max_lag: cfg.serving.ready_max_lag,
         metrics,
         webhook: Some(Arc::new(webhook)),
     };
-    serve(&cfg.http, state).await?;
-    Ok(follower)
+    let server = serve(&cfg.serving.http, state).await?;
+    Ok((follower, server))
 }
 
-async fn serve(addr: &str, state: http::AppState) -> anyhow::Result<()> {
+/// Spawns the HTTP server; the handle lets a caller stop it (and drop its
+/// Kafka producer) before the broker goes away.
+async fn serve(addr: &str, state: http::AppState) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
-    tokio::spawn(async move {
+    Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, http::app(state)).await {
             tracing::error!(error = %e, "HTTP server stopped");
         }
-    });
-    Ok(())
+    }))
 }
 
 async fn run(cfg: PodConfig, _matches: &ArgMatches) -> anyhow::Result<()> {
-    if cfg.apply_topics {
-        match topics::load_dir(&cfg.topics_dir) {
+    if cfg.topics.apply_topics {
+        match topics::load(cfg.topics.topics_dir.as_deref()) {
             Ok(specs) => {
-                match topics::apply(&cfg.brokers, &cfg.kafka_properties()?, &specs).await {
+                match topics::apply(&cfg.kafka.brokers, &cfg.kafka_properties()?, &specs).await {
                     Ok(report) => {
                         for (name, status) in report {
                             match status {
@@ -400,8 +314,8 @@ async fn run(cfg: PodConfig, _matches: &ArgMatches) -> anyhow::Result<()> {
         let (cfg, metrics) = (cfg.clone(), metrics.clone());
         tokio::task::spawn_blocking(move || pod::start_with_metrics(cfg, metrics)).await??
     };
-    let follower = start_serving(&cfg, metrics, Some(handle.stats.clone())).await?;
-    tracing::info!(http = %cfg.http, "serving");
+    let (follower, _server) = start_serving(&cfg, metrics, Some(handle.stats.clone())).await?;
+    tracing::info!(http = %cfg.serving.http, "serving");
     // One signal listener for the whole run: a listener created per loop
     // turn would miss a SIGTERM that arrives between turns.
     let shutdown = shutdown_signal();
@@ -505,23 +419,23 @@ fn gen_cmd(a: GenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn demo(http_addr: String, rate: f64, topics_dir: PathBuf) -> anyhow::Result<()> {
-    let specs = topics::load_dir(&topics_dir)?;
+async fn demo(http_addr: String, rate: f64, topics_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let specs = topics::load(topics_dir.as_deref())?;
     let broker = EmbeddedBroker::start(1, &specs)?;
     let brokers = broker.bootstrap_servers();
     let state_dir = std::env::temp_dir().join(format!("tally-demo-{}", std::process::id()));
     let mut cfg = PodConfig::from_env_and_defaults()?;
-    cfg.brokers = brokers.clone();
-    cfg.state_dir = state_dir.clone();
-    cfg.http = http_addr.clone();
-    cfg.apply_topics = false;
-    cfg.session_timeout_ms = 6_000;
+    cfg.kafka.brokers = brokers.clone();
+    cfg.resources.state_dir = state_dir.clone();
+    cfg.serving.http = http_addr.clone();
+    cfg.topics.apply_topics = false;
+    cfg.kafka.session_timeout_ms = 6_000;
     let metrics = Arc::new(Metrics::new());
     let handle = {
         let (cfg, metrics) = (cfg.clone(), metrics.clone());
         tokio::task::spawn_blocking(move || pod::start_with_metrics(cfg, metrics)).await??
     };
-    let _follower = start_serving(&cfg, metrics, Some(handle.stats.clone())).await?;
+    let (follower, server) = start_serving(&cfg, metrics, Some(handle.stats.clone())).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let generator = {
         let (stop, brokers) = (stop.clone(), brokers.clone());
@@ -548,13 +462,13 @@ async fn demo(http_addr: String, rate: f64, topics_dir: PathBuf) -> anyhow::Resu
     let _ = tokio::task::spawn_blocking(move || generator.join()).await;
     tokio::task::spawn_blocking(move || handle.join()).await??;
     let _ = std::fs::remove_dir_all(&state_dir);
+    // Every client goes before the embedded broker it talks to: the HTTP
+    // server (and its webhook producer), then the view follower. Torn down
+    // the other way, they would log connection errors on the way out.
+    server.abort();
+    let _ = server.await;
+    tokio::task::spawn_blocking(move || drop(follower)).await?;
+    drop(broker);
     println!("tally demo: stopped cleanly");
-    // Exit before the embedded broker is torn down under the clients that
-    // still hold connections to it (they would only log connection errors).
-    std::process::exit(0);
-    #[allow(unreachable_code)]
-    {
-        drop(broker);
-        Ok(())
-    }
+    Ok(())
 }

@@ -12,16 +12,16 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
 use crate::config::PodConfig;
+use crate::core::view::WindowQuery;
 use crate::core::{Effect, Engine, FxTable};
-use crate::metrics::Metrics;
-use crate::view::WindowQuery;
+use crate::kafka::Clients;
+use crate::telemetry::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -30,7 +30,7 @@ pub enum ReplayError {
     #[error("configuration: {0}")]
     Config(#[from] crate::config::ConfigError),
     #[error("serving view: {0}")]
-    Serving(#[from] crate::serving::ServingError),
+    Serving(#[from] crate::serve::follower::ServingError),
     #[error("invalid from: {0:?} is neither an offset nor an RFC 3339 time")]
     From(String),
     #[error("timed out: {0}")]
@@ -83,15 +83,13 @@ pub fn recompute(cfg: &PodConfig, fx: FxTable, from: From) -> Result<(Totals, u6
             field: e.field,
             message: e.message,
         })?;
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.brokers)
-        .set("group.id", "tally-replay")
-        .set("enable.auto.commit", "false");
-    for (k, v) in cfg.kafka_properties()? {
-        c.set(k, v);
-    }
-    let consumer: BaseConsumer = c.create()?;
-    let topic = &cfg.input_topic;
+    let consumer: BaseConsumer = Clients::new(&cfg.kafka.brokers, &cfg.kafka_properties()?)
+        .config(&[
+            ("group.id", "tally-replay"),
+            ("enable.auto.commit", "false"),
+        ])
+        .create()?;
+    let topic = &cfg.topics.input_topic;
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let parts: Vec<i32> = md
         .topics()
@@ -177,25 +175,25 @@ pub fn recompute(cfg: &PodConfig, fx: FxTable, from: From) -> Result<(Totals, u6
 /// Replays and compares with the live view's final windows.
 pub fn run(cfg: &PodConfig, from: From) -> Result<Report, ReplayError> {
     let extra = cfg.kafka_properties()?;
-    let fx_defaults = crate::fx::defaults(cfg.fx_defaults.as_deref()).map_err(|e| {
+    let fx_defaults = crate::fx::defaults(cfg.limits.fx_defaults.as_deref()).map_err(|e| {
         crate::config::ConfigError::Invalid {
             field: "fx_defaults".into(),
             message: e.to_string(),
         }
     })?;
     let (fx, _follower) = crate::fx::bootstrap(
-        &cfg.brokers,
+        &cfg.kafka.brokers,
         &extra,
-        &cfg.fx_topic,
+        &cfg.topics.fx_topic,
         &fx_defaults,
         Duration::from_secs(30),
     )
     .map_err(|e| ReplayError::Timeout(e.to_string()))?;
-    let follower = crate::serving::follow(
-        &cfg.brokers,
+    let follower = crate::serve::follower::follow(
+        &cfg.kafka.brokers,
         &extra,
-        &cfg.windows_topic,
-        cfg.grace_ms,
+        &cfg.topics.windows_topic,
+        cfg.job.grace_ms,
         std::sync::Arc::new(Metrics::new()),
     )?;
     let (replayed, records) = recompute(cfg, fx, from)?;
@@ -231,7 +229,7 @@ pub fn run(cfg: &PodConfig, from: From) -> Result<Report, ReplayError> {
         };
         for w in view.windows(&q) {
             let key = (w.spec.clone(), w.key.clone(), w.start);
-            let live = (w.count, (w.revenue_usd * 1e6).round() as i128);
+            let live = (w.count, w.revenue_usd_micros);
             let replayed_value = replayed.get(&key).copied();
             if matches!(from, From::Offset(o) if o > 0) && replayed_value.is_none() {
                 continue;

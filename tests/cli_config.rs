@@ -103,3 +103,50 @@ fn a_missing_input_topic_is_a_clear_error() {
     assert_rejected(&out, "no-such-topic");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A configuration error prints its chain of causes and no backtrace, even
+/// with `RUST_BACKTRACE=1` (before, `fn main() -> anyhow::Result` printed
+/// `Stack backtrace:` after the message).
+#[test]
+fn an_error_prints_its_causes_not_a_backtrace() {
+    let out = tally(
+        &["run", "--config", "/nonexistent/tally.toml"],
+        &[("RUST_BACKTRACE", "1"), ("RUST_LIB_BACKTRACE", "1")],
+    );
+    assert_rejected(&out, "/nonexistent/tally.toml");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(!err.to_lowercase().contains("backtrace"), "{err}");
+}
+
+/// tally runs from any directory: the topic declarations are compiled in.
+/// Before, `tally topics apply` (like `tally demo`) read `topics/` relative
+/// to the working directory and failed elsewhere with `cannot read topic
+/// declarations in topics`.
+#[test]
+fn topics_apply_works_outside_the_repository() {
+    if support::kafka::skip_on_external("it applies the declared names, not the test's") {
+        return;
+    }
+    let broker = TestBroker::start(1, &[]);
+    let dir = support::kafka::temp_dir("cwd");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["topics", "apply", "--brokers", &broker.bootstrap_servers()])
+        .current_dir(&dir)
+        .env("TALLY_LOG", "error")
+        .env_remove("TALLY_TOPICS_DIR")
+        .output()
+        .expect("run tally");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("cannot read topic declarations"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("raw-orders"),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -14,9 +14,9 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use serde_yaml::Value;
 use support::manifests::{at, pod_config_from_env, root, str_at, yaml_docs};
-use tally::http::{app, AppState};
-use tally::metrics::Metrics;
-use tally::view::View;
+use tally::core::view::View;
+use tally::serve::http::{app, AppState};
+use tally::telemetry::metrics::Metrics;
 use tower::ServiceExt;
 
 /// Every resource of the kustomization, by kind and name.
@@ -90,9 +90,9 @@ fn pod_env(r: &BTreeMap<(String, String), Value>) -> Vec<(String, String)> {
 fn every_setting_is_a_valid_tally_run_setting() {
     let r = resources();
     let cfg = pod_config_from_env(&pod_env(&r));
-    assert_eq!(cfg.group_instance_id.as_deref(), Some("tally-0"));
+    assert_eq!(cfg.kafka.group_instance_id.as_deref(), Some("tally-0"));
     assert!(
-        cfg.webhook_secret.is_some(),
+        cfg.serving.webhook_secret.is_some(),
         "the webhook secret reaches the pod"
     );
     // Static membership keys on the pod's name, stable in a StatefulSet.
@@ -113,7 +113,14 @@ fn every_setting_is_a_valid_tally_run_setting() {
 async fn probes_and_ports_match_what_the_binary_serves() {
     let r = resources();
     let cfg = pod_config_from_env(&pod_env(&r));
-    let http_port: u16 = cfg.http.rsplit_once(':').unwrap().1.parse().unwrap();
+    let http_port: u16 = cfg
+        .serving
+        .http
+        .rsplit_once(':')
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
     let sts = get(&r, "StatefulSet", "tally");
     let c = container(sts);
     let ports: BTreeMap<String, u64> = at(c, &["ports"])
@@ -242,9 +249,11 @@ fn state_lives_on_a_claim_and_shutdown_fits_the_grace_period() {
         .find(|m| str_at(m, &["name"]) == claim_name)
         .expect("the state claim is mounted");
     assert!(
-        cfg.state_dir.starts_with(str_at(mount, &["mountPath"])),
+        cfg.resources
+            .state_dir
+            .starts_with(str_at(mount, &["mountPath"])),
         "TALLY_STATE_DIR {} is on the claim",
-        cfg.state_dir.display()
+        cfg.resources.state_dir.display()
     );
     // Final flush and commit within shutdown_timeout_ms, then leaving the
     // group: the grace period must cover it, with a margin.
@@ -255,7 +264,7 @@ fn state_lives_on_a_claim_and_shutdown_fits_the_grace_period() {
     .as_u64()
     .unwrap();
     assert!(
-        grace * 1000 >= cfg.shutdown_timeout_ms + 10_000,
+        grace * 1000 >= cfg.flush.shutdown_timeout_ms + 10_000,
         "grace {grace}s"
     );
     // A memory limit, so RocksDB is sized from it, and requests.
@@ -269,6 +278,19 @@ fn state_lives_on_a_claim_and_shutdown_fits_the_grace_period() {
     assert!(budget >= 60, "startup budget {budget}s");
 }
 
+/// The declarations compiled into the binary are the repository's
+/// `topics/` (the embedded list names every file).
+#[test]
+fn the_compiled_in_topic_declarations_are_the_directorys() {
+    let dir = tally::kafka::topics::load_dir(&root().join("topics")).unwrap();
+    assert_eq!(tally::kafka::topics::embedded().unwrap().len(), dir.len());
+    assert_eq!(
+        tally::kafka::topics::embedded().unwrap(),
+        dir,
+        "add the new file to EMBEDDED in src/kafka/topics.rs"
+    );
+}
+
 #[test]
 fn autoscaling_follows_the_groups_lag_and_stops_at_the_partition_count() {
     let r = resources();
@@ -277,10 +299,10 @@ fn autoscaling_follows_the_groups_lag_and_stops_at_the_partition_count() {
     let target = at(so, &["spec", "scaleTargetRef"]);
     assert_eq!(str_at(target, &["kind"]), "StatefulSet");
     assert_eq!(str_at(target, &["name"]), "tally");
-    let partitions = tally::topics::load_dir(&root().join("topics"))
+    let partitions = tally::kafka::topics::load_dir(&root().join("topics"))
         .unwrap()
         .into_iter()
-        .find(|t| t.name == cfg.input_topic)
+        .find(|t| t.name == cfg.topics.input_topic)
         .expect("the input topic is declared")
         .partitions;
     assert_eq!(
@@ -291,9 +313,9 @@ fn autoscaling_follows_the_groups_lag_and_stops_at_the_partition_count() {
     let trig = &at(so, &["spec", "triggers"])[0];
     assert_eq!(str_at(trig, &["type"]), "kafka");
     let m = at(trig, &["metadata"]);
-    assert_eq!(str_at(m, &["topic"]), cfg.input_topic);
-    assert_eq!(str_at(m, &["consumerGroup"]), cfg.group);
-    assert_eq!(str_at(m, &["bootstrapServers"]), cfg.brokers);
+    assert_eq!(str_at(m, &["topic"]), cfg.topics.input_topic);
+    assert_eq!(str_at(m, &["consumerGroup"]), cfg.kafka.group);
+    assert_eq!(str_at(m, &["bootstrapServers"]), cfg.kafka.brokers);
     assert!(str_at(m, &["lagThreshold"]).parse::<u64>().unwrap() > 0);
     assert_eq!(str_at(m, &["allowIdleConsumers"]), "false");
 }

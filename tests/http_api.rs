@@ -18,13 +18,14 @@ use proptest::prelude::*;
 use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
 use serde_json::Value;
+use tally::core::view::{ProgressRecord, View};
 use tally::core::{
     Aggregate, Currency, GroupBy, Limits, WindowKey, WindowKind, WindowRow, WindowUpdate,
 };
-use tally::http::{app, sign, AppState, Webhook, SIGNATURE_HEADER};
-use tally::metrics::Metrics;
-use tally::output::WindowRecord;
-use tally::view::{ProgressRecord, View};
+use tally::serve::http::{app, sign, AppState, Webhook, SIGNATURE_HEADER};
+use tally::telemetry::metrics::Metrics;
+use tally::wire::windows::{decode, progress_key};
+use tally::wire::WindowRecord;
 use tower::ServiceExt;
 
 const SECRET: &[u8] = b"0123456789abcdef-secret";
@@ -133,7 +134,7 @@ fn view() -> View {
         ),
     ];
     for (k, val) in rows {
-        v.apply(&k, Some(&val)).unwrap();
+        v.apply(decode(&k, Some(&val)).unwrap());
     }
     for p in [0, 1] {
         let r = ProgressRecord {
@@ -143,10 +144,12 @@ fn view() -> View {
             idle: false,
         };
         v.apply(
-            ProgressRecord::key(p).as_bytes(),
-            Some(&serde_json::to_vec(&r).unwrap()),
-        )
-        .unwrap();
+            decode(
+                progress_key(p).as_bytes(),
+                Some(&serde_json::to_vec(&r).unwrap()),
+            )
+            .unwrap(),
+        );
     }
     v
 }

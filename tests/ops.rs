@@ -18,10 +18,10 @@ use promql_parser::parser::{self, Expr};
 use serde_yaml::Value;
 use support::kafka::*;
 use support::manifests::{at, pod_config_from_env, root, str_at, yaml_docs};
+use tally::core::view::View;
 use tally::gen::{self, GenSpec};
-use tally::http::{app, AppState};
 use tally::pod;
-use tally::view::View;
+use tally::serve::http::{app, AppState};
 use tower::ServiceExt;
 
 /// `ENV` settings of the Dockerfile's final stage, and the instructions.
@@ -126,7 +126,14 @@ fn dockerfile() -> Dockerfile {
 fn the_dockerfile_builds_the_binary_and_runs_it_with_valid_settings() {
     let d = dockerfile();
     let cfg = pod_config_from_env(&d.env);
-    let port: u16 = cfg.http.rsplit_once(':').unwrap().1.parse().unwrap();
+    let port: u16 = cfg
+        .serving
+        .http
+        .rsplit_once(':')
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
     assert_eq!(d.expose, [port]);
     assert!(d
         .lines
@@ -141,13 +148,18 @@ fn the_dockerfile_builds_the_binary_and_runs_it_with_valid_settings() {
         .iter()
         .any(|(i, r)| i == "USER" && !r.starts_with('0') && r != "root"));
     // The image carries the topic declarations where TALLY_TOPICS_DIR says.
-    assert!(d
-        .lines
-        .iter()
-        .any(|(i, r)| i == "COPY" && r == &format!("topics {}", cfg.topics_dir.display())));
+    assert!(d.lines.iter().any(|(i, r)| i == "COPY"
+        && r == &format!(
+            "topics {}",
+            cfg.topics
+                .topics_dir
+                .as_ref()
+                .expect("the image sets TALLY_TOPICS_DIR")
+                .display()
+        )));
     // .dockerignore must not hide what the build copies.
     let ignore = std::fs::read_to_string(root().join(".dockerignore")).unwrap();
-    for needed in ["src", "Cargo.toml", "Cargo.lock", "topics"] {
+    for needed in ["src", "crates", "Cargo.toml", "Cargo.lock", "topics"] {
         assert!(
             !ignore.lines().any(|l| l.trim() == needed),
             "{needed} is ignored"
@@ -210,7 +222,7 @@ fn compose_runs_kafka_topics_two_replicas_a_generator_prometheus_and_grafana() {
         let mut vars = image_env.clone();
         vars.extend(env_of(s));
         let cfg = pod_config_from_env(&vars);
-        let port = cfg.http.rsplit_once(':').unwrap().1.to_string();
+        let port = cfg.serving.http.rsplit_once(':').unwrap().1.to_string();
         let ports: Vec<String> = at(s, &["ports"])
             .as_sequence()
             .unwrap()
@@ -228,20 +240,22 @@ fn compose_runs_kafka_topics_two_replicas_a_generator_prometheus_and_grafana() {
             .map(|v| v.as_str().unwrap().split(':').nth(1).unwrap().to_string())
             .collect();
         assert!(
-            mounts.iter().any(|m| cfg.state_dir.starts_with(m)),
+            mounts
+                .iter()
+                .any(|m| cfg.resources.state_dir.starts_with(m)),
             "{name}: the state dir {} is on a volume",
-            cfg.state_dir.display()
+            cfg.resources.state_dir.display()
         );
         replicas.push((name.to_string(), cfg, port));
     }
     assert_eq!(replicas.len(), 2, "two tally replicas");
     assert_eq!(
-        replicas[0].1.group, replicas[1].1.group,
+        replicas[0].1.kafka.group, replicas[1].1.kafka.group,
         "one consumer group"
     );
     assert_ne!(
-        replicas[0].1.group_instance_id,
-        replicas[1].1.group_instance_id
+        replicas[0].1.kafka.group_instance_id,
+        replicas[1].1.kafka.group_instance_id
     );
 
     let gen = command(svc("generator"));
@@ -503,7 +517,7 @@ fn dashboards_and_alerts_query_only_metrics_that_a_live_pod_exports() {
 #[test]
 fn every_metric_of_the_readme_table_is_exported_by_name() {
     let readme = std::fs::read_to_string(Path::new(&root()).join("README.md")).unwrap();
-    for name in tally::metrics::NAMES {
+    for name in tally::telemetry::metrics::NAMES {
         assert!(
             readme.contains(&format!("`{name}`")),
             "README's metrics table lacks {name}"

@@ -14,9 +14,10 @@ use axum::http::Request;
 use http_body_util::BodyExt;
 use support::kafka::*;
 use tally::gen::{self, GenSpec};
-use tally::http::{app, AppState};
-use tally::metrics::Metrics;
-use tally::{pod, serving};
+use tally::pod;
+use tally::serve::follower as serving;
+use tally::serve::http::{app, AppState};
+use tally::telemetry::metrics::Metrics;
 use tower::ServiceExt;
 
 fn chromium() -> String {
@@ -83,7 +84,7 @@ fn the_live_page_shows_the_numbers_of_revenue() {
         &brokers,
         &[],
         &topic("revenue-windows"),
-        cfg.grace_ms,
+        cfg.job.grace_ms,
         metrics.clone(),
     )
     .unwrap();
@@ -176,5 +177,5 @@ fn the_live_page_shows_the_numbers_of_revenue() {
     assert_eq!(dom.matches("<polyline").count(), currencies.len());
     follower.stop();
     let _ = std::fs::remove_dir_all(&profile);
-    let _ = std::fs::remove_dir_all(&cfg.state_dir);
+    let _ = std::fs::remove_dir_all(&cfg.resources.state_dir);
 }

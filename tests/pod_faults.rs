@@ -44,7 +44,7 @@ fn request_errors_and_a_broker_outage_lose_and_double_nothing() {
 
     let mut cfg = pod_config(&brokers, "faults", temp_dir("faults"));
     // A short flush budget, so an unacknowledged flush shows up quickly.
-    cfg.max_poll_interval_ms = 9_000;
+    cfg.kafka.max_poll_interval_ms = 9_000;
     let handle = pod::start(cfg.clone()).unwrap();
     let stats = handle.stats.clone();
     let caught_up = |what: &str| {
@@ -96,5 +96,5 @@ fn request_errors_and_a_broker_outage_lose_and_double_nothing() {
     assert!(!handle.is_finished());
     handle.join().unwrap();
     assert_totals_equal(&published_totals(&brokers), &truth_totals(&records));
-    let _ = std::fs::remove_dir_all(&cfg.state_dir);
+    let _ = std::fs::remove_dir_all(&cfg.resources.state_dir);
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use support::kafka::*;
+use tally::kafka::topics::{self, TopicSpec, TopicStatus};
 use tally::pod;
-use tally::topics::{self, TopicSpec, TopicStatus};
 
 fn specs() -> Vec<TopicSpec> {
     declared_topics()

@@ -57,5 +57,5 @@ fn replaying_what_was_processed_live_finds_no_difference() {
         From::Time(1_714_521_600_000)
     );
     assert!(From::parse("yesterday").is_err());
-    let _ = std::fs::remove_dir_all(&cfg.state_dir);
+    let _ = std::fs::remove_dir_all(&cfg.resources.state_dir);
 }

@@ -11,10 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::kafka::*;
+use tally::core::view::WindowQuery;
 use tally::gen::{self, Expect, GenSpec};
-use tally::metrics::Metrics;
-use tally::view::WindowQuery;
-use tally::{pod, serving};
+use tally::pod;
+use tally::serve::follower as serving;
+use tally::telemetry::metrics::Metrics;
 
 #[test]
 fn the_view_merges_every_partition_to_the_exact_truth() {
@@ -43,7 +44,7 @@ fn the_view_merges_every_partition_to_the_exact_truth() {
         &brokers,
         &[],
         &topic("revenue-windows"),
-        cfg.grace_ms,
+        cfg.job.grace_ms,
         metrics.clone(),
     )
     .unwrap();
@@ -101,7 +102,7 @@ fn the_view_merges_every_partition_to_the_exact_truth() {
         .with_label_values(&["/revenue", "GET", "200"])
         .observe(0.001);
     let text = metrics.render();
-    for name in tally::metrics::NAMES {
+    for name in tally::telemetry::metrics::NAMES {
         assert!(
             text.contains(&format!("# TYPE {name} ")),
             "{name} not exported by a live pod"
@@ -115,5 +116,5 @@ fn the_view_merges_every_partition_to_the_exact_truth() {
     assert!(text.contains(&lag0), "{text}");
     follower.stop();
     handle.join().unwrap();
-    let _ = std::fs::remove_dir_all(&cfg.state_dir);
+    let _ = std::fs::remove_dir_all(&cfg.resources.state_dir);
 }

@@ -21,7 +21,7 @@ use tally::config::PodConfig;
 use tally::core::window::{assign, tumbling_start};
 use tally::core::{WindowKind, WindowSpec};
 use tally::gen::{Expect, GenRecord};
-use tally::output::WindowRecord;
+use tally::wire::WindowRecord;
 
 /// The external broker under test, if any (`TALLY_TEST_BROKERS`).
 pub fn external_brokers() -> Option<String> {
@@ -80,8 +80,8 @@ pub fn skip_on_tansu(reason: &str) -> bool {
 }
 
 /// The repository's topic declarations (`topics/`).
-pub fn declared_topics() -> Vec<tally::topics::TopicSpec> {
-    tally::topics::load_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("topics"))
+pub fn declared_topics() -> Vec<tally::kafka::topics::TopicSpec> {
+    tally::kafka::topics::load_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("topics"))
         .expect("topics/ loads")
 }
 
@@ -96,16 +96,16 @@ pub fn wait_all_committed(brokers: &str, group: &str, what: &str, timeout: Durat
 
 /// The broker under test, with the declared topics created.
 pub struct TestBroker {
-    mock: Option<tally::broker::EmbeddedBroker>,
+    mock: Option<tally::kafka::broker::EmbeddedBroker>,
     brokers: String,
 }
 
 impl TestBroker {
     /// A mock cluster of `n` brokers, or the external broker, with `specs`
     /// (plain names) created.
-    pub fn start(n: i32, specs: &[tally::topics::TopicSpec]) -> TestBroker {
+    pub fn start(n: i32, specs: &[tally::kafka::topics::TopicSpec]) -> TestBroker {
         let Some(brokers) = external_brokers() else {
-            let mock = tally::broker::EmbeddedBroker::start(n, specs).unwrap();
+            let mock = tally::kafka::broker::EmbeddedBroker::start(n, specs).unwrap();
             return TestBroker {
                 brokers: mock.bootstrap_servers(),
                 mock: Some(mock),
@@ -119,7 +119,7 @@ impl TestBroker {
                 s
             })
             .collect();
-        tally::topics::apply_blocking(&brokers, &[], &renamed)
+        tally::kafka::topics::apply_blocking(&brokers, &[], &renamed)
             .unwrap_or_else(|e| panic!("creating the test topics on {brokers}: {e}"));
         // Wait until the broker knows every partition of every topic.
         let consumer: BaseConsumer = ClientConfig::new()
@@ -148,7 +148,7 @@ impl TestBroker {
     }
 
     /// The mock cluster, for fault injection; `None` on an external broker.
-    pub fn mock(&self) -> Option<&tally::broker::EmbeddedBroker> {
+    pub fn mock(&self) -> Option<&tally::kafka::broker::EmbeddedBroker> {
         self.mock.as_ref()
     }
 }
@@ -346,14 +346,14 @@ pub fn temp_dir(name: &str) -> PathBuf {
 /// A pod config for tests: short session timeout, quick flushes.
 pub fn pod_config(brokers: &str, group_name: &str, state_dir: PathBuf) -> PodConfig {
     let mut c = PodConfig::from_env_and_defaults().expect("defaults");
-    c.brokers = brokers.to_string();
-    c.group = group(group_name);
+    c.kafka.brokers = brokers.to_string();
+    c.kafka.group = group(group_name);
     c.prefix_topics(prefix());
-    c.state_dir = state_dir;
-    c.apply_topics = false;
-    c.session_timeout_ms = 6_000;
-    c.flush_interval_ms = 50;
-    c.http = "127.0.0.1:0".into();
+    c.resources.state_dir = state_dir;
+    c.topics.apply_topics = false;
+    c.kafka.session_timeout_ms = 6_000;
+    c.flush.flush_interval_ms = 50;
+    c.serving.http = "127.0.0.1:0".into();
     c
 }
 
@@ -430,7 +430,7 @@ pub fn published_totals(brokers: &str) -> Totals {
     for r in read_all(brokers, "revenue-windows") {
         if r.key
             .as_deref()
-            .is_some_and(|k| k.starts_with(tally::view::PROGRESS_PREFIX.as_bytes()))
+            .is_some_and(|k| k.starts_with(tally::wire::PROGRESS_PREFIX.as_bytes()))
         {
             continue;
         }
@@ -566,7 +566,7 @@ impl WindowsFollower {
 fn totals_of(rows: impl Iterator<Item = (Vec<u8>, Option<Vec<u8>>)>) -> Totals {
     let mut t: Totals = BTreeMap::new();
     for (k, v) in rows {
-        if k.starts_with(tally::view::PROGRESS_PREFIX.as_bytes()) {
+        if k.starts_with(tally::wire::PROGRESS_PREFIX.as_bytes()) {
             continue;
         }
         let Some(v) = v else { continue };

@@ -12,20 +12,28 @@
 //! - [`window`]: window definitions and the tumbling/sliding assigners.
 //! - [`aggregate`]: the mergeable per-window aggregate.
 //! - [`sketch`]: the mergeable p95 sketch, with its error bound.
+//! - [`cycle`]: the pod's flush cycle and partition ownership, as a sans-IO
+//!   state machine (inputs in, actions out).
 //! - [`engine`]: the per-partition state machine (watermarks, closing,
 //!   sessions, dedup, per-row offsets, the flush/durable protocol).
+//! - [`vecs`]: small-vector helpers (a leaf: no module cycle through it).
+//! - [`view`]: the serving view's rules: merging partials from every input
+//!   partition, when a merged window is final, and the queries.
 
 pub mod aggregate;
+pub mod cycle;
 pub mod engine;
 pub mod order;
 pub mod sketch;
+pub mod vecs;
+pub mod view;
 pub mod window;
 
-pub use aggregate::{customer_hash, Aggregate};
+pub use aggregate::{customer_hash, usd, Aggregate, PartialAgg};
 pub use engine::{
     window_id, ConfigError, CoreConfig, DedupRow, Effect, Engine, FlushId, Offset, Partition,
     PartitionMeta, PartitionStatus, RowKey, Session, SessionSet, StateChange, StateRow, WindowKey,
-    WindowRow, WindowUpdate,
+    WindowRow, WindowUpdate, CHANGE_GROUPS,
 };
 pub use order::{
     enrich, parse_order, validate, Currency, EnrichedOrder, FxTable, Limits, Order, Rate, Reason,

@@ -7,7 +7,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, DefaultProducerContext, Producer};
 
-use crate::topics::TopicSpec;
+use crate::kafka::topics::TopicSpec;
 
 pub struct EmbeddedBroker {
     /// The client that owns the cluster: created with `test.mock.num.brokers`,

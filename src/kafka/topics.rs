@@ -45,6 +45,57 @@ pub enum TopicError {
 }
 
 /// Reads every `*.toml` in `dir`, sorted by name.
+/// The declarations shipped in `topics/`, compiled into the binary, so
+/// tally runs from any working directory. `--topics-dir` overrides them.
+/// `tests/deploy.rs` checks that this list is the directory's content.
+const EMBEDDED: &[(&str, &str)] = &[
+    (
+        "enriched-orders.toml",
+        include_str!("../../topics/enriched-orders.toml"),
+    ),
+    ("fx-rates.toml", include_str!("../../topics/fx-rates.toml")),
+    (
+        "order-alerts.toml",
+        include_str!("../../topics/order-alerts.toml"),
+    ),
+    (
+        "orders-dlq.toml",
+        include_str!("../../topics/orders-dlq.toml"),
+    ),
+    (
+        "orders-late.toml",
+        include_str!("../../topics/orders-late.toml"),
+    ),
+    (
+        "raw-orders.toml",
+        include_str!("../../topics/raw-orders.toml"),
+    ),
+    (
+        "revenue-windows.toml",
+        include_str!("../../topics/revenue-windows.toml"),
+    ),
+    (
+        "tally-changelog.toml",
+        include_str!("../../topics/tally-changelog.toml"),
+    ),
+];
+
+/// The compiled-in declarations, or those of `dir` when given.
+pub fn load(dir: Option<&Path>) -> Result<Vec<TopicSpec>, TopicError> {
+    match dir {
+        Some(d) => load_dir(d),
+        None => embedded(),
+    }
+}
+
+/// The compiled-in declarations.
+pub fn embedded() -> Result<Vec<TopicSpec>, TopicError> {
+    EMBEDDED
+        .iter()
+        .map(|(name, text)| parse_spec(Path::new("(compiled in) topics").join(name), text))
+        .collect()
+}
+
 pub fn load_dir(dir: &Path) -> Result<Vec<TopicSpec>, TopicError> {
     let rd = std::fs::read_dir(dir).map_err(|source| TopicError::ReadDir {
         dir: dir.to_path_buf(),
@@ -57,21 +108,28 @@ pub fn load_dir(dir: &Path) -> Result<Vec<TopicSpec>, TopicError> {
     files.sort();
     let mut specs = Vec::new();
     for file in files {
-        let err = |message: String| TopicError::File {
+        let text = std::fs::read_to_string(&file).map_err(|e| TopicError::File {
             file: file.clone(),
-            message,
-        };
-        let text = std::fs::read_to_string(&file).map_err(|e| err(e.to_string()))?;
-        let spec: TopicSpec = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
-        if spec.partitions < 1 {
-            return Err(err("partitions must be ≥ 1".into()));
-        }
-        if spec.replication_factor < 1 {
-            return Err(err("replication_factor must be ≥ 1".into()));
-        }
-        specs.push(spec);
+            message: e.to_string(),
+        })?;
+        specs.push(parse_spec(file, &text)?);
     }
     Ok(specs)
+}
+
+fn parse_spec(file: PathBuf, text: &str) -> Result<TopicSpec, TopicError> {
+    let err = |message: String| TopicError::File {
+        file: file.clone(),
+        message,
+    };
+    let spec: TopicSpec = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+    if spec.partitions < 1 {
+        return Err(err("partitions must be ≥ 1".into()));
+    }
+    if spec.replication_factor < 1 {
+        return Err(err("replication_factor must be ≥ 1".into()));
+    }
+    Ok(spec)
 }
 
 /// What `apply` found for one topic.
@@ -86,12 +144,7 @@ pub enum TopicStatus {
 }
 
 fn client_config(brokers: &str, extra: &[(String, String)]) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers);
-    for (k, v) in extra {
-        c.set(k, v);
-    }
-    c
+    super::Clients::new(brokers, extra).config(&[])
 }
 
 /// Partition count of every topic on the broker.

@@ -11,14 +11,13 @@
 //!   `window_id|p<partition>`, since every input partition publishes its own
 //!   partial aggregate; a retracted session is a tombstone (no value).
 
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::config::{LatePolicy, PodConfig};
-use crate::core::order::MICROS;
-use crate::core::{
-    window_id, Aggregate, EnrichedOrder, Partition, Rejection, WindowKey, WindowUpdate,
-};
+use crate::core::{usd, window_id, EnrichedOrder, Partition, Rejection, WindowKey, WindowUpdate};
+
+pub mod windows;
+pub use windows::{WindowRecord, PROGRESS_PREFIX};
 
 /// One record to produce.
 #[derive(Clone, Debug, PartialEq)]
@@ -37,146 +36,6 @@ pub struct Source<'a> {
     pub topic: &'a str,
     pub partition: Partition,
     pub offset: i64,
-}
-
-pub fn usd(micros: i128) -> f64 {
-    micros as f64 / MICROS as f64
-}
-
-/// The mergeable part of a published window result. Unlike the stored
-/// aggregate it carries the number of distinct customers, not their hashes
-/// (which would make a busy window's row hundreds of kilobytes).
-/// **Precondition** for exact merging: `raw-orders` is keyed by
-/// `customer_id` (DESIGN §2; the generator and the webhook do so), so each
-/// customer's orders are in one input partition and the counts of different
-/// partitions add up exactly.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WireAgg {
-    pub count: u64,
-    pub revenue_usd_micros: i128,
-    pub revenue_by_currency: Vec<(crate::core::Currency, i128)>,
-    pub min_usd_micros: i64,
-    pub max_usd_micros: i64,
-    pub unique_customers: u64,
-    pub sketch: crate::core::sketch::QuantileSketch,
-}
-
-impl Default for WireAgg {
-    fn default() -> Self {
-        WireAgg::from(&Aggregate::default())
-    }
-}
-
-impl From<&Aggregate> for WireAgg {
-    fn from(a: &Aggregate) -> Self {
-        WireAgg {
-            count: a.count,
-            revenue_usd_micros: a.revenue_usd_micros,
-            revenue_by_currency: a.revenue_by_currency.clone(),
-            min_usd_micros: a.min_usd_micros,
-            max_usd_micros: a.max_usd_micros,
-            unique_customers: a.unique_customers() as u64,
-            sketch: a.sketch.clone(),
-        }
-    }
-}
-
-impl WireAgg {
-    /// Combines the partial of another input partition.
-    pub fn merge(&mut self, o: &WireAgg) {
-        self.count += o.count;
-        self.revenue_usd_micros += o.revenue_usd_micros;
-        for (c, m) in &o.revenue_by_currency {
-            match self.revenue_by_currency.binary_search_by_key(c, |e| e.0) {
-                Ok(i) => self.revenue_by_currency[i].1 += m,
-                Err(i) => self.revenue_by_currency.insert(i, (*c, *m)),
-            }
-        }
-        self.min_usd_micros = self.min_usd_micros.min(o.min_usd_micros);
-        self.max_usd_micros = self.max_usd_micros.max(o.max_usd_micros);
-        self.unique_customers += o.unique_customers;
-        self.sketch.merge(&o.sketch);
-    }
-
-    pub fn avg_usd(&self) -> Option<f64> {
-        (self.count > 0).then(|| usd(self.revenue_usd_micros / self.count as i128))
-    }
-
-    pub fn min_usd(&self) -> Option<f64> {
-        (self.count > 0).then(|| usd(self.min_usd_micros.into()))
-    }
-
-    pub fn max_usd(&self) -> Option<f64> {
-        (self.count > 0).then(|| usd(self.max_usd_micros.into()))
-    }
-
-    pub fn p95_usd(&self) -> Option<f64> {
-        crate::core::aggregate::p95_clamped(&self.sketch, self.min_usd_micros, self.max_usd_micros)
-    }
-}
-
-/// A window result as published on `revenue-windows`. `agg` carries the
-/// mergeable aggregate so any reader can combine partitions exactly.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct WindowRecord {
-    pub window_id: String,
-    pub spec: String,
-    pub kind: String,
-    pub by: String,
-    pub key: String,
-    pub start: i64,
-    pub end: i64,
-    #[serde(rename = "final")]
-    pub is_final: bool,
-    pub partition: Partition,
-    pub offset: i64,
-    pub count: u64,
-    pub revenue_usd: f64,
-    pub revenue_usd_micros: i128,
-    pub revenue_by_currency: Map<String, Value>,
-    pub unique_customers: usize,
-    pub avg_usd: Option<f64>,
-    pub min_usd: Option<f64>,
-    pub max_usd: Option<f64>,
-    pub p95_usd: Option<f64>,
-    pub agg: WireAgg,
-}
-
-impl WindowRecord {
-    pub fn from_update(w: &WindowUpdate) -> WindowRecord {
-        let a = &w.row.agg;
-        WindowRecord {
-            window_id: w.window_id(),
-            spec: w.spec_name.clone(),
-            kind: w.kind.name().to_string(),
-            by: w.by.name().to_string(),
-            key: w.key.group.clone(),
-            start: w.key.start,
-            end: w.row.end,
-            is_final: w.row.closed,
-            partition: w.partition,
-            offset: w.row.offset,
-            count: a.count,
-            revenue_usd: usd(a.revenue_usd_micros),
-            revenue_usd_micros: a.revenue_usd_micros,
-            revenue_by_currency: a
-                .revenue_by_currency
-                .iter()
-                .map(|(c, m)| (c.to_string(), Value::from(usd(*m))))
-                .collect(),
-            unique_customers: a.unique_customers(),
-            avg_usd: a.avg_usd_micros().map(|m| usd(m.into())),
-            min_usd: a.min_usd().map(|m| usd(m.into())),
-            max_usd: a.max_usd().map(|m| usd(m.into())),
-            p95_usd: a.p95_usd(),
-            agg: WireAgg::from(a),
-        }
-    }
-
-    /// The record key: one row per window and input partition.
-    pub fn record_key(window_id: &str, partition: Partition) -> String {
-        format!("{window_id}|p{partition}")
-    }
 }
 
 /// The enriched JSON: the original object, normalised and extended, with
@@ -356,7 +215,7 @@ impl Outputs<'_> {
             out.push(self.alert(&json, o));
         }
         out.push(OutRecord {
-            topic: self.cfg.enriched_topic.clone(),
+            topic: self.cfg.topics.enriched_topic.clone(),
             key: Some(o.order.customer_id.clone().into_bytes()),
             payload: Some(json),
             headers: Vec::new(),
@@ -376,10 +235,10 @@ impl Outputs<'_> {
         if alert {
             out.push(self.alert(&json, o));
         }
-        if self.cfg.late_policy == LatePolicy::Topic {
+        if self.cfg.job.late_policy == LatePolicy::Topic {
             out.push(OutRecord {
                 partition: None,
-                topic: self.cfg.late_topic.clone(),
+                topic: self.cfg.topics.late_topic.clone(),
                 key: Some(o.order.customer_id.clone().into_bytes()),
                 payload: Some(json),
                 headers: Vec::new(),
@@ -391,11 +250,11 @@ impl Outputs<'_> {
         let mut obj: Map<String, Value> = serde_json::from_slice(enriched).unwrap_or_default();
         obj.insert(
             "threshold_usd".into(),
-            Value::from(self.cfg.alert_threshold_usd),
+            Value::from(self.cfg.job.alert_threshold_usd),
         );
         OutRecord {
             partition: None,
-            topic: self.cfg.alerts_topic.clone(),
+            topic: self.cfg.topics.alerts_topic.clone(),
             key: Some(o.order.order_id.clone().into_bytes()),
             payload: Some(serde_json::to_vec(&obj).unwrap_or_default()),
             headers: Vec::new(),
@@ -427,7 +286,7 @@ impl Outputs<'_> {
             headers.push(("field".to_string(), f.as_bytes().to_vec()));
         }
         out.push(OutRecord {
-            topic: self.cfg.dlq_topic.clone(),
+            topic: self.cfg.topics.dlq_topic.clone(),
             partition: None,
             key: key.map(<[u8]>::to_vec),
             payload: Some(original.to_vec()),
@@ -438,7 +297,7 @@ impl Outputs<'_> {
     pub fn window(&self, w: &WindowUpdate, out: &mut Vec<OutRecord>) {
         let rec = WindowRecord::from_update(w);
         out.push(OutRecord {
-            topic: self.cfg.windows_topic.clone(),
+            topic: self.cfg.topics.windows_topic.clone(),
             key: Some(WindowRecord::record_key(&rec.window_id, w.partition).into_bytes()),
             payload: Some(serde_json::to_vec(&rec).unwrap_or_default()),
             headers: Vec::new(),
@@ -454,7 +313,7 @@ impl Outputs<'_> {
         out: &mut Vec<OutRecord>,
     ) {
         out.push(OutRecord {
-            topic: self.cfg.windows_topic.clone(),
+            topic: self.cfg.topics.windows_topic.clone(),
             key: Some(WindowRecord::record_key(&window_id(spec_name, key), partition).into_bytes()),
             payload: None,
             headers: Vec::new(),

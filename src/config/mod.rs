@@ -31,6 +31,11 @@ pub enum LogFormat {
 }
 
 /// Configuration of one consumer pod (`tally run`), also used by `tally demo`.
+///
+/// Grouped in sections (one struct each) for the code's sake; the flags,
+/// `TALLY_*` variables and TOML keys stay flat (`--input-topic`,
+/// `TALLY_INPUT_TOPIC`, `input_topic = …`), so a setting has one name
+/// everywhere.
 #[derive(Clone, Debug, Args, Serialize, Deserialize, PartialEq)]
 pub struct PodConfig {
     /// A TOML file with any of these settings (keys as the long flag names,
@@ -38,7 +43,32 @@ pub struct PodConfig {
     #[arg(long, env = "TALLY_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    #[command(flatten, next_help_heading = "Kafka")]
+    #[serde(flatten)]
+    pub kafka: KafkaConfig,
+    #[command(flatten, next_help_heading = "Topics")]
+    #[serde(flatten)]
+    pub topics: TopicNames,
+    #[command(flatten, next_help_heading = "Flush")]
+    #[serde(flatten)]
+    pub flush: FlushConfig,
+    #[command(flatten, next_help_heading = "Windows and time")]
+    #[serde(flatten)]
+    pub job: JobConfig,
+    #[command(flatten, next_help_heading = "Validation")]
+    #[serde(flatten)]
+    pub limits: InputLimits,
+    #[command(flatten, next_help_heading = "Serving")]
+    #[serde(flatten)]
+    pub serving: ServingConfig,
+    #[command(flatten, next_help_heading = "Resources")]
+    #[serde(flatten)]
+    pub resources: ResourceConfig,
+}
 
+/// How to reach the cluster and take part in the consumer group.
+#[derive(Clone, Debug, Args, Serialize, Deserialize, PartialEq)]
+pub struct KafkaConfig {
     /// Kafka bootstrap servers.
     #[arg(long, env = "TALLY_BROKERS", default_value = "localhost:9092")]
     pub brokers: String,
@@ -59,19 +89,27 @@ pub struct PodConfig {
     /// Static membership id (`group.instance.id`), e.g. the pod name.
     #[arg(long, env = "TALLY_GROUP_INSTANCE_ID")]
     pub group_instance_id: Option<String>,
-    /// Directory of the local RocksDB state.
-    #[arg(long, env = "TALLY_STATE_DIR", default_value = "./tally-state")]
-    pub state_dir: PathBuf,
-    /// Address of the HTTP server.
-    #[arg(long, env = "TALLY_HTTP", default_value = "0.0.0.0:8080")]
-    pub http: String,
-    /// Directory of the topic declarations.
-    #[arg(long, env = "TALLY_TOPICS_DIR", default_value = "topics")]
-    pub topics_dir: PathBuf,
+    /// Kafka consumer session timeout, ms.
+    #[arg(long, env = "TALLY_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
+    pub session_timeout_ms: u64,
+    /// Kafka max.poll.interval.ms; a rebalance callback never outlives it.
+    #[arg(long, env = "TALLY_MAX_POLL_INTERVAL_MS", default_value_t = 300_000)]
+    pub max_poll_interval_ms: u64,
+    /// Extra librdkafka properties, `key=value` comma separated (for TLS, SASL, ...).
+    #[arg(long, env = "TALLY_KAFKA_PROPERTIES", default_value = "")]
+    pub kafka_properties: String,
+}
+
+/// The topics the job reads and writes, and their declarations.
+#[derive(Clone, Debug, Args, Serialize, Deserialize, PartialEq)]
+pub struct TopicNames {
+    /// Directory of the topic declarations; unset: the ones compiled into
+    /// the binary (the repository's `topics/`).
+    #[arg(long, env = "TALLY_TOPICS_DIR")]
+    pub topics_dir: Option<PathBuf>,
     /// Create missing topics at startup (skipped when the broker cannot).
     #[arg(long, env = "TALLY_APPLY_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
     pub apply_topics: bool,
-
     /// Input topic.
     #[arg(long, env = "TALLY_INPUT_TOPIC", default_value = "raw-orders")]
     pub input_topic: String,
@@ -90,14 +128,25 @@ pub struct PodConfig {
     /// Compacted state changelog, partitioned like the input topic.
     #[arg(long, env = "TALLY_CHANGELOG_TOPIC", default_value = "tally-changelog")]
     pub changelog_topic: String,
+}
 
+/// When the pod makes its work durable.
+#[derive(Clone, Debug, Args, Serialize, Deserialize, PartialEq)]
+pub struct FlushConfig {
     /// Flush after this many input records...
     #[arg(long, env = "TALLY_FLUSH_MAX_EVENTS", default_value_t = 20_000)]
     pub flush_max_events: usize,
     /// ...or after this many milliseconds, whichever comes first.
     #[arg(long, env = "TALLY_FLUSH_INTERVAL_MS", default_value_t = 100)]
     pub flush_interval_ms: u64,
+    /// Time allowed for the final flush and commit at shutdown, ms.
+    #[arg(long, env = "TALLY_SHUTDOWN_TIMEOUT_MS", default_value_t = 20_000)]
+    pub shutdown_timeout_ms: u64,
+}
 
+/// What the job computes: windows, event time, lateness, dedup, alerts.
+#[derive(Clone, Debug, Args, Serialize, Deserialize, PartialEq)]
+pub struct JobConfig {
     /// Window definitions: `tumbling:NAME:SIZE_MS:BY`,
     /// `sliding:NAME:SIZE_MS:SLIDE_MS:BY`, `session:NAME:GAP_MS`, comma separated.
     #[arg(long, env = "TALLY_WINDOWS", default_value_t = format_window_list(&WindowSpec::defaults()))]
@@ -120,7 +169,11 @@ pub struct PodConfig {
     /// Orders worth at least this many USD go to the alerts topic.
     #[arg(long, env = "TALLY_ALERT_THRESHOLD_USD", default_value_t = 5_000.0)]
     pub alert_threshold_usd: f64,
+}
 
+/// What an acceptable input order is, and the default FX rates.
+#[derive(Clone, Debug, Args, Serialize, Deserialize, PartialEq)]
+pub struct InputLimits {
     /// Larger input messages go to the DLQ as `oversize`.
     #[arg(long, env = "TALLY_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
     pub max_message_bytes: usize,
@@ -144,20 +197,14 @@ pub struct PodConfig {
     /// A file of default FX rates (`CUR = rate` lines, TOML); built-in table if absent.
     #[arg(long, env = "TALLY_FX_DEFAULTS")]
     pub fx_defaults: Option<PathBuf>,
+}
 
-    /// Kafka consumer session timeout, ms.
-    #[arg(long, env = "TALLY_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
-    pub session_timeout_ms: u64,
-    /// Kafka max.poll.interval.ms; a rebalance callback never outlives it.
-    #[arg(long, env = "TALLY_MAX_POLL_INTERVAL_MS", default_value_t = 300_000)]
-    pub max_poll_interval_ms: u64,
-    /// Time allowed for the final flush and commit at shutdown, ms.
-    #[arg(long, env = "TALLY_SHUTDOWN_TIMEOUT_MS", default_value_t = 20_000)]
-    pub shutdown_timeout_ms: u64,
-    /// Extra librdkafka properties, `key=value` comma separated (for TLS, SASL, ...).
-    #[arg(long, env = "TALLY_KAFKA_PROPERTIES", default_value = "")]
-    pub kafka_properties: String,
-
+/// The HTTP server, the webhook and readiness.
+#[derive(Clone, Debug, Args, Serialize, Deserialize, PartialEq)]
+pub struct ServingConfig {
+    /// Address of the HTTP server.
+    #[arg(long, env = "TALLY_HTTP", default_value = "0.0.0.0:8080")]
+    pub http: String,
     /// Secret for the webhook's HMAC-SHA256 signatures; the webhook is
     /// disabled without it. Never read from the config file.
     #[arg(long, env = "TALLY_WEBHOOK_SECRET", hide_env_values = true)]
@@ -166,7 +213,14 @@ pub struct PodConfig {
     /// Consumer lag (records) at or below which the pod reports ready.
     #[arg(long, env = "TALLY_READY_MAX_LAG", default_value_t = 20_000)]
     pub ready_max_lag: u64,
+}
 
+/// Local state, memory and logs.
+#[derive(Clone, Debug, Args, Serialize, Deserialize, PartialEq)]
+pub struct ResourceConfig {
+    /// Directory of the local RocksDB state.
+    #[arg(long, env = "TALLY_STATE_DIR", default_value = "./tally-state")]
+    pub state_dir: PathBuf,
     /// Memory limit the RocksDB sizes derive from, bytes. Default: the
     /// container's cgroup limit, or 1 GiB without one (see `memory.rs`).
     #[arg(long, env = "TALLY_MEMORY_LIMIT_BYTES")]
@@ -174,7 +228,6 @@ pub struct PodConfig {
     /// Share of the memory limit given to RocksDB (block cache + memtables).
     #[arg(long, env = "TALLY_ROCKSDB_MEMORY_FRACTION", default_value_t = 0.25)]
     pub rocksdb_memory_fraction: f64,
-
     /// Log format.
     #[arg(long, env = "TALLY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -242,7 +295,7 @@ impl PodConfig {
             message,
         };
         let table: toml::Table = toml::from_str(text).map_err(|e| file_err(e.to_string()))?;
-        let parsed_secret = parsed.webhook_secret.clone();
+        let parsed_secret = parsed.serving.webhook_secret.clone();
         let mut value = serde_json::to_value(&parsed).map_err(|e| file_err(e.to_string()))?;
         let obj = value
             .as_object_mut()
@@ -269,16 +322,16 @@ impl PodConfig {
         let mut merged: PodConfig =
             serde_json::from_value(value).map_err(|e| file_err(e.to_string()))?;
         merged.config = Some(path.to_path_buf());
-        merged.webhook_secret = parsed_secret;
+        merged.serving.webhook_secret = parsed_secret;
         Ok(merged)
     }
 
     /// Checks every field; the error names the first bad one.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.brokers.trim().is_empty() {
+        if self.kafka.brokers.trim().is_empty() {
             return Err(invalid("brokers", "must name at least one host:port"));
         }
-        for b in self.brokers.split(',') {
+        for b in self.kafka.brokers.split(',') {
             let b = b.trim();
             let port_ok = b
                 .rsplit_once(':')
@@ -287,35 +340,38 @@ impl PodConfig {
                 return Err(invalid("brokers", format!("{b:?} is not host:port")));
             }
         }
-        if self.group.trim().is_empty() {
+        if self.kafka.group.trim().is_empty() {
             return Err(invalid("group", "must not be empty"));
         }
         if !["cooperative-sticky", "range", "roundrobin"]
-            .contains(&self.assignment_strategy.as_str())
+            .contains(&self.kafka.assignment_strategy.as_str())
         {
             return Err(invalid(
                 "assignment_strategy",
                 format!(
                     "{:?} is not cooperative-sticky, range or roundrobin",
-                    self.assignment_strategy
+                    self.kafka.assignment_strategy
                 ),
             ));
         }
-        if self.http.parse::<std::net::SocketAddr>().is_err() {
+        if self.serving.http.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid(
                 "http",
-                format!("{:?} is not an address like 0.0.0.0:8080", self.http),
+                format!(
+                    "{:?} is not an address like 0.0.0.0:8080",
+                    self.serving.http
+                ),
             ));
         }
         for (field, t) in [
-            ("input_topic", &self.input_topic),
-            ("enriched_topic", &self.enriched_topic),
-            ("dlq_topic", &self.dlq_topic),
-            ("late_topic", &self.late_topic),
-            ("windows_topic", &self.windows_topic),
-            ("fx_topic", &self.fx_topic),
-            ("alerts_topic", &self.alerts_topic),
-            ("changelog_topic", &self.changelog_topic),
+            ("input_topic", &self.topics.input_topic),
+            ("enriched_topic", &self.topics.enriched_topic),
+            ("dlq_topic", &self.topics.dlq_topic),
+            ("late_topic", &self.topics.late_topic),
+            ("windows_topic", &self.topics.windows_topic),
+            ("fx_topic", &self.topics.fx_topic),
+            ("alerts_topic", &self.topics.alerts_topic),
+            ("changelog_topic", &self.topics.changelog_topic),
         ] {
             let ok = !t.is_empty()
                 && t.len() <= 249
@@ -328,44 +384,58 @@ impl PodConfig {
                 ));
             }
         }
-        if self.flush_max_events == 0 {
+        if self.flush.flush_max_events == 0 {
             return Err(invalid("flush_max_events", "must be > 0"));
         }
-        if self.flush_interval_ms == 0 {
+        if self.flush.flush_interval_ms == 0 {
             return Err(invalid("flush_interval_ms", "must be > 0"));
         }
-        if !(self.alert_threshold_usd.is_finite() && self.alert_threshold_usd > 0.0) {
+        if !(self.job.alert_threshold_usd.is_finite() && self.job.alert_threshold_usd > 0.0) {
             return Err(invalid("alert_threshold_usd", "must be a positive number"));
         }
-        if !(self.max_amount.is_finite() && self.max_amount > 0.0 && self.max_amount <= 1e12) {
+        if !(self.limits.max_amount.is_finite()
+            && self.limits.max_amount > 0.0
+            && self.limits.max_amount <= 1e12)
+        {
             return Err(invalid("max_amount", "must be in (0, 1e12]"));
         }
-        if self.session_timeout_ms < 1_000 {
+        if self.kafka.session_timeout_ms < 1_000 {
             return Err(invalid("session_timeout_ms", "must be ≥ 1000"));
         }
-        if self.max_poll_interval_ms < self.session_timeout_ms {
+        if self.kafka.max_poll_interval_ms < self.kafka.session_timeout_ms {
             return Err(invalid(
                 "max_poll_interval_ms",
                 "must be ≥ session_timeout_ms",
             ));
         }
-        if self.shutdown_timeout_ms == 0 {
+        if self.flush.shutdown_timeout_ms == 0 {
             return Err(invalid("shutdown_timeout_ms", "must be > 0"));
         }
-        if self.memory_limit_bytes.is_some_and(|l| l < 64 << 20) {
+        if self
+            .resources
+            .memory_limit_bytes
+            .is_some_and(|l| l < 64 << 20)
+        {
             return Err(invalid(
                 "memory_limit_bytes",
                 "must be at least 64 MiB (67108864)",
             ));
         }
-        if !(self.rocksdb_memory_fraction > 0.0 && self.rocksdb_memory_fraction <= 0.9) {
+        if !(self.resources.rocksdb_memory_fraction > 0.0
+            && self.resources.rocksdb_memory_fraction <= 0.9)
+        {
             return Err(invalid("rocksdb_memory_fraction", "must be in (0, 0.9]"));
         }
         self.kafka_properties()?;
-        if self.webhook_secret.as_ref().is_some_and(|s| s.len() < 16) {
+        if self
+            .serving
+            .webhook_secret
+            .as_ref()
+            .is_some_and(|s| s.len() < 16)
+        {
             return Err(invalid("webhook_secret", "must be at least 16 bytes"));
         }
-        if let Some(f) = &self.fx_defaults {
+        if let Some(f) = &self.limits.fx_defaults {
             crate::fx::defaults(Some(f)).map_err(|e| invalid("fx_defaults", e.to_string()))?;
         }
         self.core()?;
@@ -376,23 +446,32 @@ impl PodConfig {
     /// (benchmarks, tests) never see each other's data.
     pub fn prefix_topics(&mut self, prefix: &str) {
         for t in [
-            &mut self.input_topic,
-            &mut self.enriched_topic,
-            &mut self.dlq_topic,
-            &mut self.late_topic,
-            &mut self.windows_topic,
-            &mut self.fx_topic,
-            &mut self.alerts_topic,
-            &mut self.changelog_topic,
+            &mut self.topics.input_topic,
+            &mut self.topics.enriched_topic,
+            &mut self.topics.dlq_topic,
+            &mut self.topics.late_topic,
+            &mut self.topics.windows_topic,
+            &mut self.topics.fx_topic,
+            &mut self.topics.alerts_topic,
+            &mut self.topics.changelog_topic,
         ] {
             t.insert_str(0, prefix);
         }
     }
 
     /// Extra librdkafka properties as pairs.
+    /// The Kafka client factory for this configuration.
+    pub fn clients(&self) -> Result<crate::kafka::Clients, ConfigError> {
+        Ok(crate::kafka::Clients::new(
+            &self.kafka.brokers,
+            &self.kafka_properties()?,
+        ))
+    }
+
     pub fn kafka_properties(&self) -> Result<Vec<(String, String)>, ConfigError> {
         let mut out = Vec::new();
         for item in self
+            .kafka
             .kafka_properties
             .split(',')
             .map(str::trim)
@@ -411,26 +490,27 @@ impl PodConfig {
 
     /// The core's configuration derived from this one.
     pub fn core(&self) -> Result<CoreConfig, ConfigError> {
-        let windows = parse_window_list(&self.windows).map_err(|m| invalid("windows", m))?;
+        let windows = parse_window_list(&self.job.windows).map_err(|m| invalid("windows", m))?;
         let time = |field: &str, s: &str| {
             chrono::DateTime::parse_from_rfc3339(s)
                 .map(|t| t.timestamp_millis())
                 .map_err(|e| invalid(field, format!("{s:?} is not RFC 3339: {e}")))
         };
         let limits = Limits {
-            max_message_bytes: self.max_message_bytes,
-            min_event_ms: time("min_event_time", &self.min_event_time)?,
-            max_event_ms: time("max_event_time", &self.max_event_time)?,
-            max_amount_micros: (self.max_amount * MICROS as f64).round() as i64,
+            max_message_bytes: self.limits.max_message_bytes,
+            min_event_ms: time("min_event_time", &self.limits.min_event_time)?,
+            max_event_ms: time("max_event_time", &self.limits.max_event_time)?,
+            max_amount_micros: (self.limits.max_amount * MICROS as f64).round() as i64,
         };
         let core = CoreConfig {
             windows,
-            out_of_orderness_ms: self.out_of_orderness_ms,
-            grace_ms: self.grace_ms,
-            idle_timeout_ms: self.idle_timeout_ms,
-            dedup_horizon_ms: self.dedup_horizon_ms,
+            out_of_orderness_ms: self.job.out_of_orderness_ms,
+            grace_ms: self.job.grace_ms,
+            idle_timeout_ms: self.job.idle_timeout_ms,
+            dedup_horizon_ms: self.job.dedup_horizon_ms,
             limits,
-            alert_threshold_usd_micros: (self.alert_threshold_usd * MICROS as f64).round() as i64,
+            alert_threshold_usd_micros: (self.job.alert_threshold_usd * MICROS as f64).round()
+                as i64,
             hash_seed: random_seed(),
         };
         core.validate().map_err(|e| invalid(&e.field, e.message))?;
@@ -438,13 +518,18 @@ impl PodConfig {
     }
 }
 
-/// A random seed for the core's hash maps, from std's per-process random
-/// keys (no extra dependency, no syscall of our own).
+/// A random seed for the core's hash maps, drawn once per process from
+/// std's random keys (no extra dependency, no syscall of our own), so every
+/// `core()` of one process agrees and a map's layout does not change
+/// between two calls.
 fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
-    std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish()
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *SEED.get_or_init(|| {
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+    })
 }
 
 #[cfg(test)]
@@ -490,9 +575,10 @@ mod tests {
     fn defaults_are_valid() {
         let c = parse(&[], None).unwrap();
         let mut core = c.core().unwrap();
-        // The hash seed is the one value that is not a default: each engine
-        // gets a fresh random one.
-        assert_ne!(core.hash_seed, c.core().unwrap().hash_seed);
+        // The hash seed is the one value that is not a default: random, but
+        // drawn once per process, so two calls agree (they used to draw a
+        // new seed each, and two engines of one pod hashed differently).
+        assert_eq!(core.hash_seed, c.core().unwrap().hash_seed);
         core.hash_seed = CoreConfig::default().hash_seed;
         assert_eq!(core, CoreConfig::default());
     }
@@ -545,8 +631,8 @@ mod tests {
             Some("group = \"from-file\"\nflush-interval-ms = 250\n"),
         )
         .unwrap();
-        assert_eq!(c.group, "from-flag");
-        assert_eq!(c.flush_interval_ms, 250);
+        assert_eq!(c.kafka.group, "from-flag");
+        assert_eq!(c.flush.flush_interval_ms, 250);
         let e = parse(&[], Some("flush_intervall_ms = 1\n")).unwrap_err();
         assert!(e.to_string().contains("unknown setting"), "{e}");
         let e = parse(&[], Some("flush_interval_ms = \"soon\"\n")).unwrap_err();

@@ -1,14 +1,21 @@
-//! `tally bench`: measured scenarios on the embedded broker. Each prints one
-//! JSON line. Compare ratios measured in one run, not absolute figures
-//! across runs: the machines are shared.
+//! `tally-bench`: measured scenarios, mostly on the embedded broker, kept
+//! out of the production binary. Each prints one JSON line. Compare ratios
+//! measured in one run, not absolute figures across runs: the machines are
+//! shared.
 //!
-//! - `serving`: `/revenue` latency (p50, p99) under an open-loop request
+//! - [`serving`]: `/revenue` latency (p50, p99) under an open-loop request
 //!   rate while the pod ingests at a fixed rate, and freshness (produce →
 //!   visible in the view) from probe orders.
-//! - `flush`: full-job throughput for several flush settings (events/s from
-//!   the first record processed to the last offset committed), used to
-//!   choose the defaults of `--flush-max-events` and `--flush-interval-ms`.
+//! - [`flush_sweep`]: full-job throughput for several flush settings
+//!   (events/s from the first record processed to the last offset
+//!   committed), used to choose the defaults of `--flush-max-events` and
+//!   `--flush-interval-ms`.
+//! - [`ceiling`]: the raw consume rate and the full job, in one run.
+//! - [`restore`]: one partition of N state rows restored from the changelog.
+//! - [`latency`]: produce → window update visible, at a fixed rate.
+//! - [`rss`]: peak RSS of a `tally run` child holding N open sessions.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
@@ -16,11 +23,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
 
-use crate::broker::EmbeddedBroker;
-use crate::config::PodConfig;
-use crate::gen::{self, GenSpec};
-use crate::pod;
-use crate::topics::TopicSpec;
+use tally::config::PodConfig;
+use tally::gen::{self, GenSpec};
+use tally::kafka::broker::EmbeddedBroker;
+use tally::kafka::topics::TopicSpec;
+use tally::pod;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -31,17 +38,45 @@ pub enum BenchError {
     #[error("timed out: {0}")]
     Timeout(String),
     #[error("topics: {0}")]
-    Topics(#[from] crate::topics::TopicError),
+    Topics(#[from] tally::kafka::topics::TopicError),
     #[error("configuration: {0}")]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] tally::config::ConfigError),
     #[error("state: {0}")]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] tally::state::store::StoreError),
+    #[error("state: {0}")]
+    Codec(#[from] tally::state::codec::CodecError),
     #[error("serving: {0}")]
-    Serving(#[from] crate::serving::ServingError),
+    Serving(#[from] tally::serve::follower::ServingError),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Invalid(String),
+}
+
+/// The `tally` binary built beside the running executable (the same
+/// target directory and profile): `target/<profile>/tally`, also from a
+/// test under `target/<profile>/deps/`.
+pub fn sibling_tally_binary() -> Result<PathBuf, BenchError> {
+    let me = std::env::current_exe()?;
+    let name = format!("tally{}", std::env::consts::EXE_SUFFIX);
+    let mut dir = me.parent();
+    while let Some(d) = dir {
+        let candidate = d.join(&name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+        if d.file_name().is_some_and(|n| n != "deps") {
+            break;
+        }
+        dir = d.parent();
+    }
+    Err(BenchError::Io(std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        format!(
+            "no {name} beside {}: build it (cargo build --workspace) or pass --tally-bin",
+            me.display()
+        ),
+    )))
 }
 
 fn committed_sum(
@@ -79,8 +114,15 @@ pub fn pod_throughput(
     let broker = EmbeddedBroker::start(1, topics)?;
     let brokers = broker.bootstrap_servers();
     let records = gen::generate(spec);
-    gen::produce(&brokers, &base.input_topic, &[], &records, 0.0, &|| false)?;
-    let partitions = partitions_of(topics, &base.input_topic);
+    gen::produce(
+        &brokers,
+        &base.topics.input_topic,
+        &[],
+        &records,
+        0.0,
+        &|| false,
+    )?;
+    let partitions = partitions_of(topics, &base.topics.input_topic);
     measure_pod(
         &brokers,
         base,
@@ -116,7 +158,7 @@ fn measure_pod(
         {
             first = Some(Instant::now());
         }
-        if committed_sum(brokers, group, &cfg.input_topic, partitions)? >= total {
+        if committed_sum(brokers, group, &cfg.topics.input_topic, partitions)? >= total {
             break;
         }
         if Instant::now() > deadline {
@@ -130,11 +172,11 @@ fn measure_pod(
         .flushes
         .load(std::sync::atomic::Ordering::Relaxed);
     handle.join()?;
-    let _ = std::fs::remove_dir_all(&cfg.state_dir);
+    let _ = std::fs::remove_dir_all(&cfg.resources.state_dir);
     Ok(json!({
         "scenario": "flush",
-        "flush_max_events": cfg.flush_max_events,
-        "flush_interval_ms": cfg.flush_interval_ms,
+        "flush_max_events": cfg.flush.flush_max_events,
+        "flush_interval_ms": cfg.flush.flush_interval_ms,
         "events": total,
         "seconds": secs,
         "events_per_sec": total as f64 / secs,
@@ -154,10 +196,10 @@ fn partitions_of(topics: &[TopicSpec], topic: &str) -> i32 {
 /// with a fresh state directory of its own.
 fn bench_pod_config(base: &PodConfig, brokers: &str, group: &str) -> PodConfig {
     let mut cfg = base.clone();
-    cfg.brokers = brokers.to_string();
-    cfg.group = group.into();
-    cfg.apply_topics = false;
-    cfg.state_dir = std::env::temp_dir().join(format!(
+    cfg.kafka.brokers = brokers.to_string();
+    cfg.kafka.group = group.into();
+    cfg.topics.apply_topics = false;
+    cfg.resources.state_dir = std::env::temp_dir().join(format!(
         "tally-{group}-{}-{}",
         std::process::id(),
         pod::now_ms()
@@ -202,13 +244,20 @@ pub fn ceiling(
         customers: 10_000,
         ..GenSpec::default()
     });
-    gen::produce(&brokers, &base.input_topic, &[], &records, 0.0, &|| false)?;
+    gen::produce(
+        &brokers,
+        &base.topics.input_topic,
+        &[],
+        &records,
+        0.0,
+        &|| false,
+    )?;
     let total = records.len() as i64;
     drop(records);
-    let partitions = partitions_of(topics, &base.input_topic);
+    let partitions = partitions_of(topics, &base.topics.input_topic);
 
     // Raw consume: same client settings as the pod's fetches, no processing.
-    let consumer = reader_from_start(&brokers, "bench-raw", &base.input_topic, partitions)?;
+    let consumer = reader_from_start(&brokers, "bench-raw", &base.topics.input_topic, partitions)?;
     let deadline = Instant::now() + Duration::from_secs(600);
     let (mut n, mut bytes, mut first) = (0i64, 0usize, None);
     while n < total {
@@ -261,8 +310,8 @@ pub fn flush_sweep(
     let mut out = Vec::new();
     for (n, ms) in settings {
         let line = pod_throughput(topics, base, &spec, &|c| {
-            c.flush_max_events = n;
-            c.flush_interval_ms = ms;
+            c.flush.flush_max_events = n;
+            c.flush.flush_interval_ms = ms;
         })?;
         println!("{line}");
         out.push(line);
@@ -327,16 +376,21 @@ pub fn serving(
 
     let broker = EmbeddedBroker::start(1, topics)?;
     let brokers = broker.bootstrap_servers();
-    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let metrics = Arc::new(tally::telemetry::metrics::Metrics::new());
     let cfg = bench_pod_config(base, &brokers, "bench-serving");
     let handle = pod::start_with_metrics(cfg.clone(), metrics.clone())?;
-    let follower =
-        crate::serving::follow(&brokers, &[], &cfg.windows_topic, 10_000, metrics.clone())?;
+    let follower = tally::serve::follower::follow(
+        &brokers,
+        &[],
+        &cfg.topics.windows_topic,
+        10_000,
+        metrics.clone(),
+    )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let state = crate::http::AppState {
+    let state = tally::serve::http::AppState {
         view: follower.view.clone(),
         view_caught_up: follower.caught_up.clone(),
         pod: Some(handle.stats.clone()),
@@ -346,7 +400,7 @@ pub fn serving(
     };
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let addr = listener.local_addr()?;
-    rt.spawn(async move { axum::serve(listener, crate::http::app(state)).await });
+    rt.spawn(async move { axum::serve(listener, tally::serve::http::app(state)).await });
 
     // Steady state only: start measuring once the pod has its partitions
     // and the view has read revenue-windows.
@@ -362,7 +416,11 @@ pub fn serving(
     }
     let stop = Arc::new(AtomicBool::new(false));
     let load = {
-        let (brokers, stop, topic) = (brokers.clone(), stop.clone(), cfg.input_topic.clone());
+        let (brokers, stop, topic) = (
+            brokers.clone(),
+            stop.clone(),
+            cfg.topics.input_topic.clone(),
+        );
         std::thread::spawn(move || {
             let spec = GenSpec {
                 count: (rate * seconds) as u64,
@@ -391,7 +449,7 @@ pub fn serving(
             brokers.clone(),
             follower.view.clone(),
             stop.clone(),
-            cfg.input_topic.clone(),
+            cfg.topics.input_topic.clone(),
         );
         std::thread::spawn(move || -> Result<Vec<f64>, BenchError> {
             let producer: rdkafka::producer::BaseProducer = ClientConfig::new()
@@ -415,7 +473,7 @@ pub fn serving(
                             .payload(&json),
                     )
                     .map_err(|(e, _)| e)?;
-                let q = crate::view::WindowQuery {
+                let q = tally::core::view::WindowQuery {
                     kind: "tumbling".into(),
                     by: "region".into(),
                     key: Some(region),
@@ -489,7 +547,7 @@ pub fn serving(
         .load(std::sync::atomic::Ordering::Relaxed);
     handle.join()?;
     follower.stop();
-    let _ = std::fs::remove_dir_all(&cfg.state_dir);
+    let _ = std::fs::remove_dir_all(&cfg.resources.state_dir);
     let mut lat = latencies;
     lat.sort_by(f64::total_cmp);
     fresh.sort_by(f64::total_cmp);
@@ -527,7 +585,7 @@ pub fn restore(
     rows: u64,
     brokers: &str,
 ) -> Result<serde_json::Value, BenchError> {
-    use crate::core::{Engine, FxTable};
+    use tally::core::{Engine, FxTable};
     let prefix = format!("bench{}-", pod::now_ms());
     let specs: Vec<TopicSpec> = topics
         .iter()
@@ -538,18 +596,18 @@ pub fn restore(
             t
         })
         .collect();
-    crate::topics::apply_blocking(brokers, &[], &specs)?;
+    tally::kafka::topics::apply_blocking(brokers, &[], &specs)?;
     let mut cfg = base.clone();
-    cfg.brokers = brokers.to_string();
-    cfg.group = format!("{prefix}group");
-    cfg.apply_topics = false;
+    cfg.kafka.brokers = brokers.to_string();
+    cfg.kafka.group = format!("{prefix}group");
+    cfg.topics.apply_topics = false;
     cfg.prefix_topics(&prefix);
-    cfg.state_dir = std::env::temp_dir().join(format!("tally-bench-{prefix}"));
+    cfg.resources.state_dir = std::env::temp_dir().join(format!("tally-bench-{prefix}"));
 
     // The state: one order per customer (a session row and a dedup row each).
     let built = Instant::now();
     let mut engine = Engine::new(cfg.core()?, FxTable::with_defaults()).map_err(|e| {
-        crate::config::ConfigError::Invalid {
+        tally::config::ConfigError::Invalid {
             field: e.field,
             message: e.message,
         }
@@ -574,7 +632,7 @@ pub fn restore(
     drop(engine);
     let encoded = changes
         .iter()
-        .map(crate::store::encode)
+        .map(tally::state::codec::encode)
         .collect::<Result<Vec<_>, _>>()?;
     drop(changes);
     let state_rows = encoded.len();
@@ -594,7 +652,7 @@ pub fn restore(
         producer.poll(Duration::ZERO);
         Ok(gen::send_waiting(
             &producer,
-            &cfg.changelog_topic,
+            &cfg.topics.changelog_topic,
             Some(0),
             k,
             v.map(Vec::as_slice),
@@ -613,7 +671,7 @@ pub fn restore(
     let prepared_secs = built.elapsed().as_secs_f64();
 
     // An empty pod takes the partition over.
-    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+    let metrics = std::sync::Arc::new(tally::telemetry::metrics::Metrics::new());
     let started = Instant::now();
     let handle = pod::start_with_metrics(cfg.clone(), metrics.clone())?;
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -627,7 +685,7 @@ pub fn restore(
     let restore_secs = metrics.restore_duration.get_sample_sum();
     let restored = metrics.restore_records.get();
     handle.join()?;
-    let _ = std::fs::remove_dir_all(&cfg.state_dir);
+    let _ = std::fs::remove_dir_all(&cfg.resources.state_dir);
     Ok(json!({
         "scenario": "restore",
         "state_rows": state_rows,
@@ -697,11 +755,11 @@ pub fn latency(
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {
         let (seen, stop) = (seen.clone(), stop.clone());
-        let partitions = partitions_of(topics, &cfg.windows_topic);
+        let partitions = partitions_of(topics, &cfg.topics.windows_topic);
         let consumer = reader_from_start(
             &brokers,
             "bench-latency-reader",
-            &cfg.windows_topic,
+            &cfg.topics.windows_topic,
             partitions,
         )?;
         std::thread::spawn(move || {
@@ -739,7 +797,7 @@ pub fn latency(
     let send = |key: &[u8], payload: &[u8]| -> Result<(), BenchError> {
         Ok(gen::send_waiting(
             &producer,
-            &cfg.input_topic,
+            &cfg.topics.input_topic,
             None,
             key,
             Some(payload),
@@ -778,7 +836,7 @@ pub fn latency(
     stop.store(true, Ordering::SeqCst);
     let _ = reader.join();
     handle.join()?;
-    let _ = std::fs::remove_dir_all(&cfg.state_dir);
+    let _ = std::fs::remove_dir_all(&cfg.resources.state_dir);
     let seen = seen.lock().map(|s| s.clone()).unwrap_or_default();
     let mut lat: Vec<f64> = Vec::new();
     let mut unseen = 0usize;
@@ -828,7 +886,7 @@ pub fn rss(
     let brokers = broker.bootstrap_servers();
     let group = format!("bench-rss-{}", pod::now_ms());
     let state_dir = std::env::temp_dir().join(format!("tally-bench-{group}"));
-    let partitions = partitions_of(topics, &base.input_topic);
+    let partitions = partitions_of(topics, &base.topics.input_topic);
     if customers == 0 {
         return Err(BenchError::Invalid("--customers must be > 0".into()));
     }
@@ -839,7 +897,7 @@ pub fn rss(
         .env("TALLY_STATE_DIR", &state_dir)
         .env("TALLY_HTTP", "127.0.0.1:0")
         .env("TALLY_APPLY_TOPICS", "false")
-        .env("TALLY_INPUT_TOPIC", &base.input_topic)
+        .env("TALLY_INPUT_TOPIC", &base.topics.input_topic)
         .env("TALLY_MEMORY_LIMIT_BYTES", LIMIT.to_string())
         .env("TALLY_LOG", "warn")
         .stdout(std::process::Stdio::null())
@@ -871,7 +929,7 @@ pub fn rss(
                 let key = format!("c{i}");
                 gen::send_waiting(
                     &producer,
-                    &base.input_topic,
+                    &base.topics.input_topic,
                     None,
                     key.as_bytes(),
                     Some(payload.as_bytes()),
@@ -881,7 +939,7 @@ pub fn rss(
             sent += n;
             // Keep the backlog to about one chunk.
             let deadline = Instant::now() + Duration::from_secs(300);
-            while committed_sum(&brokers, &group, &base.input_topic, partitions)?
+            while committed_sum(&brokers, &group, &base.topics.input_topic, partitions)?
                 < (sent.saturating_sub(CHUNK)) as i64
             {
                 if Instant::now() > deadline {
@@ -894,7 +952,9 @@ pub fn rss(
             }
         }
         let deadline = Instant::now() + Duration::from_secs(300);
-        while committed_sum(&brokers, &group, &base.input_topic, partitions)? < customers as i64 {
+        while committed_sum(&brokers, &group, &base.topics.input_topic, partitions)?
+            < customers as i64
+        {
             if Instant::now() > deadline {
                 return Err(BenchError::Timeout("the pod did not catch up".into()));
             }

@@ -2,10 +2,24 @@
 //! measure. Small and quick: these check the harness, not the speed (the
 //! figures are in BENCHMARKS.md, measured on release builds).
 
-mod support;
-
-use support::kafka::*;
 use tally::config::PodConfig;
+use tally::kafka::topics::TopicSpec;
+
+fn declared_topics() -> Vec<TopicSpec> {
+    tally::kafka::topics::embedded().expect("the compiled-in declarations load")
+}
+
+/// The scenarios start their own embedded broker; against an external one
+/// (`TALLY_TEST_BROKERS`, the tansu run) they add nothing, so they skip.
+fn skip_on_external(reason: &str) -> bool {
+    match std::env::var("TALLY_TEST_BROKERS") {
+        Ok(b) if !b.trim().is_empty() => {
+            eprintln!("SKIPPED on the external broker {b}: {reason}");
+            true
+        }
+        _ => false,
+    }
+}
 
 fn base() -> PodConfig {
     PodConfig::from_env_and_defaults().expect("defaults")
@@ -16,7 +30,7 @@ fn latency_sees_every_probe_at_a_rate_the_pod_keeps_up_with() {
     if skip_on_external("the scenario runs its own embedded broker") {
         return;
     }
-    let r = tally::bench::latency(&declared_topics(), &base(), 1_000.0, 2.0).unwrap();
+    let r = tally_bench::latency(&declared_topics(), &base(), 1_000.0, 2.0).unwrap();
     assert_eq!(r["scenario"], "latency");
     assert!(r["probes"].as_u64().unwrap() > 0, "{r}");
     assert_eq!(r["probes_unseen"], 0, "{r}");
@@ -32,15 +46,17 @@ fn rss_measures_a_pod_process_holding_the_sessions() {
     if skip_on_external("the scenario runs its own embedded broker") {
         return;
     }
-    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_tally"));
-    let r = tally::bench::rss(&declared_topics(), &base(), 5_000, exe).unwrap();
+    // The `tally` binary the workspace build put beside this test's.
+    let exe =
+        &tally_bench::sibling_tally_binary().expect("build the workspace: cargo test --workspace");
+    let r = tally_bench::rss(&declared_topics(), &base(), 5_000, exe).unwrap();
     assert_eq!(
         (r["scenario"].as_str(), r["open_sessions"].as_u64()),
         (Some("rss"), Some(5_000))
     );
     // A pod process is tens of MiB at least; zero would mean nothing was read.
     assert!(r["peak_rss_bytes"].as_u64().unwrap() > 10 << 20, "{r}");
-    assert!(tally::bench::rss(&declared_topics(), &base(), 0, exe).is_err());
+    assert!(tally_bench::rss(&declared_topics(), &base(), 0, exe).is_err());
 }
 
 #[test]
@@ -48,7 +64,7 @@ fn ceiling_reports_both_rates_and_their_ratio() {
     if skip_on_external("the scenario runs its own embedded broker") {
         return;
     }
-    let r = tally::bench::ceiling(&declared_topics(), &base(), 3_000).unwrap();
+    let r = tally_bench::ceiling(&declared_topics(), &base(), 3_000).unwrap();
     let raw = r["raw_consume_events_per_sec"].as_f64().unwrap();
     let job = r["full_job_events_per_sec"].as_f64().unwrap();
     let ratio = r["full_job_over_ceiling"].as_f64().unwrap();

@@ -60,7 +60,7 @@ impl QuantileSketch {
         match self.bins.binary_search_by_key(&key, |b| b.0) {
             Ok(i) => self.bins[i].1 += n,
             Err(i) => {
-                super::aggregate::first_of_many(&mut self.bins);
+                super::vecs::first_of_many(&mut self.bins);
                 self.bins.insert(i, (key, n))
             }
         }

@@ -22,10 +22,10 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{json, Value};
 use sha2::Sha256;
 
+use crate::core::view::{View, WindowQuery};
 use crate::core::{parse_order, Limits};
-use crate::metrics::Metrics;
 use crate::pod::Stats;
-use crate::view::{View, WindowQuery};
+use crate::telemetry::metrics::Metrics;
 
 /// The webhook's ingest path: verified bodies go to the input topic.
 pub struct Webhook {
@@ -286,7 +286,7 @@ async fn revenue(
     let view = read_view(&state)?;
     let by_currency = view.revenue_split("currency", from, to);
     let by_region = view.revenue_split("region", from, to);
-    let total = |m: &BTreeMap<String, crate::view::Split>| {
+    let total = |m: &BTreeMap<String, crate::core::view::Split>| {
         let (f, l): (f64, f64) = m
             .values()
             .fold((0.0, 0.0), |a, s| (a.0 + s.final_usd, a.1 + s.live_usd));

@@ -1,33 +1,31 @@
 //! The global serving view: every pod materialises `revenue-windows` from
 //! all partitions, so any pod answers for the whole group.
 //!
-//! This module is pure (no IO, no clock): records in, answers out. The
-//! follower that feeds it from Kafka lives in `serving.rs`.
+//! Pure: decoded updates in, answers out. The shell's `wire` module decodes
+//! `revenue-windows` records into [`ViewUpdate`]s; its follower feeds them
+//! here.
 //!
 //! - A window's rows come from several input partitions (one partial
-//!   aggregate each). Answers merge them; the merge is exact (the core's
-//!   aggregate monoid).
+//!   aggregate each). Answers merge them; the merge is exact (the
+//!   [`PartialAgg`] monoid).
 //! - A partial's final is sticky: a non-final row arriving after a final one
 //!   (a replay after a crash) is ignored.
 //! - A tombstone removes a partial (a retracted session).
 //! - A merged tumbling/sliding window is final when every partial is final
 //!   and every input partition's watermark has passed its close time, so a
 //!   lagging partition cannot add to a window already shown as final.
-//! - `__progress|p<partition>` rows carry each input partition's next offset
-//!   and watermark: the `as_of` of every answer.
+//! - Progress rows carry each input partition's next offset and watermark:
+//!   the `as_of` of every answer.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::core::aggregate::first_of_many;
-use crate::core::order::MICROS;
-use crate::core::Partition;
-use crate::output::{usd, WindowRecord, WireAgg};
-
-/// Key prefix of progress rows on `revenue-windows`.
-pub const PROGRESS_PREFIX: &str = "__progress|p";
+use crate::aggregate::{usd, PartialAgg};
+use crate::engine::Partition;
+use crate::order::MICROS;
+use crate::vecs::first_of_many;
 
 /// An input partition's progress, as published by the pod that owns it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -38,28 +36,12 @@ pub struct ProgressRecord {
     pub idle: bool,
 }
 
-impl ProgressRecord {
-    pub fn key(partition: Partition) -> String {
-        format!("{PROGRESS_PREFIX}{partition}")
-    }
-}
-
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum ViewError {
-    #[error("record key is not UTF-8")]
-    Key,
-    #[error("record key {0:?} names no partition")]
-    NoPartition(String),
-    #[error("record {key:?} is not a window row: {message}")]
-    Value { key: String, message: String },
-}
-
 /// What the view keeps of one input partition's row of a window: the
 /// mergeable aggregate and the final flag, not the whole record.
 #[derive(Clone, Debug)]
 struct Partial {
     is_final: bool,
-    agg: WireAgg,
+    agg: PartialAgg,
 }
 
 /// What names a window. The names are shared (`Arc`): a million sessions
@@ -172,6 +154,9 @@ pub struct WindowView {
     pub partitions: Vec<Partition>,
     pub count: u64,
     pub revenue_usd: f64,
+    /// The exact sum, for comparisons (replay); `revenue_usd` is for display.
+    #[serde(skip)]
+    pub revenue_usd_micros: i128,
     pub revenue_by_currency: BTreeMap<String, f64>,
     pub unique_customers: usize,
     pub avg_usd: Option<f64>,
@@ -217,49 +202,30 @@ fn find_session(list: &[Entry], spec: &str, start: i64) -> Result<usize, usize> 
     list.binary_search_by(|e| (&*e.head.spec, e.head.start).cmp(&(spec, start)))
 }
 
-/// One `revenue-windows` record, decoded.
-pub enum Parsed {
+/// One decoded `revenue-windows` record.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ViewUpdate {
+    /// An input partition's progress.
     Progress(ProgressRecord),
+    /// A partial removed (a retracted session): the window id and the partition.
     Tombstone(String, Partition),
-    Window(String, Partition, Box<WindowRecord>),
-    /// A progress key with no value: nothing to do.
+    /// One input partition's partial of a window.
+    Window(Partition, Box<WindowPartial>),
+    /// Nothing to apply (a progress key with no value).
     Nothing,
 }
 
-/// Decodes a record without touching the view (the expensive part).
-pub fn parse(key: &[u8], payload: Option<&[u8]>) -> Result<Parsed, ViewError> {
-    let value_err = |e: serde_json::Error| ViewError::Value {
-        key: String::from_utf8_lossy(key).into_owned(),
-        message: e.to_string(),
-    };
-    if key.starts_with(PROGRESS_PREFIX.as_bytes()) {
-        return match payload {
-            Some(p) => Ok(Parsed::Progress(
-                serde_json::from_slice(p).map_err(value_err)?,
-            )),
-            None => Ok(Parsed::Nothing),
-        };
-    }
-    let (id, partition) = parse_key(key)?;
-    match payload {
-        None => Ok(Parsed::Tombstone(id, partition)),
-        Some(p) => Ok(Parsed::Window(
-            id,
-            partition,
-            Box::new(serde_json::from_slice(p).map_err(value_err)?),
-        )),
-    }
-}
-
-fn parse_key(key: &[u8]) -> Result<(String, Partition), ViewError> {
-    let k = std::str::from_utf8(key).map_err(|_| ViewError::Key)?;
-    let (id, p) = k
-        .rsplit_once("|p")
-        .ok_or_else(|| ViewError::NoPartition(k.to_string()))?;
-    let p = p
-        .parse()
-        .map_err(|_| ViewError::NoPartition(k.to_string()))?;
-    Ok((id.to_string(), p))
+/// One input partition's partial of a window, as the view needs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WindowPartial {
+    pub spec: String,
+    pub kind: String,
+    pub by: String,
+    pub key: String,
+    pub start: i64,
+    pub end: i64,
+    pub is_final: bool,
+    pub agg: PartialAgg,
 }
 
 impl View {
@@ -275,30 +241,22 @@ impl View {
         self.records
     }
 
-    /// Applies one `revenue-windows` record (`None`: a tombstone).
-    /// Applies one `revenue-windows` record (`None`: a tombstone).
-    pub fn apply(&mut self, key: &[u8], payload: Option<&[u8]>) -> Result<(), ViewError> {
-        let parsed = parse(key, payload);
-        self.apply_parsed(parsed)
-    }
-
-    /// Applies a record parsed by [`parse`] (parse outside the lock, apply
-    /// under it).
-    pub fn apply_parsed(&mut self, parsed: Result<Parsed, ViewError>) -> Result<(), ViewError> {
+    /// Applies one decoded update.
+    pub fn apply(&mut self, update: ViewUpdate) {
         self.records += 1;
-        let (partition, rec) = match parsed? {
-            Parsed::Progress(rec) => {
+        let (partition, rec) = match update {
+            ViewUpdate::Progress(rec) => {
                 self.progress.insert(rec.partition, rec);
-                return Ok(());
+                return;
             }
-            Parsed::Tombstone(id, partition) => {
+            ViewUpdate::Tombstone(id, partition) => {
                 self.remove_partial(&id, partition);
-                return Ok(());
+                return;
             }
-            Parsed::Window(_, partition, rec) => (partition, *rec),
-            Parsed::Nothing => return Ok(()),
+            ViewUpdate::Window(partition, rec) => (partition, *rec),
+            ViewUpdate::Nothing => return,
         };
-        let WindowRecord {
+        let WindowPartial {
             spec,
             kind,
             by,
@@ -307,13 +265,7 @@ impl View {
             end,
             is_final,
             agg,
-            ..
         } = rec;
-        // Decoded from JSON by pushes, the vectors have spare room; a
-        // million sessions are held here.
-        let mut agg = agg;
-        agg.revenue_by_currency.shrink_to_fit();
-        agg.sketch.shrink_to_fit();
         let partial = Partial { is_final, agg };
         if kind == "session" {
             let customer = match self.sessions.get_key_value(key.as_str()) {
@@ -354,7 +306,6 @@ impl View {
                 .or_insert_with(|| Entry::new(head))
                 .set(partition, end, partial);
         }
-        Ok(())
     }
 
     fn intern(&mut self, name: &str) -> Arc<str> {
@@ -422,7 +373,7 @@ impl View {
 
     /// `wm`: the global watermark, computed once per query.
     fn merged(&self, e: &Entry, wm: Option<i64>) -> WindowView {
-        let mut agg = WireAgg::default();
+        let mut agg = PartialAgg::default();
         for (_, p) in &e.partials {
             agg.merge(&p.agg);
         }
@@ -439,6 +390,7 @@ impl View {
             partitions: e.partials.iter().map(|(p, _)| *p).collect(),
             count: agg.count,
             revenue_usd: usd(agg.revenue_usd_micros),
+            revenue_usd_micros: agg.revenue_usd_micros,
             revenue_by_currency: agg
                 .revenue_by_currency
                 .iter()
@@ -556,175 +508,5 @@ impl View {
                 (k.to_string(), split)
             })
             .collect()
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::too_many_arguments)]
-mod tests {
-    use super::*;
-    use crate::core::{
-        Aggregate, Currency, GroupBy, WindowKey, WindowKind, WindowRow, WindowUpdate,
-    };
-
-    fn update(
-        p: Partition,
-        spec: &str,
-        kind: WindowKind,
-        group: &str,
-        start: i64,
-        end: i64,
-        usd: i64,
-        closed: bool,
-    ) -> (Vec<u8>, Vec<u8>) {
-        let mut agg = Aggregate::default();
-        agg.add(
-            usd,
-            Currency::parse("USD").unwrap(),
-            usd,
-            crate::core::customer_hash(group),
-        );
-        let w = WindowUpdate {
-            partition: p,
-            spec_name: spec.into(),
-            kind,
-            by: if matches!(kind, WindowKind::Session { .. }) {
-                GroupBy::Customer
-            } else {
-                GroupBy::Currency
-            },
-            key: WindowKey {
-                spec: 0,
-                group: group.into(),
-                start,
-            },
-            row: WindowRow {
-                end,
-                agg,
-                offset: 1,
-                closed,
-            },
-        };
-        let rec = WindowRecord::from_update(&w);
-        (
-            WindowRecord::record_key(&rec.window_id, p).into_bytes(),
-            serde_json::to_vec(&rec).unwrap(),
-        )
-    }
-
-    fn progress(v: &mut View, p: Partition, wm: i64) {
-        let r = ProgressRecord {
-            partition: p,
-            next_offset: 10,
-            watermark: Some(wm),
-            idle: false,
-        };
-        v.apply(
-            ProgressRecord::key(p).as_bytes(),
-            Some(&serde_json::to_vec(&r).unwrap()),
-        )
-        .unwrap();
-    }
-
-    const T: WindowKind = WindowKind::Tumbling { size_ms: 60_000 };
-
-    #[test]
-    fn partials_merge_and_final_waits_for_every_partition() {
-        let mut v = View::new(10_000);
-        let (k0, v0) = update(0, "t", T, "USD", 0, 60_000, 5_000_000, true);
-        let (k1, v1) = update(1, "t", T, "USD", 0, 60_000, 7_000_000, false);
-        v.apply(&k0, Some(&v0)).unwrap();
-        v.apply(&k1, Some(&v1)).unwrap();
-        progress(&mut v, 0, 80_000);
-        progress(&mut v, 1, 50_000);
-        let q = WindowQuery {
-            kind: "tumbling".into(),
-            by: "currency".into(),
-            ..Default::default()
-        };
-        let w = &v.windows(&q)[0];
-        assert_eq!((w.count, w.revenue_usd, w.is_final), (2, 12.0, false));
-        let (k1, v1) = update(1, "t", T, "USD", 0, 60_000, 7_000_000, true);
-        v.apply(&k1, Some(&v1)).unwrap();
-        assert!(
-            !v.windows(&q)[0].is_final,
-            "partition 1's watermark has not passed the close"
-        );
-        progress(&mut v, 1, 70_000);
-        assert!(v.windows(&q)[0].is_final);
-        let split = v.revenue_split("currency", None, None);
-        assert_eq!(split["USD"].final_usd, 12.0);
-        assert_eq!(split["USD"].combined_usd, 12.0);
-    }
-
-    #[test]
-    fn a_final_is_sticky_and_a_tombstone_removes_a_session() {
-        let mut v = View::new(0);
-        let (k, fin) = update(0, "t", T, "USD", 0, 60_000, 5_000_000, true);
-        let (_, live) = update(0, "t", T, "USD", 0, 60_000, 1_000_000, false);
-        v.apply(&k, Some(&fin)).unwrap();
-        v.apply(&k, Some(&live)).unwrap();
-        progress(&mut v, 0, 100_000);
-        let q = WindowQuery {
-            kind: "tumbling".into(),
-            by: "currency".into(),
-            ..Default::default()
-        };
-        assert_eq!(v.windows(&q)[0].revenue_usd, 5.0);
-        let s = WindowKind::Session { gap_ms: 1000 };
-        let (sk, sv) = update(2, "s", s, "c1", 5, 9, 3_000_000, false);
-        v.apply(&sk, Some(&sv)).unwrap();
-        assert_eq!(v.customer_sessions("c1").len(), 1);
-        v.apply(&sk, None).unwrap();
-        assert!(v.customer_sessions("c1").is_empty());
-        // A key may hold the separator; the id is split at its first and
-        // last `|`.
-        let (sk, sv) = update(1, "s", s, "a|b", 5, 9, 3_000_000, false);
-        v.apply(&sk, Some(&sv)).unwrap();
-        assert_eq!(v.customer_sessions("a|b")[0].window_id, "s|a|b|5");
-        v.apply(&sk, None).unwrap();
-        assert!(v.customer_sessions("a|b").is_empty());
-        // A tombstone for a fixed window removes it too.
-        v.apply(&k, None).unwrap();
-        assert!(v.windows(&q).is_empty());
-    }
-
-    #[test]
-    fn queries_filter_by_range_key_and_final() {
-        let mut v = View::new(0);
-        for (i, cur) in ["EUR", "USD"].iter().enumerate() {
-            for m in 0..5 {
-                let (k, val) = update(
-                    0,
-                    "t",
-                    T,
-                    cur,
-                    m * 60_000,
-                    (m + 1) * 60_000,
-                    1_000_000 * (i as i64 + 1),
-                    m < 3,
-                );
-                v.apply(&k, Some(&val)).unwrap();
-            }
-        }
-        progress(&mut v, 0, 200_000);
-        let q = |from, to, key: Option<&str>, fin| WindowQuery {
-            kind: "tumbling".into(),
-            by: "currency".into(),
-            key: key.map(String::from),
-            from,
-            to,
-            is_final: fin,
-            limit: 0,
-        };
-        assert_eq!(v.windows(&q(None, None, None, None)).len(), 10);
-        assert_eq!(
-            v.windows(&q(Some(60_000), Some(180_000), None, None)).len(),
-            4
-        );
-        assert_eq!(v.windows(&q(None, None, Some("USD"), None)).len(), 5);
-        assert_eq!(v.windows(&q(None, None, None, Some(true))).len(), 6);
-        assert!(v.apply(b"no-partition", Some(b"{}")).is_err());
-        assert!(v.apply(b"t|USD|0|p0", Some(b"nope")).is_err());
     }
 }

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::order::{Currency, MICROS};
 use super::sketch::QuantileSketch;
+pub(crate) use super::vecs::first_of_many;
 
 /// A stable 64-bit hash of a customer id (FNV-1a). Stable across processes
 /// and versions, because it is stored in state and in the changelog. With 64
@@ -155,15 +156,6 @@ impl<'de> Deserialize<'de> for CustomerSet {
     }
 }
 
-/// Before the first push: room for exactly one element. A `Vec` otherwise
-/// starts at four, and a million sessions each hold one currency, one
-/// customer and one sketch bucket: 160 bytes per session of empty slots.
-pub(crate) fn first_of_many<T>(v: &mut Vec<T>) {
-    if v.capacity() == 0 {
-        v.reserve_exact(1);
-    }
-}
-
 /// Revenue, count, customers, min/max/avg and p95 of one window.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Aggregate {
@@ -287,6 +279,83 @@ pub fn p95_clamped(sketch: &QuantileSketch, min_micros: i64, max_micros: i64) ->
     let lo = min_micros as f64 / MICROS as f64;
     let hi = max_micros as f64 / MICROS as f64;
     Some(q.clamp(lo, hi))
+}
+
+/// Micro-units as dollars, for display only (sums stay integer).
+pub fn usd(micros: i128) -> f64 {
+    micros as f64 / MICROS as f64
+}
+
+/// The mergeable part of a published window result. Unlike the stored
+/// aggregate it carries the number of distinct customers, not their hashes
+/// (which would make a busy window's row hundreds of kilobytes).
+/// **Precondition** for exact merging: `raw-orders` is keyed by
+/// `customer_id` (DESIGN §2; the generator and the webhook do so), so each
+/// customer's orders are in one input partition and the counts of different
+/// partitions add up exactly.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartialAgg {
+    pub count: u64,
+    pub revenue_usd_micros: i128,
+    pub revenue_by_currency: Vec<(Currency, i128)>,
+    pub min_usd_micros: i64,
+    pub max_usd_micros: i64,
+    pub unique_customers: u64,
+    pub sketch: QuantileSketch,
+}
+
+impl Default for PartialAgg {
+    fn default() -> Self {
+        PartialAgg::from(&Aggregate::default())
+    }
+}
+
+impl From<&Aggregate> for PartialAgg {
+    fn from(a: &Aggregate) -> Self {
+        PartialAgg {
+            count: a.count,
+            revenue_usd_micros: a.revenue_usd_micros,
+            revenue_by_currency: a.revenue_by_currency.clone(),
+            min_usd_micros: a.min_usd_micros,
+            max_usd_micros: a.max_usd_micros,
+            unique_customers: a.unique_customers() as u64,
+            sketch: a.sketch.clone(),
+        }
+    }
+}
+
+impl PartialAgg {
+    /// Combines the partial of another input partition.
+    pub fn merge(&mut self, o: &PartialAgg) {
+        self.count += o.count;
+        self.revenue_usd_micros += o.revenue_usd_micros;
+        for (c, m) in &o.revenue_by_currency {
+            match self.revenue_by_currency.binary_search_by_key(c, |e| e.0) {
+                Ok(i) => self.revenue_by_currency[i].1 += m,
+                Err(i) => self.revenue_by_currency.insert(i, (*c, *m)),
+            }
+        }
+        self.min_usd_micros = self.min_usd_micros.min(o.min_usd_micros);
+        self.max_usd_micros = self.max_usd_micros.max(o.max_usd_micros);
+        self.unique_customers += o.unique_customers;
+        self.sketch.merge(&o.sketch);
+    }
+
+    pub fn avg_usd(&self) -> Option<f64> {
+        (self.count > 0).then(|| usd(self.revenue_usd_micros / self.count as i128))
+    }
+
+    pub fn min_usd(&self) -> Option<f64> {
+        (self.count > 0).then(|| usd(self.min_usd_micros.into()))
+    }
+
+    pub fn max_usd(&self) -> Option<f64> {
+        (self.count > 0).then(|| usd(self.max_usd_micros.into()))
+    }
+
+    pub fn p95_usd(&self) -> Option<f64> {
+        p95_clamped(&self.sketch, self.min_usd_micros, self.max_usd_micros)
+    }
 }
 
 #[cfg(test)]

@@ -9,15 +9,15 @@ use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::warn;
 
-use crate::metrics::Metrics;
-use crate::view::View;
+use crate::core::view::View;
+use crate::kafka::Clients;
+use crate::telemetry::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServingError {
@@ -56,17 +56,7 @@ pub fn follow(
     grace_ms: i64,
     metrics: Arc<Metrics>,
 ) -> Result<ViewFollower, ServingError> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers)
-        .set("group.id", "tally-view")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        // See the pod's consumer: freshness over idle-partition efficiency.
-        .set("fetch.wait.max.ms", "10");
-    for (k, v) in extra {
-        c.set(k, v);
-    }
-    let consumer: BaseConsumer = c.create()?;
+    let consumer: BaseConsumer = Clients::new(brokers, extra).reader("tally-view").create()?;
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let parts: Vec<i32> = md
         .topics()
@@ -143,14 +133,17 @@ fn run(
             // Decode outside the lock; readers only wait for map updates.
             let parsed: Vec<_> = batch
                 .iter()
-                .map(|(k, p)| crate::view::parse(k, p.as_deref()))
+                .map(|(k, p)| crate::wire::windows::decode(k, p.as_deref()))
                 .collect();
             let mut invalid = 0;
             if let Ok(mut v) = view.write() {
                 for p in parsed {
-                    if let Err(e) = v.apply_parsed(p) {
-                        invalid += 1;
-                        warn!(error = %e, "ignoring a revenue-windows record");
+                    match p {
+                        Ok(update) => v.apply(update),
+                        Err(e) => {
+                            invalid += 1;
+                            warn!(error = %e, "ignoring a revenue-windows record");
+                        }
                     }
                 }
             }

@@ -1,9 +1,9 @@
 //! The RocksDB state store: partition rows and partition meta (offsets and
 //! watermarks), written together in one synced `WriteBatch` per flush.
 //!
-//! Keys are `b's' ++ partition (i32, big-endian) ++ postcard(RowKey)`, so a
-//! partition's rows are one contiguous prefix. Values are postcard-encoded
-//! [`StateRow`]s. The key `b'f'` holds the fingerprint of the window
+//! Keys are `b's' ++ partition (i32, big-endian) ++ codec key`, so a
+//! partition's rows are one contiguous prefix. Values are the versioned
+//! encoding of [`StateRow`]s (`state::codec`). The key `b'f'` holds the fingerprint of the window
 //! definitions the rows were written under; opening a store written under
 //! another fingerprint is refused rather than silently mixing meanings.
 
@@ -13,15 +13,16 @@ use rocksdb::{
     BlockBasedOptions, Cache, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
 
+use super::codec::{self, CodecError, Encoded};
 use crate::core::{Partition, RowKey, StateChange, StateRow};
-use crate::memory::RocksSizing;
+use crate::telemetry::memory::RocksSizing;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("RocksDB: {0}")]
     Rocks(#[from] rocksdb::Error),
-    #[error("state encoding: {0}")]
-    Encoding(#[from] postcard::Error),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
     #[error(
         "the state in {dir} was written under other window definitions \
          (fingerprint {found:016x}, expected {expected:016x}); move it away or \
@@ -37,22 +38,6 @@ pub enum StoreError {
 const FINGERPRINT_KEY: &[u8] = b"f";
 const ROW_PREFIX: u8 = b's';
 const CHECKPOINT_PREFIX: u8 = b'c';
-
-/// One state change, encoded once for both the changelog and RocksDB: the
-/// partition, `postcard(RowKey)`, and `postcard(StateRow)` or `None` for a
-/// delete. The changelog record of partition `p` has exactly this key and value.
-pub type Encoded = (Partition, Vec<u8>, Option<Vec<u8>>);
-
-pub fn encode(change: &StateChange) -> Result<Encoded, StoreError> {
-    Ok(match change {
-        StateChange::Put(p, row) => (
-            *p,
-            postcard::to_allocvec(&row.key())?,
-            Some(postcard::to_allocvec(row)?),
-        ),
-        StateChange::Delete(p, key) => (*p, postcard::to_allocvec(key)?, None),
-    })
-}
 
 fn checkpoint_key(p: Partition) -> [u8; 5] {
     let b = p.to_be_bytes();
@@ -117,14 +102,17 @@ impl Store {
             if !k.starts_with(&prefix) {
                 break;
             }
-            rows.push(postcard::from_bytes(&v)?);
+            rows.push(codec::decode_row(&v)?);
         }
         Ok(rows)
     }
 
     /// Applies one flush's changes atomically and durably (fsync).
     pub fn write(&self, changes: &[StateChange]) -> Result<(), StoreError> {
-        let encoded = changes.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
+        let encoded = changes
+            .iter()
+            .map(codec::encode)
+            .collect::<Result<Vec<_>, _>>()?;
         self.write_encoded(&encoded, &[])
     }
 
@@ -160,9 +148,9 @@ impl Store {
     /// row, without loading the partition.
     pub fn next_offset(&self, p: Partition) -> Result<Option<i64>, StoreError> {
         let mut k = partition_prefix(p).to_vec();
-        k.extend_from_slice(&postcard::to_allocvec(&RowKey::Meta)?);
+        k.extend_from_slice(&codec::encode_key(&RowKey::Meta)?);
         Ok(match self.db.get(k)? {
-            Some(v) => match postcard::from_bytes(&v)? {
+            Some(v) => match codec::decode_row(&v)? {
                 StateRow::Meta(m) => Some(m.next_offset),
                 _ => None,
             },
@@ -202,7 +190,11 @@ mod tests {
     use crate::core::{DedupRow, PartitionMeta};
 
     fn sizing() -> RocksSizing {
-        RocksSizing::for_limit(256 << 20, crate::memory::LimitSource::Config, 0.25)
+        RocksSizing::for_limit(
+            256 << 20,
+            crate::telemetry::memory::LimitSource::Config,
+            0.25,
+        )
     }
 
     fn tmp(name: &str) -> std::path::PathBuf {

@@ -1,0 +1,107 @@
+//! `tally-bench`: the measured scenarios, one JSON line each. Kept out of
+//! the production binary; run as `cargo run -p tally-bench -- --scenario …`.
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use clap::{Parser, ValueEnum};
+use tally::config::PodConfig;
+use tally::kafka::topics;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// Full-job throughput for several flush settings.
+    Flush,
+    /// `/revenue` latency and freshness while ingesting at `--rate`.
+    Serving,
+    /// Raw consume rate vs. the full job, in one run.
+    Ceiling,
+    /// One partition of `--rows` state rows restored from the changelog (needs `--brokers`).
+    Restore,
+    /// Produce → window update visible, at `--rate` for `--seconds`.
+    Latency,
+    /// Peak memory of a `tally run` child holding `--customers` open sessions.
+    Rss,
+}
+
+/// tally's benchmark scenarios on the embedded broker.
+#[derive(Parser, Debug)]
+#[command(name = "tally-bench", version, about)]
+struct Args {
+    #[arg(long, value_enum, default_value = "flush")]
+    scenario: Scenario,
+    /// serving, latency: ingest rate, events/s.
+    #[arg(long, default_value_t = 50_000.0)]
+    rate: f64,
+    /// serving: /revenue requests per second.
+    #[arg(long, default_value_t = 1_000.0)]
+    rps: f64,
+    /// serving, latency: duration, seconds.
+    #[arg(long, default_value_t = 20.0)]
+    seconds: f64,
+    /// Input records per run.
+    #[arg(long, default_value_t = 100_000)]
+    events: u64,
+    /// Topic declarations; the ones compiled into tally by default.
+    #[arg(long)]
+    topics_dir: Option<PathBuf>,
+    /// restore: state rows in the partition.
+    #[arg(long, default_value_t = 1_000_000)]
+    rows: u64,
+    /// rss: distinct customers, each with an open session.
+    #[arg(long, default_value_t = 1_000_000)]
+    customers: u64,
+    /// restore: an external broker (the embedded one keeps ~5 MiB per partition).
+    #[arg(long = "brokers")]
+    external_brokers: Option<String>,
+    /// rss: the `tally` binary to measure; by default the one built beside this one.
+    #[arg(long)]
+    tally_bin: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tally::telemetry::init_logging(tally::telemetry::log_format_from_env());
+    let specs = topics::load(args.topics_dir.as_deref())?;
+    let base = PodConfig::from_env_and_defaults()?;
+    match args.scenario {
+        Scenario::Flush => {
+            tally_bench::flush_sweep(&specs, &base, args.events)?;
+        }
+        Scenario::Serving => println!(
+            "{}",
+            tally_bench::serving(&specs, &base, args.rate, args.rps, args.seconds)?
+        ),
+        Scenario::Ceiling => println!("{}", tally_bench::ceiling(&specs, &base, args.events)?),
+        Scenario::Restore => {
+            let Some(b) = args.external_brokers else {
+                bail!("--scenario restore needs --brokers: the embedded broker keeps only about 5 MiB per partition")
+            };
+            println!("{}", tally_bench::restore(&specs, &base, args.rows, &b)?);
+        }
+        Scenario::Latency => println!(
+            "{}",
+            tally_bench::latency(&specs, &base, args.rate, args.seconds)?
+        ),
+        Scenario::Rss => {
+            let exe = match args.tally_bin {
+                Some(p) => p,
+                None => tally_bench::sibling_tally_binary()?,
+            };
+            println!("{}", tally_bench::rss(&specs, &base, args.customers, &exe)?);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_scenario_is_refused_with_the_known_ones() {
+        let e = Args::try_parse_from(["tally-bench", "--scenario", "nope"]).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("nope") && msg.contains("ceiling"), "{msg}");
+    }
+}

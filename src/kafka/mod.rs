@@ -1,0 +1,66 @@
+//! Everything that talks to Kafka's own machinery, as opposed to the job's
+//! topics' formats (`wire`).
+//!
+//! - [`Clients`]: the one client factory. Every consumer, producer and
+//!   admin client of tally goes through it, so the user's
+//!   `kafka_properties` (TLS, SASL, …) apply to all of them.
+//! - [`topics`]: topic declarations (compiled in, or a directory) and
+//!   applying them.
+//! - [`broker`]: the embedded broker (librdkafka's mock cluster), for the
+//!   demo and tests.
+
+pub mod broker;
+pub mod topics;
+
+use rdkafka::config::ClientConfig;
+
+/// How to reach the cluster: the bootstrap servers and the user's extra
+/// librdkafka properties.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Clients {
+    pub brokers: String,
+    /// Applied last, so a user's setting wins over tally's.
+    pub extra: Vec<(String, String)>,
+}
+
+impl Clients {
+    pub fn new(brokers: impl Into<String>, extra: &[(String, String)]) -> Clients {
+        Clients {
+            brokers: brokers.into(),
+            extra: extra.to_vec(),
+        }
+    }
+
+    /// A client with tally's `settings` for its role, then the user's
+    /// properties.
+    pub fn config(&self, settings: &[(&str, &str)]) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        for (k, v) in settings {
+            c.set(*k, *v);
+        }
+        for (k, v) in &self.extra {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// A consumer that assigns partitions itself and never commits: the
+    /// readers of `fx-rates`, the changelog, `revenue-windows` and replay.
+    /// `group` only names it in the broker's logs.
+    pub fn reader(&self, group: &str) -> ClientConfig {
+        self.config(&[
+            ("group.id", group),
+            ("enable.auto.commit", "false"),
+            ("enable.partition.eof", "false"),
+            // librdkafka's 500 ms default holds a fetch on a quiet partition
+            // that long, which would dominate catch-up and freshness.
+            ("fetch.wait.max.ms", "10"),
+        ])
+    }
+
+    /// An idempotent producer that waits for every in-sync replica.
+    pub fn producer(&self) -> ClientConfig {
+        self.config(&[("enable.idempotence", "true"), ("acks", "all")])
+    }
+}

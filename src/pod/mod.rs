@@ -1,0 +1,182 @@
+//! The consumer pod: Kafka in, the core in the middle, outputs and RocksDB out.
+//!
+//! **Guarantee.** Window results are exact (no order lost or counted twice)
+//! across crashes and rebalances; output topics are at-least-once. This
+//! holds because of the flush order:
+//! 1. produce every output of the micro-batch and wait for all acks
+//!    (idempotent producer, `acks=all`);
+//! 2. write the dirty rows and the partition meta (next offset, watermark)
+//!    to RocksDB in one synced batch;
+//! 3. commit the offsets to Kafka.
+//!
+//! A crash before 2 loses nothing: the pod resumes from the offsets in
+//! RocksDB, and the core ignores records already folded into a row. A crash
+//! between 2 and 3 is harmless too: RocksDB wins over the group's committed
+//! offsets. **Precondition:** a partition's state directory is used by one
+//! pod at a time; Kafka's group assignment provides that.
+//!
+//! One thread runs the loop. Rebalance callbacks run inside `poll` on the
+//! same thread; they lock the processor, which the loop never holds while
+//! polling.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::{debug, error, info, info_span, trace_span, warn};
+
+use crate::config::PodConfig;
+use crate::core::order::MICROS;
+use crate::core::view::ProgressRecord;
+use crate::core::{Currency, Effect, Engine, FlushId, Partition, Reason, StateRow};
+use crate::fx::{self, FxFollower};
+use crate::kafka::Clients;
+use crate::state::codec::{encode, CodecError, Encoded};
+use crate::state::store::{Store, StoreError};
+use crate::telemetry::memory::RocksSizing;
+use crate::telemetry::metrics::Metrics;
+use crate::wire::{OutRecord, Outputs, Source};
+
+mod acks;
+mod flush;
+mod process;
+mod rebalance;
+mod restore;
+mod run;
+
+use acks::*;
+pub use rebalance::PodContext;
+use restore::Restoring;
+pub use run::{start, start_with_metrics, PodHandle};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error("configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("state store: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error("Kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("FX rates: {0}")]
+    Fx(#[from] fx::FxError),
+    #[error("input topic {0} does not exist (create it, or run `tally topics apply`)")]
+    NoInputTopic(String),
+    #[error("outputs were not acknowledged within {0:?}")]
+    ProduceTimeout(Duration),
+    #[error("cannot create the state directory {dir}: {source}")]
+    StateDir { dir: String, source: std::io::Error },
+    #[error("the pod thread panicked")]
+    Panicked,
+}
+
+/// Counters of what the pod did. Updated once per record batch or flush.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub records: AtomicU64,
+    pub valid: AtomicU64,
+    pub invalid: AtomicU64,
+    pub late: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub flushes: AtomicU64,
+    pub flush_failures: AtomicU64,
+    pub commit_failures: AtomicU64,
+    pub rebalances: AtomicU64,
+    pub restored_rows: AtomicU64,
+    /// Set once the group has given this pod an assignment (possibly empty).
+    pub joined: AtomicBool,
+    /// Consumer lag summed over the held partitions, at the last check.
+    pub lag: AtomicU64,
+    /// Assigned partitions still restoring: the pod is not ready for them.
+    pub restoring: Mutex<Vec<Partition>>,
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Everything the loop and the rebalance callbacks share.
+pub struct Processor {
+    cfg: PodConfig,
+    /// The client factory: the restore readers are made with it.
+    clients: Clients,
+    /// `cfg.topics.input_topic`, shared: lent to every output record's source.
+    input_topic: Arc<str>,
+    engine: Engine,
+    store: Store,
+    producer: BaseProducer<AckContext>,
+    out: Vec<OutRecord>,
+    /// How many of `out` have been offered to the producer (`send_new`).
+    out_offered: usize,
+    /// The producer's queue was full: leave the rest of the batch to the flush.
+    send_blocked: bool,
+    /// Outputs of the batch are being retried: keep their delivery status.
+    retrying: bool,
+    /// Changelog records of the batch, produced once `out` is acknowledged.
+    changelog_out: Vec<OutRecord>,
+    /// Phase of a retried flush: the outputs are acknowledged, the
+    /// changelog records not yet.
+    outputs_acked: bool,
+    /// The drained state changes waiting for their outputs' acks.
+    pending_changes: Option<(FlushId, Vec<Encoded>)>,
+    effects: Vec<Effect>,
+    pending: usize,
+    last_flush: Instant,
+    held: BTreeSet<Partition>,
+    stats: Arc<Stats>,
+    fx_follower: Option<FxFollower>,
+    metrics: Arc<Metrics>,
+    /// Counts not yet added to the Prometheus counters (updated per flush).
+    unreported: Counts,
+    /// The progress last published per partition.
+    published: HashMap<Partition, (i64, Option<i64>, bool)>,
+    /// Assigned partitions whose state is being restored, in order; their
+    /// fetches are paused meanwhile.
+    restoring: BTreeMap<Partition, Restoring>,
+    /// Fetching is paused for every partition (outputs unacknowledged).
+    fetch_paused: bool,
+}
+
+/// Per-batch counts, added to the metrics at flush.
+#[derive(Default)]
+struct Counts {
+    records: u64,
+    valid: u64,
+    late: u64,
+    duplicate: u64,
+    invalid: [u64; Reason::ALL.len()],
+    /// Accepted revenue by currency, in micro-units (a handful of currencies:
+    /// a linear scan beats a map).
+    revenue: Vec<(Currency, i64)>,
+}
+
+impl Counts {
+    fn add_revenue(&mut self, currency: Currency, micros: i64) {
+        match self.revenue.iter_mut().find(|(c, _)| *c == currency) {
+            Some((_, sum)) => *sum += micros,
+            None => self.revenue.push((currency, micros)),
+        }
+    }
+}
+
+fn lock(p: &Mutex<Processor>) -> MutexGuard<'_, Processor> {
+    // A panic while holding the lock leaves nothing half-done that a
+    // restart would not redo, so a poisoned lock is still usable.
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}

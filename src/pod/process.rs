@@ -1,0 +1,303 @@
+//! Records and ticks through the core, their effects into output records,
+//! and the per-flush reports (metrics, progress rows, lag).
+
+use super::*;
+
+/// The partition's high watermark as librdkafka last saw it in a fetch
+/// response: no request, so it is cheap enough to read every tick.
+pub(super) fn cached_high_watermark(
+    consumer: &BaseConsumer<PodContext>,
+    topic: &str,
+    p: Partition,
+) -> Option<i64> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is live for the borrow of `consumer`, the
+    // topic is a valid C string, and the two out-pointers are locals.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            p,
+            &mut low,
+            &mut high,
+        )
+    };
+
+    (err == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
+}
+
+impl Processor {
+    /// Converts effects to output records.
+    pub(super) fn emit(&mut self, original: Option<(&[u8], Option<&[u8]>)>, src: Source<'_>) {
+        let outputs = Outputs { cfg: &self.cfg };
+        let (mut valid, mut late, mut dup) = (0, 0, 0);
+        let payload = original.map(|o| o.0).unwrap_or_default();
+        for e in self.effects.drain(..) {
+            match e {
+                Effect::Accepted {
+                    order,
+                    alert,
+                    offset,
+                    partition,
+                    ..
+                } => {
+                    valid += 1;
+                    self.unreported
+                        .add_revenue(order.order.currency, order.order.amount_micros);
+                    outputs.accepted(
+                        payload,
+                        &order,
+                        alert,
+                        Source {
+                            offset,
+                            partition,
+                            ..src
+                        },
+                        &mut self.out,
+                    );
+                }
+                Effect::Late {
+                    order,
+                    alert,
+                    offset,
+                    partition,
+                } => {
+                    late += 1;
+                    outputs.late(
+                        payload,
+                        &order,
+                        alert,
+                        Source {
+                            offset,
+                            partition,
+                            ..src
+                        },
+                        &mut self.out,
+                    );
+                }
+                Effect::Rejected {
+                    rejection,
+                    offset,
+                    partition,
+                } => {
+                    if let Some(i) = Reason::ALL.iter().position(|r| *r == rejection.reason) {
+                        self.unreported.invalid[i] += 1;
+                    }
+                    debug!(topic = src.topic, partition, offset, reason = %rejection.reason, "rejected");
+                    let key = original.and_then(|o| o.1);
+                    outputs.rejected(
+                        payload,
+                        key,
+                        &rejection,
+                        Source {
+                            offset,
+                            partition,
+                            ..src
+                        },
+                        &mut self.out,
+                    );
+                }
+                Effect::Duplicate { .. } => dup += 1,
+                Effect::Window(w) => outputs.window(&w, &mut self.out),
+                Effect::Retracted {
+                    partition,
+                    spec_name,
+                    key,
+                } => outputs.retracted(partition, &spec_name, &key, &mut self.out),
+            }
+        }
+        self.unreported.valid += valid;
+        self.unreported.late += late;
+        self.unreported.duplicate += dup;
+    }
+
+    /// Outputs of effects that no input record carries (ticks, flushes,
+    /// restores: window updates and retractions).
+    pub(super) fn emit_engine(&mut self) {
+        let topic = self.input_topic.clone();
+        self.emit(
+            None,
+            Source {
+                topic: &topic,
+                partition: -1,
+                offset: -1,
+            },
+        );
+    }
+
+    pub(super) fn on_message(
+        &mut self,
+        p: Partition,
+        offset: i64,
+        key: Option<&[u8]>,
+        payload: &[u8],
+    ) {
+        if !self.restoring.is_empty() && self.restoring.contains_key(&p) {
+            // Fetched before the pause took effect: the seek after the
+            // restore reads it again.
+            return;
+        }
+        // An Arc: lending the topic to `emit` must not cost an allocation per record.
+        let topic = self.input_topic.clone();
+        let _span = trace_span!("record", topic = %topic, partition = p, offset).entered();
+        self.engine
+            .on_record(p, offset, payload, now_ms(), &mut self.effects);
+        self.emit(
+            Some((payload, key)),
+            Source {
+                topic: &topic,
+                partition: p,
+                offset,
+            },
+        );
+        self.send_new();
+        self.pending += 1;
+        self.unreported.records += 1;
+    }
+
+    pub(super) fn tick(&mut self) {
+        self.engine.tick(now_ms(), &mut self.effects);
+        self.emit_engine();
+        if let Some(f) = self.fx_follower.as_mut() {
+            let n = f.poll_updates(self.engine.fx_mut());
+            if n > 0 {
+                info!(updates = n, "applied FX rate updates");
+            }
+        }
+    }
+
+    /// Starts taking over a partition, inside the rebalance callback: only
+    /// cheap work here. The partition is queued for restore and its fetches
+    /// stay paused until [`Processor::restore_step`] has brought its state
+    /// up to date. Returns the offset to assign it at: the local resume
+    /// offset, or the beginning. Either is explicit, so librdkafka does not
+    /// look up the committed offset, which could land after our seek.
+    pub(super) fn begin_take(&mut self, p: Partition) -> Offset {
+        self.engine.revoke(p);
+        self.restoring.insert(p, Restoring::new());
+        self.restoring_changed();
+        match self.store.next_offset(p) {
+            Ok(Some(o)) => Offset::Offset(o),
+            _ => Offset::Beginning,
+        }
+    }
+
+    /// Progress rows (next offset, watermark) for the serving view's
+    /// `as_of`, for partitions whose progress changed.
+    pub(super) fn publish_progress(&mut self) {
+        for p in self.held.iter().copied().collect::<Vec<_>>() {
+            let Some(s) = self.engine.status(p) else {
+                continue;
+            };
+            let now = (s.next_offset, s.watermark, s.idle);
+            if self.published.get(&p) == Some(&now) {
+                continue;
+            }
+            self.published.insert(p, now);
+            let rec = ProgressRecord {
+                partition: p,
+                next_offset: s.next_offset,
+                watermark: s.watermark,
+                idle: s.idle,
+            };
+            self.out.push(OutRecord {
+                partition: None,
+                topic: self.cfg.topics.windows_topic.clone(),
+                key: Some(crate::wire::windows::progress_key(p).into_bytes()),
+                payload: serde_json::to_vec(&rec).ok(),
+                headers: Vec::new(),
+            });
+        }
+    }
+
+    /// Per-flush metric updates.
+    pub(super) fn report(&mut self, started: Instant) {
+        let m = &self.metrics;
+        let c = std::mem::take(&mut self.unreported);
+        let invalid: u64 = c.invalid.iter().sum();
+        add(&self.stats.records, c.records);
+        add(&self.stats.valid, c.valid);
+        add(&self.stats.invalid, invalid);
+        add(&self.stats.late, c.late);
+        add(&self.stats.duplicates, c.duplicate);
+        m.flush_duration.observe(started.elapsed().as_secs_f64());
+        m.flush_records.observe(c.records as f64);
+        m.records_consumed.inc_by(c.records);
+        m.events.with_label_values(&["valid"]).inc_by(c.valid);
+        m.events.with_label_values(&["late"]).inc_by(c.late);
+        m.events
+            .with_label_values(&["duplicate"])
+            .inc_by(c.duplicate);
+        m.events.with_label_values(&["invalid"]).inc_by(invalid);
+        for (i, n) in c.invalid.iter().enumerate() {
+            if *n > 0 {
+                m.invalid_events
+                    .with_label_values(&[Reason::ALL[i].as_str()])
+                    .inc_by(*n);
+            }
+        }
+        for (currency, micros) in &c.revenue {
+            m.revenue
+                .with_label_values(&[currency.as_str()])
+                .inc_by(*micros as f64 / MICROS as f64);
+        }
+        for (kind, n) in self.engine.open_windows() {
+            m.open_windows.with_label_values(&[kind]).set(n as i64);
+        }
+        let now = now_ms();
+        for (p, s) in self.engine.partitions() {
+            if let Some(wm) = s
+                .watermark
+                .filter(|w| *w > i64::MIN / 2 && *w < i64::MAX / 2)
+            {
+                let label = p.to_string();
+                m.watermark
+                    .with_label_values(&[&label])
+                    .set(wm as f64 / 1000.0);
+                m.watermark_delay
+                    .with_label_values(&[&label])
+                    .set((now - wm) as f64 / 1000.0);
+            }
+        }
+    }
+
+    /// Lag per held partition from the cached high watermarks (no request).
+    pub(super) fn update_lag(&self, consumer: &BaseConsumer<PodContext>) {
+        let mut sum = 0i64;
+        for p in &self.held {
+            let Some(s) = self.engine.status(*p) else {
+                continue;
+            };
+            let Some(high) = cached_high_watermark(consumer, &self.cfg.topics.input_topic, *p)
+            else {
+                continue;
+            };
+            let lag = (high - s.next_offset).max(0);
+            sum += lag;
+            self.metrics
+                .log_end_offset
+                .with_label_values(&[&self.cfg.topics.input_topic, &p.to_string()])
+                .set(high);
+            self.metrics
+                .consumergroup_lag
+                .with_label_values(&[
+                    &self.cfg.kafka.group,
+                    &self.cfg.topics.input_topic,
+                    &p.to_string(),
+                ])
+                .set(lag);
+        }
+        self.metrics
+            .consumergroup_lag_sum
+            .with_label_values(&[&self.cfg.kafka.group, &self.cfg.topics.input_topic])
+            .set(sum);
+        self.stats.lag.store(sum as u64, Ordering::Relaxed);
+    }
+
+    pub(super) fn due(&self) -> bool {
+        self.pending >= self.cfg.flush.flush_max_events
+            || self.retrying
+            || self.last_flush.elapsed() >= Duration::from_millis(self.cfg.flush.flush_interval_ms)
+    }
+}

@@ -1,0 +1,117 @@
+//! Assign and revoke: the consumer context's rebalance callback and
+//! releasing a partition.
+
+use super::*;
+
+/// The consumer's context: rebalance callbacks flush and restore.
+pub struct PodContext {
+    pub(super) proc: Arc<Mutex<Processor>>,
+    pub(super) input_topic: String,
+    pub(super) stats: Arc<Stats>,
+    pub(super) callback_budget: Duration,
+}
+
+impl ClientContext for PodContext {}
+
+impl ConsumerContext for PodContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        add(&self.stats.rebalances, 1);
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let partitions: Vec<Partition> = tpl
+            .elements_for_topic(&self.input_topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let mut proc = lock(&self.proc);
+                proc.metrics.rebalances.with_label_values(&["assign"]).inc();
+                for p in &partitions {
+                    let offset = proc.begin_take(*p);
+                    let _ = tpl.set_partition_offset(&self.input_topic, *p, offset);
+                }
+                drop(proc);
+                let r = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Err(e) = r {
+                    error!(error = %e, "assign failed");
+                }
+                // Nothing is fetched for these partitions until their
+                // restore, in the main loop, is done.
+                if let Err(e) = consumer.pause(tpl) {
+                    error!(error = %e, "pause for restore failed");
+                }
+                self.stats.joined.store(true, Ordering::SeqCst);
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let mut proc = lock(&self.proc);
+                proc.metrics.rebalances.with_label_values(&["revoke"]).inc();
+                // Bounded, so a rebalance never outlives max.poll.interval.ms.
+                // If outputs cannot be acknowledged in time, the partition is
+                // released without a commit: its next owner resumes from the
+                // last committed (durable) offsets, so nothing is lost. The
+                // drained changes stay pending and are written once their
+                // outputs are acknowledged, keeping RocksDB consistent.
+                if let Err(e) = proc.flush(consumer, self.callback_budget) {
+                    warn!(error = %e, "flush on revoke did not finish in time; releasing without a commit");
+                }
+                for p in &partitions {
+                    proc.release_partition(*p);
+                }
+                drop(proc);
+                let r = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = r {
+                    error!(error = %e, "unassign failed");
+                }
+            }
+            other => {
+                error!(error = ?other, "rebalance error");
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+impl Processor {
+    pub(super) fn release_partition(&mut self, p: Partition) {
+        if self.restoring.remove(&p).is_some() {
+            self.restoring_changed();
+            let _ = self
+                .metrics
+                .restore_remaining
+                .remove_label_values(&[&p.to_string()]);
+        }
+        self.engine.revoke(p);
+        self.held.remove(&p);
+        self.published.remove(&p);
+        self.metrics.assigned_partitions.set(self.held.len() as i64);
+        let label = p.to_string();
+        let _ = self.metrics.watermark.remove_label_values(&[&label]);
+        let _ = self.metrics.watermark_delay.remove_label_values(&[&label]);
+        let _ = self
+            .metrics
+            .log_end_offset
+            .remove_label_values(&[&self.cfg.topics.input_topic, &label]);
+        let _ = self.metrics.consumergroup_lag.remove_label_values(&[
+            &self.cfg.kafka.group,
+            &self.cfg.topics.input_topic,
+            &label,
+        ]);
+        info!(partition = p, "partition released");
+    }
+}

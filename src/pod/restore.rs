@@ -1,0 +1,215 @@
+//! Restoring an assigned partition from the changelog into RocksDB, then
+//! into the engine.
+
+use super::*;
+
+/// The progress of one partition's restore from the changelog.
+pub(super) struct Restoring {
+    pub(super) started: Instant,
+    /// Reads the changelog partition; created at the first step.
+    pub(super) reader: Option<BaseConsumer>,
+    /// The changelog's end when the restore began (exclusive).
+    pub(super) high: i64,
+    /// The last changelog offset applied to the store.
+    pub(super) last: i64,
+    /// Records applied so far.
+    pub(super) count: u64,
+    /// The restore failed: the partition is rebuilt from the input log.
+    pub(super) failed: bool,
+}
+
+impl Restoring {
+    pub(super) fn new() -> Restoring {
+        Restoring {
+            started: Instant::now(),
+            reader: None,
+            high: 0,
+            last: -1,
+            count: 0,
+            failed: false,
+        }
+    }
+}
+
+impl Processor {
+    /// Advances the restore of one queued partition for at most `budget`,
+    /// outside the rebalance callback: the main loop keeps polling the group
+    /// between steps, so a long restore cannot stall a rebalance or exceed
+    /// `max.poll.interval.ms`.
+    pub(super) fn restore_step(&mut self, consumer: &BaseConsumer<PodContext>, budget: Duration) {
+        let Some(p) = self.restoring.keys().next().copied() else {
+            return;
+        };
+        let deadline = Instant::now() + budget;
+        let done = match self.catch_up_from_changelog(p, deadline) {
+            Ok(done) => done,
+            Err(e) => {
+                // A partial restore must not mix with a rebuild: start the
+                // partition over from an empty store.
+                error!(partition = p, error = %e, "cannot restore the partition's state; rebuilding it from the log");
+                if let Err(e) = self.store.clear_partition(p) {
+                    error!(partition = p, error = %e, "cannot clear the partition's local state");
+                }
+                if let Some(r) = self.restoring.get_mut(&p) {
+                    r.reader = None;
+                    r.failed = true;
+                }
+                true
+            }
+        };
+        if !done {
+            return;
+        }
+        let Some(r) = self.restoring.remove(&p) else {
+            return;
+        };
+        self.restoring_changed();
+        self.metrics
+            .restore_remaining
+            .with_label_values(&[&p.to_string()])
+            .set(0);
+        let next = if r.failed {
+            self.engine.assign(p, now_ms());
+            None
+        } else {
+            match self.store.load_partition(p) {
+                Ok(rows) => {
+                    let next = rows.iter().find_map(|r| match r {
+                        StateRow::Meta(m) => Some(m.next_offset),
+                        _ => None,
+                    });
+                    info!(partition = p, rows = rows.len(), from_changelog = r.count, resume_from = ?next, ms = r.started.elapsed().as_millis() as u64, "partition restored");
+                    self.engine.restore(p, rows, now_ms(), &mut self.effects);
+                    self.emit_engine();
+                    next
+                }
+                Err(e) => {
+                    error!(partition = p, error = %e, "cannot load the partition's state; rebuilding it from the log");
+                    let _ = self.store.clear_partition(p);
+                    self.engine.assign(p, now_ms());
+                    None
+                }
+            }
+        };
+        self.held.insert(p);
+        self.metrics.assigned_partitions.set(self.held.len() as i64);
+        self.metrics
+            .restore_duration
+            .observe(r.started.elapsed().as_secs_f64());
+        // RocksDB wins over the group's committed offset; without local
+        // state the partition is rebuilt from the start of the log.
+        let offset = next.map_or(Offset::Beginning, Offset::Offset);
+        if let Err(e) = consumer.seek(
+            &self.cfg.topics.input_topic,
+            p,
+            offset,
+            Duration::from_secs(10),
+        ) {
+            error!(partition = p, error = %e, "seek after restore failed");
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.cfg.topics.input_topic, p);
+        if !self.fetch_paused {
+            if let Err(e) = consumer.resume(&tpl) {
+                error!(partition = p, error = %e, "resume after restore failed");
+            }
+        }
+    }
+
+    /// Applies the changelog records of partition `p` that the local store
+    /// has not seen (after its checkpoint) to the store, until `deadline`.
+    /// Returns whether the partition has caught up.
+    pub(super) fn catch_up_from_changelog(
+        &mut self,
+        p: Partition,
+        deadline: Instant,
+    ) -> Result<bool, PodError> {
+        let topic = self.cfg.topics.changelog_topic.clone();
+        let Some(r) = self.restoring.get_mut(&p) else {
+            return Ok(true);
+        };
+        if r.failed {
+            return Ok(true);
+        }
+        if r.reader.is_none() {
+            // Through the factory: a TLS or SASL cluster needs the user's
+            // properties here as much as on the main consumer.
+            let reader: BaseConsumer = self.clients.reader("tally-restore").create()?;
+            let (low, high) = reader.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
+            let mut checkpoint = self.store.checkpoint(p)?;
+            debug!(partition = p, low, high, checkpoint = ?checkpoint, "changelog catch-up");
+            if checkpoint.is_some_and(|c| c >= high) {
+                // The local rows claim records the changelog never had: it
+                // was recreated. Local state cannot be trusted; rebuild from it.
+                warn!(partition = p, checkpoint = ?checkpoint, high, "local state is ahead of the changelog; discarding it");
+                self.store.clear_partition(p)?;
+                checkpoint = None;
+            }
+            let from = checkpoint.map_or(low, |c| (c + 1).max(low));
+            r.high = high;
+            r.last = from - 1;
+            if from < high {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&topic, p, Offset::Offset(from))?;
+                reader.assign(&tpl)?;
+            }
+            r.reader = Some(reader);
+        }
+        let (high, mut last) = (r.high, r.last);
+        let Some(reader) = r.reader.as_ref() else {
+            return Ok(true);
+        };
+        let mut batch: Vec<Encoded> = Vec::with_capacity(10_000);
+        let mut count = 0u64;
+        let mut caught_up = last + 1 >= high;
+        while !caught_up && Instant::now() < deadline {
+            let Some(msg) = reader.poll(Duration::from_millis(10)) else {
+                // Compaction may have removed the last offsets.
+                let pos = reader.position()?;
+                caught_up = pos
+                    .elements_for_topic(&topic)
+                    .iter()
+                    .any(|e| matches!(e.offset(), Offset::Offset(o) if o >= high));
+                continue;
+            };
+            let m = msg?;
+            last = m.offset();
+            if let Some(k) = m.key() {
+                if let Some(v) = m.payload() {
+                    // Refuse a record of another format before it is stored.
+                    crate::state::codec::check_version(v)?;
+                }
+                batch.push((p, k.to_vec(), m.payload().map(<[u8]>::to_vec)));
+                count += 1;
+            }
+            caught_up = last + 1 >= high;
+            if batch.len() >= 10_000 {
+                self.store.write_encoded(&batch, &[(p, last)])?;
+                batch.clear();
+            }
+        }
+        let checkpoint = if caught_up { high - 1 } else { last };
+        if checkpoint >= 0 && (caught_up || !batch.is_empty()) {
+            self.store.write_encoded(&batch, &[(p, checkpoint)])?;
+        }
+        r.last = last;
+        r.count += count;
+        self.metrics.restore_records.inc_by(count);
+        add(&self.stats.restored_rows, count);
+        self.metrics
+            .restore_remaining
+            .with_label_values(&[&p.to_string()])
+            .set((high - 1 - last).max(0));
+        Ok(caught_up)
+    }
+
+    /// Publishes the set of restoring partitions to metrics and readiness.
+    pub(super) fn restoring_changed(&self) {
+        self.metrics
+            .restoring_partitions
+            .set(self.restoring.len() as i64);
+        if let Ok(mut r) = self.stats.restoring.lock() {
+            *r = self.restoring.keys().copied().collect();
+        }
+    }
+}

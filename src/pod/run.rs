@@ -1,0 +1,301 @@
+//! Starting a pod and its poll loop.
+
+use super::*;
+
+/// A running pod.
+pub struct PodHandle {
+    shutdown: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<(), PodError>>>,
+    pub stats: Arc<Stats>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl PodHandle {
+    /// Asks the loop to stop: final flush, commit, leave the group.
+    pub fn stop(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Stops and waits for the loop to end.
+    pub fn join(mut self) -> Result<(), PodError> {
+        self.stop();
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| PodError::Panicked)?,
+            None => Ok(()),
+        }
+    }
+}
+
+pub(super) fn consumer_config(cfg: &PodConfig) -> Result<ClientConfig, PodError> {
+    let session = cfg.kafka.session_timeout_ms.to_string();
+    // A third of the session timeout, as Kafka recommends; librdkafka's
+    // fixed 3 s default would expire short sessions between heartbeats.
+    let heartbeat = (cfg.kafka.session_timeout_ms / 3).max(100).to_string();
+    let poll = cfg.kafka.max_poll_interval_ms.to_string();
+    let mut settings = vec![
+        ("group.id", cfg.kafka.group.as_str()),
+        ("enable.auto.commit", "false"),
+        ("enable.auto.offset.store", "false"),
+        ("auto.offset.reset", "earliest"),
+        (
+            "partition.assignment.strategy",
+            cfg.kafka.assignment_strategy.as_str(),
+        ),
+        ("session.timeout.ms", session.as_str()),
+        ("heartbeat.interval.ms", heartbeat.as_str()),
+        ("max.poll.interval.ms", poll.as_str()),
+        ("enable.partition.eof", "false"),
+        // librdkafka's 500 ms default holds a fetch on a quiet partition that
+        // long, which would dominate the freshness of window updates.
+        ("fetch.wait.max.ms", "10"),
+    ];
+    if let Some(id) = &cfg.kafka.group_instance_id {
+        settings.push(("group.instance.id", id));
+    }
+    Ok(cfg.clients()?.config(&settings))
+}
+
+pub(super) fn producer_config(cfg: &PodConfig) -> Result<ClientConfig, PodError> {
+    Ok(cfg.clients()?.config(&[
+        ("enable.idempotence", "true"),
+        ("acks", "all"),
+        ("linger.ms", "5"),
+        ("compression.type", "lz4"),
+        // Changelog rows of busy windows carry large customer sets; the
+        // changelog topic allows records up to this size too.
+        ("message.max.bytes", "67108864"),
+        ("message.timeout.ms", "30000"),
+    ]))
+}
+
+/// Starts a pod: checks the input topic, loads FX rates, opens the state
+/// store, joins the group, and runs the loop on its own thread.
+pub fn start(cfg: PodConfig) -> Result<PodHandle, PodError> {
+    start_with_metrics(cfg, Arc::new(Metrics::new()))
+}
+
+/// [`start`], updating `metrics` (shared with the HTTP server).
+pub fn start_with_metrics(cfg: PodConfig, metrics: Arc<Metrics>) -> Result<PodHandle, PodError> {
+    cfg.validate()?;
+    let core_cfg = cfg.core()?;
+    let extra = cfg.kafka_properties()?;
+    let probe: BaseConsumer = consumer_config(&cfg)?.create()?;
+    let md = probe.fetch_metadata(Some(&cfg.topics.input_topic), Duration::from_secs(10))?;
+    let exists = md.topics().iter().any(|t| {
+        t.name() == cfg.topics.input_topic && t.error().is_none() && !t.partitions().is_empty()
+    });
+    if !exists {
+        return Err(PodError::NoInputTopic(cfg.topics.input_topic.clone()));
+    }
+    drop(probe);
+
+    let defaults = fx::defaults(cfg.limits.fx_defaults.as_deref())?;
+    let (fx_table, follower) = fx::bootstrap(
+        &cfg.kafka.brokers,
+        &extra,
+        &cfg.topics.fx_topic,
+        &defaults,
+        Duration::from_secs(30),
+    )?;
+    info!(currencies = fx_table.len(), "FX table loaded");
+
+    std::fs::create_dir_all(&cfg.resources.state_dir).map_err(|source| PodError::StateDir {
+        dir: cfg.resources.state_dir.display().to_string(),
+        source,
+    })?;
+    let sizing = RocksSizing::detect(
+        cfg.resources.memory_limit_bytes,
+        Path::new("/sys/fs/cgroup"),
+        cfg.resources.rocksdb_memory_fraction,
+    );
+    info!(
+        limit_bytes = sizing.limit_bytes,
+        source = ?sizing.source,
+        block_cache_bytes = sizing.block_cache_bytes,
+        write_buffer_bytes = sizing.write_buffer_bytes,
+        "RocksDB memory sized from the memory limit"
+    );
+    let store = Store::open(
+        &cfg.resources.state_dir,
+        core_cfg.state_fingerprint(),
+        &sizing,
+    )?;
+    let engine =
+        Engine::new(core_cfg, fx_table).map_err(|e| crate::config::ConfigError::Invalid {
+            field: e.field,
+            message: e.message,
+        })?;
+    let producer: BaseProducer<AckContext> =
+        producer_config(&cfg)?.create_with_context(AckContext {
+            lanes: Default::default(),
+            changelog_topic: cfg.topics.changelog_topic.clone(),
+            changelog_max: Mutex::new(HashMap::new()),
+        })?;
+    let stats = Arc::new(Stats::default());
+    let processor = Arc::new(Mutex::new(Processor {
+        input_topic: Arc::from(cfg.topics.input_topic.as_str()),
+        clients: cfg.clients()?,
+        cfg: cfg.clone(),
+        engine,
+        store,
+        producer,
+        out: Vec::new(),
+        out_offered: 0,
+        send_blocked: false,
+        retrying: false,
+        changelog_out: Vec::new(),
+        outputs_acked: false,
+        pending_changes: None,
+        effects: Vec::new(),
+        pending: 0,
+        last_flush: Instant::now(),
+        held: BTreeSet::new(),
+        stats: stats.clone(),
+        fx_follower: Some(follower),
+        metrics: metrics.clone(),
+        unreported: Counts::default(),
+        published: HashMap::new(),
+        restoring: BTreeMap::new(),
+        fetch_paused: false,
+    }));
+    let ctx = PodContext {
+        proc: processor.clone(),
+        input_topic: cfg.topics.input_topic.clone(),
+        stats: stats.clone(),
+        callback_budget: Duration::from_millis(cfg.kafka.max_poll_interval_ms / 3),
+    };
+    let consumer: BaseConsumer<PodContext> = consumer_config(&cfg)?.create_with_context(ctx)?;
+    consumer.subscribe(&[&cfg.topics.input_topic])?;
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let (shutdown, processor) = (shutdown.clone(), processor.clone());
+        std::thread::Builder::new()
+            .name("tally-pod".into())
+            .spawn(move || run_loop(consumer, processor, shutdown, cfg))
+            .map_err(|e| PodError::Kafka(KafkaError::ClientCreation(e.to_string())))?
+    };
+    Ok(PodHandle {
+        shutdown,
+        thread: Some(thread),
+        stats,
+        metrics,
+    })
+}
+
+pub(super) fn run_loop(
+    consumer: BaseConsumer<PodContext>,
+    processor: Arc<Mutex<Processor>>,
+    shutdown: Arc<AtomicBool>,
+    cfg: PodConfig,
+) -> Result<(), PodError> {
+    info!(topic = %cfg.topics.input_topic, group = %cfg.kafka.group, "pod running");
+    let flush_budget = Duration::from_millis((cfg.kafka.max_poll_interval_ms / 3).min(10_000));
+    let mut last_tick = Instant::now();
+    while !shutdown.load(Ordering::SeqCst) {
+        // Never poll while holding the processor: a poll may run a rebalance
+        // callback, which takes the processor itself (a std Mutex is not
+        // reentrant). So each record takes the lock on its own; uncontended,
+        // that costs nanoseconds next to the record's processing.
+        let mut wait = Duration::from_millis(20);
+        for _ in 0..1024 {
+            match consumer.poll(wait) {
+                Some(Ok(m)) => {
+                    let mut proc = lock(&processor);
+                    proc.on_message(
+                        m.partition(),
+                        m.offset(),
+                        m.key(),
+                        m.payload().unwrap_or_default(),
+                    );
+                    if proc.pending >= cfg.flush.flush_max_events {
+                        break;
+                    }
+                }
+                Some(Err(e)) => {
+                    warn!(error = %e, "consume error");
+                    break;
+                }
+                None => break,
+            }
+            // Drain what is already fetched without waiting.
+            wait = Duration::ZERO;
+        }
+        let mut proc = lock(&processor);
+        // Serve the delivery reports of the outputs sent so far.
+        proc.producer.poll(Duration::ZERO);
+        if !proc.restoring.is_empty() {
+            proc.restore_step(&consumer, Duration::from_millis(50));
+        }
+        if last_tick.elapsed() >= Duration::from_millis(500) {
+            proc.tick();
+            proc.update_lag(&consumer);
+            last_tick = Instant::now();
+        }
+        if proc.due() {
+            match proc.flush(&consumer, flush_budget) {
+                Ok(()) => {
+                    if proc.fetch_paused {
+                        // Not the partitions still restoring: they resume
+                        // when their restore is done.
+                        if let Ok(a) = consumer.assignment() {
+                            let mut tpl = TopicPartitionList::new();
+                            for e in a.elements() {
+                                if !proc.restoring.contains_key(&e.partition()) {
+                                    tpl.add_partition(e.topic(), e.partition());
+                                }
+                            }
+                            let _ = consumer.resume(&tpl);
+                        }
+                        proc.fetch_paused = false;
+                        info!("outputs acknowledged again; consumption resumed");
+                    }
+                }
+                Err(PodError::ProduceTimeout(_)) => {
+                    // Keep polling (the group must see us alive) but stop
+                    // fetching until the outputs are acknowledged.
+                    if !proc.fetch_paused {
+                        if let Ok(a) = consumer.assignment() {
+                            let _ = consumer.pause(&a);
+                        }
+                        proc.fetch_paused = true;
+                        warn!("outputs not acknowledged; consumption paused until they are");
+                    }
+                }
+                Err(e) => {
+                    error!(error = %e, "flush failed");
+                    return Err(e);
+                }
+            }
+        }
+    }
+    info!("shutting down: final flush and commit");
+    let deadline = Instant::now() + Duration::from_millis(cfg.flush.shutdown_timeout_ms);
+    let mut proc = lock(&processor);
+    proc.tick();
+    loop {
+        match proc.flush(
+            &consumer,
+            deadline.saturating_duration_since(Instant::now()),
+        ) {
+            Ok(()) => break,
+            Err(PodError::ProduceTimeout(_)) if Instant::now() < deadline => continue,
+            Err(e) => {
+                warn!(error = %e, "final flush failed; the next owner redoes the work from the last durable offsets");
+                proc.retrying = false;
+                proc.clear_batch();
+                proc.outputs_acked = false;
+                proc.pending_changes = None;
+                break;
+            }
+        }
+    }
+    drop(proc);
+    // Dropping the consumer closes it: the group sees us leave at once.
+    drop(consumer);
+    info!("pod stopped");
+    Ok(())
+}

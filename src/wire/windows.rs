@@ -1,0 +1,328 @@
+//! `revenue-windows`: every input partition publishes its own partial of a
+//! window as a [`WindowRecord`] keyed `window_id|p<partition>`; a retracted
+//! session is a tombstone (no value); `__progress|p<partition>` rows carry
+//! a partition's progress ([`ProgressRecord`]). This module is the format:
+//! it encodes what the pod publishes and decodes it into the core's
+//! [`ViewUpdate`] for the view.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::core::aggregate::{usd, PartialAgg};
+use crate::core::view::{ViewUpdate, WindowPartial};
+use crate::core::{Partition, WindowUpdate};
+
+/// Key prefix of progress rows on `revenue-windows`.
+pub const PROGRESS_PREFIX: &str = "__progress|p";
+
+/// The key of an input partition's progress row.
+pub fn progress_key(partition: Partition) -> String {
+    format!("{PROGRESS_PREFIX}{partition}")
+}
+
+/// A record on `revenue-windows` that is not of its format.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DecodeError {
+    #[error("record key is not UTF-8")]
+    Key,
+    #[error("record key {0:?} names no partition")]
+    NoPartition(String),
+    #[error("record {key:?} is not a window row: {message}")]
+    Value { key: String, message: String },
+}
+
+/// A window result as published on `revenue-windows`. `agg` carries the
+/// mergeable aggregate so any reader can combine partitions exactly.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WindowRecord {
+    pub window_id: String,
+    pub spec: String,
+    pub kind: String,
+    pub by: String,
+    pub key: String,
+    pub start: i64,
+    pub end: i64,
+    #[serde(rename = "final")]
+    pub is_final: bool,
+    pub partition: Partition,
+    pub offset: i64,
+    pub count: u64,
+    pub revenue_usd: f64,
+    pub revenue_usd_micros: i128,
+    pub revenue_by_currency: Map<String, Value>,
+    pub unique_customers: usize,
+    pub avg_usd: Option<f64>,
+    pub min_usd: Option<f64>,
+    pub max_usd: Option<f64>,
+    pub p95_usd: Option<f64>,
+    pub agg: PartialAgg,
+}
+
+impl WindowRecord {
+    pub fn from_update(w: &WindowUpdate) -> WindowRecord {
+        let a = &w.row.agg;
+        WindowRecord {
+            window_id: w.window_id(),
+            spec: w.spec_name.clone(),
+            kind: w.kind.name().to_string(),
+            by: w.by.name().to_string(),
+            key: w.key.group.clone(),
+            start: w.key.start,
+            end: w.row.end,
+            is_final: w.row.closed,
+            partition: w.partition,
+            offset: w.row.offset,
+            count: a.count,
+            revenue_usd: usd(a.revenue_usd_micros),
+            revenue_usd_micros: a.revenue_usd_micros,
+            revenue_by_currency: a
+                .revenue_by_currency
+                .iter()
+                .map(|(c, m)| (c.to_string(), Value::from(usd(*m))))
+                .collect(),
+            unique_customers: a.unique_customers(),
+            avg_usd: a.avg_usd_micros().map(|m| usd(m.into())),
+            min_usd: a.min_usd().map(|m| usd(m.into())),
+            max_usd: a.max_usd().map(|m| usd(m.into())),
+            p95_usd: a.p95_usd(),
+            agg: PartialAgg::from(a),
+        }
+    }
+
+    /// The record key: one row per window and input partition.
+    pub fn record_key(window_id: &str, partition: Partition) -> String {
+        format!("{window_id}|p{partition}")
+    }
+}
+
+impl WindowRecord {
+    /// What the view keeps of it.
+    pub fn into_partial(self) -> WindowPartial {
+        WindowPartial {
+            spec: self.spec,
+            kind: self.kind,
+            by: self.by,
+            key: self.key,
+            start: self.start,
+            end: self.end,
+            is_final: self.is_final,
+            agg: self.agg,
+        }
+    }
+}
+
+/// Decodes one `revenue-windows` record (`None`: a tombstone).
+pub fn decode(key: &[u8], payload: Option<&[u8]>) -> Result<ViewUpdate, DecodeError> {
+    let value_err = |e: serde_json::Error| DecodeError::Value {
+        key: String::from_utf8_lossy(key).into_owned(),
+        message: e.to_string(),
+    };
+    if key.starts_with(PROGRESS_PREFIX.as_bytes()) {
+        return match payload {
+            Some(p) => Ok(ViewUpdate::Progress(
+                serde_json::from_slice(p).map_err(value_err)?,
+            )),
+            None => Ok(ViewUpdate::Nothing),
+        };
+    }
+    let (id, partition) = parse_key(key)?;
+    match payload {
+        None => Ok(ViewUpdate::Tombstone(id, partition)),
+        Some(p) => {
+            let rec: WindowRecord = serde_json::from_slice(p).map_err(value_err)?;
+            // Decoded from JSON by pushes, the vectors have spare room; a
+            // million sessions are held in the view.
+            let mut partial = rec.into_partial();
+            partial.agg.revenue_by_currency.shrink_to_fit();
+            partial.agg.sketch.shrink_to_fit();
+            Ok(ViewUpdate::Window(partition, Box::new(partial)))
+        }
+    }
+}
+
+fn parse_key(key: &[u8]) -> Result<(String, Partition), DecodeError> {
+    let k = std::str::from_utf8(key).map_err(|_| DecodeError::Key)?;
+    let (id, p) = k
+        .rsplit_once("|p")
+        .ok_or_else(|| DecodeError::NoPartition(k.to_string()))?;
+    let p = p
+        .parse()
+        .map_err(|_| DecodeError::NoPartition(k.to_string()))?;
+    Ok((id.to_string(), p))
+}
+
+#[cfg(test)]
+#[allow(clippy::too_many_arguments)]
+mod tests {
+    use super::*;
+    use crate::core::view::{ProgressRecord, View, WindowQuery};
+    use crate::core::{Aggregate, Currency, GroupBy, WindowKey, WindowKind, WindowRow};
+
+    /// Decodes and applies, as the follower does.
+    fn apply(v: &mut View, key: &[u8], payload: Option<&[u8]>) -> Result<(), DecodeError> {
+        v.apply(decode(key, payload)?);
+        Ok(())
+    }
+
+    fn update(
+        p: Partition,
+        spec: &str,
+        kind: WindowKind,
+        group: &str,
+        start: i64,
+        end: i64,
+        usd: i64,
+        closed: bool,
+    ) -> (Vec<u8>, Vec<u8>) {
+        let mut agg = Aggregate::default();
+        agg.add(
+            usd,
+            Currency::parse("USD").unwrap(),
+            usd,
+            crate::core::customer_hash(group),
+        );
+        let w = WindowUpdate {
+            partition: p,
+            spec_name: spec.into(),
+            kind,
+            by: if matches!(kind, WindowKind::Session { .. }) {
+                GroupBy::Customer
+            } else {
+                GroupBy::Currency
+            },
+            key: WindowKey {
+                spec: 0,
+                group: group.into(),
+                start,
+            },
+            row: WindowRow {
+                end,
+                agg,
+                offset: 1,
+                closed,
+            },
+        };
+        let rec = WindowRecord::from_update(&w);
+        (
+            WindowRecord::record_key(&rec.window_id, p).into_bytes(),
+            serde_json::to_vec(&rec).unwrap(),
+        )
+    }
+
+    fn progress(v: &mut View, p: Partition, wm: i64) {
+        let r = ProgressRecord {
+            partition: p,
+            next_offset: 10,
+            watermark: Some(wm),
+            idle: false,
+        };
+        apply(
+            v,
+            progress_key(p).as_bytes(),
+            Some(&serde_json::to_vec(&r).unwrap()),
+        )
+        .unwrap();
+    }
+
+    const T: WindowKind = WindowKind::Tumbling { size_ms: 60_000 };
+
+    #[test]
+    fn partials_merge_and_final_waits_for_every_partition() {
+        let mut v = View::new(10_000);
+        let (k0, v0) = update(0, "t", T, "USD", 0, 60_000, 5_000_000, true);
+        let (k1, v1) = update(1, "t", T, "USD", 0, 60_000, 7_000_000, false);
+        apply(&mut v, &k0, Some(&v0)).unwrap();
+        apply(&mut v, &k1, Some(&v1)).unwrap();
+        progress(&mut v, 0, 80_000);
+        progress(&mut v, 1, 50_000);
+        let q = WindowQuery {
+            kind: "tumbling".into(),
+            by: "currency".into(),
+            ..Default::default()
+        };
+        let w = &v.windows(&q)[0];
+        assert_eq!((w.count, w.revenue_usd, w.is_final), (2, 12.0, false));
+        let (k1, v1) = update(1, "t", T, "USD", 0, 60_000, 7_000_000, true);
+        apply(&mut v, &k1, Some(&v1)).unwrap();
+        assert!(
+            !v.windows(&q)[0].is_final,
+            "partition 1's watermark has not passed the close"
+        );
+        progress(&mut v, 1, 70_000);
+        assert!(v.windows(&q)[0].is_final);
+        let split = v.revenue_split("currency", None, None);
+        assert_eq!(split["USD"].final_usd, 12.0);
+        assert_eq!(split["USD"].combined_usd, 12.0);
+    }
+
+    #[test]
+    fn a_final_is_sticky_and_a_tombstone_removes_a_session() {
+        let mut v = View::new(0);
+        let (k, fin) = update(0, "t", T, "USD", 0, 60_000, 5_000_000, true);
+        let (_, live) = update(0, "t", T, "USD", 0, 60_000, 1_000_000, false);
+        apply(&mut v, &k, Some(&fin)).unwrap();
+        apply(&mut v, &k, Some(&live)).unwrap();
+        progress(&mut v, 0, 100_000);
+        let q = WindowQuery {
+            kind: "tumbling".into(),
+            by: "currency".into(),
+            ..Default::default()
+        };
+        assert_eq!(v.windows(&q)[0].revenue_usd, 5.0);
+        let s = WindowKind::Session { gap_ms: 1000 };
+        let (sk, sv) = update(2, "s", s, "c1", 5, 9, 3_000_000, false);
+        apply(&mut v, &sk, Some(&sv)).unwrap();
+        assert_eq!(v.customer_sessions("c1").len(), 1);
+        apply(&mut v, &sk, None).unwrap();
+        assert!(v.customer_sessions("c1").is_empty());
+        // A key may hold the separator; the id is split at its first and
+        // last `|`.
+        let (sk, sv) = update(1, "s", s, "a|b", 5, 9, 3_000_000, false);
+        apply(&mut v, &sk, Some(&sv)).unwrap();
+        assert_eq!(v.customer_sessions("a|b")[0].window_id, "s|a|b|5");
+        apply(&mut v, &sk, None).unwrap();
+        assert!(v.customer_sessions("a|b").is_empty());
+        // A tombstone for a fixed window removes it too.
+        apply(&mut v, &k, None).unwrap();
+        assert!(v.windows(&q).is_empty());
+    }
+
+    #[test]
+    fn queries_filter_by_range_key_and_final() {
+        let mut v = View::new(0);
+        for (i, cur) in ["EUR", "USD"].iter().enumerate() {
+            for m in 0..5 {
+                let (k, val) = update(
+                    0,
+                    "t",
+                    T,
+                    cur,
+                    m * 60_000,
+                    (m + 1) * 60_000,
+                    1_000_000 * (i as i64 + 1),
+                    m < 3,
+                );
+                apply(&mut v, &k, Some(&val)).unwrap();
+            }
+        }
+        progress(&mut v, 0, 200_000);
+        let q = |from, to, key: Option<&str>, fin| WindowQuery {
+            kind: "tumbling".into(),
+            by: "currency".into(),
+            key: key.map(String::from),
+            from,
+            to,
+            is_final: fin,
+            limit: 0,
+        };
+        assert_eq!(v.windows(&q(None, None, None, None)).len(), 10);
+        assert_eq!(
+            v.windows(&q(Some(60_000), Some(180_000), None, None)).len(),
+            4
+        );
+        assert_eq!(v.windows(&q(None, None, Some("USD"), None)).len(), 5);
+        assert_eq!(v.windows(&q(None, None, None, Some(true))).len(), 6);
+        assert!(apply(&mut v, b"no-partition", Some(b"{}")).is_err());
+        assert!(apply(&mut v, b"t|USD|0|p0", Some(b"nope")).is_err());
+    }
+}
