@@ -51,6 +51,38 @@ impl EmbeddedBroker {
         self.bootstrap.clone()
     }
 
+    /// Makes broker `broker`'s next `n` answers to `api` fail with `error`;
+    /// the other brokers answer as usual (the cluster-wide
+    /// `MockCluster::request_errors` hits every client, tests' readers too).
+    pub fn broker_request_errors(
+        &self,
+        broker: i32,
+        api: rdkafka::types::RDKafkaApiKey,
+        error: rdkafka::types::RDKafkaRespErr,
+        n: usize,
+    ) {
+        // SAFETY: the pointer comes from the live client that owns the mock
+        // cluster; each call pushes one (error, rtt) pair, as the variadic
+        // signature takes `cnt` pairs.
+        unsafe {
+            let mc =
+                rdkafka::bindings::rd_kafka_handle_mock_cluster(self.owner.client().native_ptr());
+            if mc.is_null() {
+                return;
+            }
+            for _ in 0..n {
+                rdkafka::bindings::rd_kafka_mock_broker_push_request_error_rtts(
+                    mc,
+                    broker,
+                    api as i16,
+                    1,
+                    error,
+                    0 as std::os::raw::c_int,
+                );
+            }
+        }
+    }
+
     /// The cluster itself, for fault injection in tests.
     pub fn cluster(&self) -> MockCluster<'_, DefaultProducerContext> {
         self.owner

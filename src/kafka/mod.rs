@@ -64,3 +64,52 @@ impl Clients {
         self.config(&[("enable.idempotence", "true"), ("acks", "all")])
     }
 }
+
+/// Whether a Kafka error is one that goes away by itself: a leader moving,
+/// a timeout, a broker or the whole cluster briefly unreachable. Start-up
+/// and restore retry these with back-off instead of giving up (or worse,
+/// throwing state away).
+pub fn is_transient(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::NotLeaderForPartition
+                | C::LeaderNotAvailable
+                | C::RequestTimedOut
+                | C::OperationTimedOut
+                | C::BrokerTransportFailure
+                | C::AllBrokersDown
+                | C::NetworkException
+                | C::BrokerNotAvailable
+                | C::NotCoordinator
+                | C::CoordinatorNotAvailable
+                | C::CoordinatorLoadInProgress
+                | C::Resolve
+        )
+    )
+}
+
+/// Back-off for retried start-up and restore steps: 100 ms doubling to
+/// 5 s.
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    next: std::time::Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            next: std::time::Duration::from_millis(100),
+        }
+    }
+}
+
+impl Backoff {
+    /// The wait before the next try, growing each call.
+    pub fn next_delay(&mut self) -> std::time::Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(std::time::Duration::from_secs(5));
+        d
+    }
+}

@@ -1,7 +1,25 @@
-//! The flush: outputs, then changelog, then one synced RocksDB batch, then
-//! the Kafka commit.
+//! The flush, driven by `core::cycle::Cycle`: this file performs the
+//! cycle's actions (send, write, commit, durable, purge, forget) and feeds
+//! it the results. The order and the rules are the cycle's: outputs
+//! acknowledged, then the changelog group by group, then one synced
+//! RocksDB batch, then the Kafka commit.
 
 use super::*;
+
+/// The batch in flight: its records' bytes, by the cycle's tag index.
+pub(super) struct Sealed {
+    pub(super) id: BatchId,
+    pub(super) outputs: Vec<OutRecord>,
+    pub(super) changelog: Vec<OutRecord>,
+    /// The encoded state changes, in changelog order.
+    pub(super) changes: Vec<Encoded>,
+    /// The highest changelog offset acknowledged per partition.
+    pub(super) changelog_max: BTreeMap<Partition, i64>,
+    /// Each partition's next input offset as of the seal: what the batch
+    /// makes durable, and so what may be committed (records processed
+    /// after the seal belong to the next batch).
+    pub(super) offsets: BTreeMap<Partition, i64>,
+}
 
 pub(super) fn base_record(rec: &OutRecord, opaque: usize) -> BaseRecord<'_, [u8], [u8], usize> {
     let mut r: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(&rec.topic, opaque);
@@ -27,41 +45,18 @@ pub(super) fn base_record(rec: &OutRecord, opaque: usize) -> BaseRecord<'_, [u8]
     r
 }
 
-/// Sends one record of `lane`, waiting out a full queue until `deadline`.
-pub(super) fn send(
-    producer: &BaseProducer<AckContext>,
-    rec: &OutRecord,
-    lane: Lane,
-    i: usize,
-    deadline: Instant,
-) -> Result<(), PodError> {
-    loop {
-        match producer.send(base_record(rec, lane.opaque(i))) {
-            Ok(()) => {
-                let mut acks = producer.context().lane(lane);
-                if let Some(slot) = acks.status.get_mut(i) {
-                    let was = std::mem::replace(slot, IN_FLIGHT);
-                    if was == FAILED {
-                        acks.failed -= 1;
-                    }
-                }
-                return Ok(());
-            }
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                if Instant::now() >= deadline {
-                    return Err(PodError::ProduceTimeout(Duration::ZERO));
-                }
-                producer.poll(Duration::from_millis(10));
-            }
-            Err((e, _)) => return Err(e.into()),
-        }
+fn partition_of(c: &StateChange) -> Partition {
+    match c {
+        StateChange::Put(p, _) | StateChange::Delete(p, _) => *p,
     }
 }
 
 impl Processor {
-    /// The flush: outputs acknowledged, then one RocksDB batch, then the
-    /// Kafka commit. On a produce timeout nothing is written or committed,
-    /// and the next call retries the same outputs.
+    /// Drives the flush until its batch is committed or `budget` runs
+    /// out. The first call seals the collecting batch; a call after a
+    /// timeout goes on with the same sealed batch (records made meanwhile
+    /// belong to the next one). On a timeout nothing of the batch is
+    /// written or committed.
     pub(super) fn flush(
         &mut self,
         consumer: &BaseConsumer<PodContext>,
@@ -71,78 +66,37 @@ impl Processor {
             info_span!("flush", topic = %self.cfg.topics.input_topic, records = self.pending);
         let _g = span.enter();
         let started = Instant::now();
-        if !self.retrying {
-            let mut changes = Vec::new();
-            let id = self.engine.flush(&mut self.effects, &mut changes);
-            self.emit_engine();
-            self.publish_progress();
-            // The window updates leave first: encoding the state rows is
-            // not on the path of what a reader sees.
-            self.send_new();
-            // Each changed row goes to the changelog, but only after every
-            // output is acknowledged: the changelog must never be ahead of
-            // the outputs, or a pod restoring from it would skip records
-            // whose outputs were lost. Then to RocksDB.
-            let encoded = changes.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
-            for (p, key, value) in &encoded {
-                self.changelog_out.push(OutRecord {
-                    topic: self.cfg.topics.changelog_topic.clone(),
-                    partition: Some(*p),
-                    key: Some(key.clone()),
-                    payload: value.clone(),
-                    headers: Vec::new(),
-                });
-            }
-            self.pending_changes = Some((id, encoded));
-            self.producer
-                .context()
-                .lane(Lane::Changelog)
-                .reset(self.changelog_out.len());
-            if let Ok(mut m) = self.producer.context().changelog_max.lock() {
-                m.clear();
-            }
+        let deadline = started + budget;
+        if self.sealed.is_none() {
+            self.seal()?;
         }
-        let produce_started = Instant::now();
-        if !self.outputs_acked {
-            if let Err(e) = self.produce_all(Lane::Outputs, &self.out, started + budget) {
-                return Err(self.flush_failed(e));
+        let engine_done = Instant::now();
+        loop {
+            self.drive(consumer)?;
+            if self.sealed.is_none() {
+                break;
             }
-            self.outputs_acked = true;
+            if Instant::now() >= deadline {
+                add(&self.stats.flush_failures, 1);
+                self.metrics.flush_failures.inc();
+                return Err(PodError::ProduceTimeout(self.last_flush.elapsed()));
+            }
+            // Not `Producer::flush`: in rdkafka 0.39 `BaseProducer::poll(t)`
+            // always runs for the whole of `t`, so `flush` waits out a
+            // 100 ms poll on every call. Short polls return as soon as the
+            // last delivery report is served.
+            self.producer.poll(Duration::from_millis(1));
+            self.take_reports();
+            self.cycle.resume_sending();
         }
-        if let Err(e) = self.produce_all(Lane::Changelog, &self.changelog_out, started + budget) {
-            return Err(self.flush_failed(e));
-        }
-        self.retrying = false;
-        self.outputs_acked = false;
-        let Some((id, changes)) = self.pending_changes.take() else {
-            return Ok(());
-        };
-        let produced = produce_started.elapsed();
-        let checkpoints: Vec<(Partition, i64)> = self
-            .producer
-            .context()
-            .changelog_max
-            .lock()
-            .map(|m| m.iter().map(|(p, o)| (*p, *o)).collect())
-            .unwrap_or_default();
-        self.store.write_encoded(&changes, &checkpoints)?;
-        let written = produce_started.elapsed();
-        self.commit(consumer);
-        self.engine.on_durable(id);
         add(&self.stats.flushes, 1);
         self.report(started);
         self.update_lag(consumer);
         debug!(
-            outputs = self.out.len(),
-            rows = changes.len(),
-            engine_us = (produce_started - started).as_micros() as u64,
-            produce_us = produced.as_micros() as u64,
-            write_us = (written - produced).as_micros() as u64,
-            commit_us = (produce_started.elapsed() - written).as_micros() as u64,
+            engine_us = (engine_done - started).as_micros() as u64,
+            acks_write_commit_us = engine_done.elapsed().as_micros() as u64,
             "flushed"
         );
-        self.clear_batch();
-        self.pending = 0;
         // The interval runs from flush start to flush start: a flush that
         // takes 50 ms of a 100 ms interval does not stretch the cycle to
         // 150 ms (every window update would wait that much longer).
@@ -150,116 +104,205 @@ impl Processor {
         Ok(())
     }
 
-    /// A flush that could not get its records acknowledged: the next call
-    /// retries the same batch.
-    pub(super) fn flush_failed(&mut self, e: PodError) -> PodError {
-        self.retrying = true;
-        add(&self.stats.flush_failures, 1);
-        self.metrics.flush_failures.inc();
-        e
-    }
-
-    /// Offers the outputs made since the last call to the producer, so
-    /// librdkafka batches and delivers them while the pod goes on
-    /// processing, and the flush waits only for the last acks. Sending early
-    /// changes nothing about delivery: outputs were always at-least-once,
-    /// and nothing is committed before every output is acknowledged. A full
-    /// queue is not an error here: what is not sent now, the flush sends.
-    pub(super) fn send_new(&mut self) {
-        let (start, end) = (self.out_offered, self.out.len());
-        if start == end {
-            return;
-        }
-        self.out_offered = end;
-        let mut acks = self.producer.context().lane(Lane::Outputs);
-        acks.status.resize(end, PENDING);
-        if self.send_blocked {
-            return;
-        }
-        // Holding the lane is safe: `send` never runs delivery callbacks
-        // (only `poll` does, on this thread).
-        for i in start..end {
-            match self
-                .producer
-                .send(base_record(&self.out[i], Lane::Outputs.opaque(i)))
-            {
-                Ok(()) => acks.status[i] = IN_FLIGHT,
-                Err(_) => {
-                    self.send_blocked = true;
-                    break;
-                }
-            }
-        }
-    }
-
-    /// Sends every record of `lane` not yet acknowledged and waits for the
-    /// acks; failed ones are sent again, until `deadline`.
-    pub(super) fn produce_all(
-        &self,
-        lane: Lane,
-        records: &[OutRecord],
-        deadline: Instant,
+    /// Flushes until nothing is pending: the batch in flight, then what was
+    /// collected meanwhile (on revoke and shutdown, so the next owner
+    /// starts from everything this pod did), within `budget`.
+    pub(super) fn flush_all(
+        &mut self,
+        consumer: &BaseConsumer<PodContext>,
+        budget: Duration,
     ) -> Result<(), PodError> {
-        let ctx = self.producer.context();
+        let deadline = Instant::now() + budget;
         loop {
-            let todo: Vec<usize> = {
-                let mut acks = ctx.lane(lane);
-                acks.status.resize(records.len(), PENDING);
-                acks.status
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, s)| **s == PENDING || **s == FAILED)
-                    .map(|(i, _)| i)
-                    .collect()
-            };
-            for i in todo {
-                send(&self.producer, &records[i], lane, i, deadline)?;
-            }
-            // Not `Producer::flush`: in rdkafka 0.39 `BaseProducer::poll(t)`
-            // always runs for the whole of `t`, so `flush` waits out a 100 ms
-            // poll on every call. Short polls return as soon as the last
-            // delivery report is served.
-            loop {
-                let (acked, failed) = {
-                    let acks = ctx.lane(lane);
-                    (acks.acked, acks.failed)
-                };
-                if acked >= records.len() {
-                    return Ok(());
-                }
-                if Instant::now() >= deadline {
-                    return Err(PodError::ProduceTimeout(self.last_flush.elapsed()));
-                }
-                if failed > 0 {
-                    break;
-                }
-                self.producer.poll(Duration::from_millis(1));
+            let was_continuation = self.sealed.is_some();
+            self.flush(consumer, deadline.saturating_duration_since(Instant::now()))?;
+            if !was_continuation || (self.out.is_empty() && self.pending == 0) {
+                return Ok(());
             }
         }
     }
 
-    /// Forgets the batch's records and their delivery state.
-    pub(super) fn clear_batch(&mut self) {
-        self.out.clear();
-        self.changelog_out.clear();
-        self.out_offered = 0;
-        self.send_blocked = false;
-        let ctx = self.producer.context();
-        ctx.lane(Lane::Outputs).reset(0);
-        ctx.lane(Lane::Changelog).reset(0);
+    /// Drains the engine (effects and state changes) and seals the
+    /// collecting batch with them: its outputs were sent as they were
+    /// made; its changelog records go once they are acknowledged, in the
+    /// core's ordering groups.
+    fn seal(&mut self) -> Result<(), PodError> {
+        // Records from here on belong to the next batch.
+        self.pending = 0;
+        let mut changes = Vec::new();
+        let id = self.engine.flush(&mut self.effects, &mut changes);
+        self.emit_engine();
+        self.publish_progress();
+        // Stable: within a group the engine's order stays.
+        changes.sort_by_key(StateChange::group);
+        let groups: Vec<(Partition, usize)> = changes
+            .iter()
+            .map(|c| (partition_of(c), c.group()))
+            .collect();
+        let encoded = changes.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
+        let changelog = encoded
+            .iter()
+            .map(|(p, key, value)| OutRecord {
+                topic: self.cfg.topics.changelog_topic.clone(),
+                partition: Some(*p),
+                key: Some(key.clone()),
+                payload: value.clone(),
+                headers: Vec::new(),
+            })
+            .collect();
+        let batch = self
+            .cycle
+            .seal(id, &groups)
+            .map_err(|e| PodError::Cycle(format!("{e:?}")))?;
+        self.sealed = Some(Sealed {
+            id: batch,
+            outputs: std::mem::take(&mut self.out),
+            changelog,
+            changes: encoded,
+            changelog_max: BTreeMap::new(),
+            offsets: self
+                .engine
+                .partitions()
+                .map(|(p, s)| (p, s.next_offset))
+                .collect(),
+        });
+        Ok(())
     }
 
-    pub(super) fn commit(&self, consumer: &BaseConsumer<PodContext>) {
-        let mut tpl = TopicPartitionList::new();
-        for p in &self.held {
-            if let Some(s) = self.engine.status(*p) {
-                if s.next_offset > 0 {
-                    let _ = tpl.add_partition_offset(
-                        &self.cfg.topics.input_topic,
-                        *p,
-                        Offset::Offset(s.next_offset),
-                    );
+    /// Hands the queued delivery reports to the cycle.
+    pub(super) fn take_reports(&mut self) {
+        let mut reports = std::mem::take(&mut self.reports);
+        self.producer.context().take(&mut reports);
+        for r in reports.drain(..) {
+            if let (Some((p, o)), Some(s)) = (r.landed, self.sealed.as_mut()) {
+                if r.tag.batch == s.id {
+                    let e = s.changelog_max.entry(p).or_insert(o);
+                    *e = (*e).max(o);
                 }
+            }
+            self.cycle.delivered(r.tag, r.ok);
+        }
+        self.reports = reports;
+    }
+
+    fn record(&self, tag: Tag) -> Option<&OutRecord> {
+        if tag.batch == self.cycle.collecting() {
+            return self.out.get(tag.index as usize);
+        }
+        let s = self.sealed.as_ref().filter(|s| s.id == tag.batch)?;
+        match tag.lane {
+            Lane::Outputs => s.outputs.get(tag.index as usize),
+            Lane::Changelog => s.changelog.get(tag.index as usize),
+        }
+    }
+
+    /// Performs the cycle's actions until it has none.
+    pub(super) fn drive(&mut self, consumer: &BaseConsumer<PodContext>) -> Result<(), PodError> {
+        while let Some(action) = self.cycle.poll_action() {
+            match action {
+                Action::Send(tag) => self.send_one(tag)?,
+                Action::Write(id, parts) => {
+                    let Some(s) = self.sealed.as_ref().filter(|s| s.id == id) else {
+                        continue;
+                    };
+                    let checkpoints: Vec<(Partition, i64)> = s
+                        .changelog_max
+                        .iter()
+                        .filter(|(p, _)| parts.contains(p))
+                        .map(|(p, o)| (*p, *o))
+                        .collect();
+                    if s.changes.iter().all(|c| parts.contains(&c.0)) {
+                        self.store.write_encoded(&s.changes, &checkpoints)?;
+                    } else {
+                        // A partition was revoked mid-flush: its rows stay out.
+                        let kept: Vec<Encoded> = s
+                            .changes
+                            .iter()
+                            .filter(|c| parts.contains(&c.0))
+                            .cloned()
+                            .collect();
+                        self.store.write_encoded(&kept, &checkpoints)?;
+                    }
+                    self.cycle.written(id);
+                }
+                Action::Commit(id, parts) => {
+                    if let Some(s) = self.sealed.as_ref().filter(|s| s.id == id) {
+                        self.commit(consumer, &parts, &s.offsets);
+                    }
+                    self.cycle.committed(id);
+                }
+                Action::Durable(flush) => self.engine.on_durable(flush),
+                Action::Purge => {
+                    // Queued records only: purging in-flight ones would void
+                    // their acks, and they are ignored by the cycle anyway.
+                    self.producer.purge(PurgeConfig::default().queue());
+                    info!("producer queue purged after a revoke");
+                }
+                Action::Forget(id) => {
+                    if self.sealed.as_ref().is_some_and(|s| s.id == id) {
+                        self.sealed = None;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn send_one(&mut self, tag: Tag) -> Result<(), PodError> {
+        let Some(rec) = self.record(tag) else {
+            return Ok(());
+        };
+        match self.producer.send(base_record(rec, tag.to_opaque())) {
+            Ok(()) => self.cycle.sent(tag),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                self.cycle.refused(tag)
+            }
+            Err((e, _)) => return Err(e.into()),
+        }
+        Ok(())
+    }
+
+    /// Offers the outputs the cycle queued as they were made, without
+    /// waiting, so librdkafka batches and delivers them while the pod goes
+    /// on processing and the flush waits only for the last acks. A full
+    /// queue is not an error here: what is refused now, the flush sends.
+    /// Stops at the first action that is not a send (those need the
+    /// consumer and belong to the flush).
+    pub(super) fn send_new(&mut self) -> Result<(), PodError> {
+        while let Some(Action::Send(tag)) = self.cycle.peek_action().cloned() {
+            self.cycle.poll_action();
+            self.send_one(tag)?;
+        }
+        Ok(())
+    }
+
+    /// Drops every pending record of `partitions` (revoked): nothing more
+    /// is sent, written or committed for them.
+    pub(super) fn drop_pending(
+        &mut self,
+        consumer: &BaseConsumer<PodContext>,
+        partitions: &[Partition],
+    ) {
+        self.cycle.revoke(partitions);
+        if let Err(e) = self.drive(consumer) {
+            warn!(error = %e, "after a revoke");
+        }
+    }
+
+    pub(super) fn commit(
+        &self,
+        consumer: &BaseConsumer<PodContext>,
+        parts: &[Partition],
+        offsets: &BTreeMap<Partition, i64>,
+    ) {
+        let mut tpl = TopicPartitionList::new();
+        for p in parts {
+            if let Some(&next) = offsets.get(p).filter(|o| **o > 0) {
+                let _ = tpl.add_partition_offset(
+                    &self.cfg.topics.input_topic,
+                    *p,
+                    Offset::Offset(next),
+                );
             }
         }
         if tpl.count() == 0 {

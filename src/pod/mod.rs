@@ -31,15 +31,18 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::producer::{
+    BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig,
+};
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, error, info, info_span, trace_span, warn};
 
 use crate::config::PodConfig;
+use crate::core::cycle::{Action, BatchId, Cycle, Lane, Tag};
 use crate::core::order::MICROS;
 use crate::core::view::ProgressRecord;
-use crate::core::{Currency, Effect, Engine, FlushId, Partition, Reason, StateRow};
+use crate::core::{Currency, Effect, Engine, Partition, Reason, StateChange, StateRow};
 use crate::fx::{self, FxFollower};
 use crate::kafka::Clients;
 use crate::state::codec::{encode, CodecError, Encoded};
@@ -55,7 +58,8 @@ mod rebalance;
 mod restore;
 mod run;
 
-use acks::*;
+use acks::{AckContext, Report};
+use flush::Sealed;
 pub use rebalance::PodContext;
 use restore::Restoring;
 pub use run::{start, start_with_metrics, PodHandle};
@@ -74,12 +78,27 @@ pub enum PodError {
     Fx(#[from] fx::FxError),
     #[error("input topic {0} does not exist (create it, or run `tally topics apply`)")]
     NoInputTopic(String),
+    #[error(
+        "changelog topic {changelog} has {changelog_partitions} partitions, fewer than the \
+         {input_partitions} of the input topic {input}: partition p's state goes to changelog \
+         partition p, so it needs at least as many (add partitions, or recreate it with `tally topics apply`)"
+    )]
+    ChangelogPartitions {
+        changelog: String,
+        changelog_partitions: usize,
+        input: String,
+        input_partitions: usize,
+    },
+    #[error("changelog topic {0} does not exist (create it, or run `tally topics apply`)")]
+    NoChangelogTopic(String),
     #[error("outputs were not acknowledged within {0:?}")]
     ProduceTimeout(Duration),
     #[error("cannot create the state directory {dir}: {source}")]
     StateDir { dir: String, source: std::io::Error },
     #[error("the pod thread panicked")]
     Panicked,
+    #[error("flush cycle: {0}")]
+    Cycle(String),
 }
 
 /// Counters of what the pod did. Updated once per record batch or flush.
@@ -103,6 +122,19 @@ pub struct Stats {
     pub restoring: Mutex<Vec<Partition>>,
 }
 
+impl PodError {
+    /// A broker error that goes away by itself (a leader moving, a
+    /// timeout, brokers briefly down): retried, never fatal at start-up.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PodError::Kafka(e) | PodError::Fx(fx::FxError::Kafka(e)) => {
+                crate::kafka::is_transient(e)
+            }
+            _ => false,
+        }
+    }
+}
+
 fn add(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
@@ -121,20 +153,15 @@ pub struct Processor {
     engine: Engine,
     store: Store,
     producer: BaseProducer<AckContext>,
+    /// The flush cycle and partition ownership (pure): which record of
+    /// which batch is where, and what to do next.
+    cycle: Cycle,
+    /// Outputs of the batch being collected, by the cycle's tag index.
     out: Vec<OutRecord>,
-    /// How many of `out` have been offered to the producer (`send_new`).
-    out_offered: usize,
-    /// The producer's queue was full: leave the rest of the batch to the flush.
-    send_blocked: bool,
-    /// Outputs of the batch are being retried: keep their delivery status.
-    retrying: bool,
-    /// Changelog records of the batch, produced once `out` is acknowledged.
-    changelog_out: Vec<OutRecord>,
-    /// Phase of a retried flush: the outputs are acknowledged, the
-    /// changelog records not yet.
-    outputs_acked: bool,
-    /// The drained state changes waiting for their outputs' acks.
-    pending_changes: Option<(FlushId, Vec<Encoded>)>,
+    /// The batch in flight (sealed), with its records' bytes.
+    sealed: Option<Sealed>,
+    /// Delivery reports taken from the producer's context (reused buffer).
+    reports: Vec<Report>,
     effects: Vec<Effect>,
     pending: usize,
     last_flush: Instant,

@@ -27,13 +27,38 @@ pub(super) fn cached_high_watermark(
     (err == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
 }
 
+/// Registers the outputs `out[start..]`, made from a record of partition
+/// `p`, with the cycle; outputs of a partition no longer owned are dropped
+/// (they must not leave).
+fn register(cycle: &mut Cycle, out: &mut Vec<OutRecord>, p: Partition, start: usize) {
+    for i in start..out.len() {
+        match cycle.output(p) {
+            Some(tag) => debug_assert_eq!(tag.index as usize, i),
+            None => {
+                out.truncate(start);
+                return;
+            }
+        }
+    }
+}
+
 impl Processor {
     /// Converts effects to output records.
     pub(super) fn emit(&mut self, original: Option<(&[u8], Option<&[u8]>)>, src: Source<'_>) {
         let outputs = Outputs { cfg: &self.cfg };
         let (mut valid, mut late, mut dup) = (0, 0, 0);
         let payload = original.map(|o| o.0).unwrap_or_default();
-        for e in self.effects.drain(..) {
+        let mut effects = std::mem::take(&mut self.effects);
+        for e in effects.drain(..) {
+            let start = self.out.len();
+            let from = match &e {
+                Effect::Accepted { partition, .. }
+                | Effect::Late { partition, .. }
+                | Effect::Rejected { partition, .. }
+                | Effect::Duplicate { partition, .. }
+                | Effect::Retracted { partition, .. } => *partition,
+                Effect::Window(w) => w.partition,
+            };
             match e {
                 Effect::Accepted {
                     order,
@@ -106,7 +131,9 @@ impl Processor {
                     key,
                 } => outputs.retracted(partition, &spec_name, &key, &mut self.out),
             }
+            register(&mut self.cycle, &mut self.out, from, start);
         }
+        self.effects = effects;
         self.unreported.valid += valid;
         self.unreported.late += late;
         self.unreported.duplicate += dup;
@@ -151,7 +178,10 @@ impl Processor {
                 offset,
             },
         );
-        self.send_new();
+        self.cycle.input(p);
+        if let Err(e) = self.send_new() {
+            warn!(error = %e, "an output could not be offered; the flush sends it");
+        }
         self.pending += 1;
         self.unreported.records += 1;
     }
@@ -175,6 +205,7 @@ impl Processor {
     /// look up the committed offset, which could land after our seek.
     pub(super) fn begin_take(&mut self, p: Partition) -> Offset {
         self.engine.revoke(p);
+        self.cycle.assign(p);
         self.restoring.insert(p, Restoring::new());
         self.restoring_changed();
         match self.store.next_offset(p) {
@@ -201,6 +232,7 @@ impl Processor {
                 watermark: s.watermark,
                 idle: s.idle,
             };
+            let start = self.out.len();
             self.out.push(OutRecord {
                 partition: None,
                 topic: self.cfg.topics.windows_topic.clone(),
@@ -208,6 +240,7 @@ impl Processor {
                 payload: serde_json::to_vec(&rec).ok(),
                 headers: Vec::new(),
             });
+            register(&mut self.cycle, &mut self.out, p, start);
         }
     }
 
@@ -297,7 +330,7 @@ impl Processor {
 
     pub(super) fn due(&self) -> bool {
         self.pending >= self.cfg.flush.flush_max_events
-            || self.retrying
+            || self.sealed.is_some()
             || self.last_flush.elapsed() >= Duration::from_millis(self.cfg.flush.flush_interval_ms)
     }
 }

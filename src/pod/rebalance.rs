@@ -63,9 +63,14 @@ impl ConsumerContext for PodContext {
                 // last committed (durable) offsets, so nothing is lost. The
                 // drained changes stay pending and are written once their
                 // outputs are acknowledged, keeping RocksDB consistent.
-                if let Err(e) = proc.flush(consumer, self.callback_budget) {
+                if let Err(e) = proc.flush_all(consumer, self.callback_budget) {
                     warn!(error = %e, "flush on revoke did not finish in time; releasing without a commit");
                 }
+                // Whatever is still pending for them is dropped: nothing
+                // more is sent, written or committed for a released
+                // partition (its next owner redoes it from the durable
+                // offsets).
+                proc.drop_pending(consumer, &partitions);
                 for p in &partitions {
                     proc.release_partition(*p);
                 }
@@ -97,6 +102,7 @@ impl Processor {
                 .remove_label_values(&[&p.to_string()]);
         }
         self.engine.revoke(p);
+        self.cycle.revoke(&[p]);
         self.held.remove(&p);
         self.published.remove(&p);
         self.metrics.assigned_partitions.set(self.held.len() as i64);

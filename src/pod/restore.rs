@@ -16,6 +16,9 @@ pub(super) struct Restoring {
     pub(super) count: u64,
     /// The restore failed: the partition is rebuilt from the input log.
     pub(super) failed: bool,
+    /// After a transient error: not before this instant, with this back-off.
+    pub(super) retry_at: Option<Instant>,
+    pub(super) backoff: crate::kafka::Backoff,
 }
 
 impl Restoring {
@@ -27,6 +30,8 @@ impl Restoring {
             last: -1,
             count: 0,
             failed: false,
+            retry_at: None,
+            backoff: crate::kafka::Backoff::default(),
         }
     }
 }
@@ -40,12 +45,33 @@ impl Processor {
         let Some(p) = self.restoring.keys().next().copied() else {
             return;
         };
+        if self.restoring[&p]
+            .retry_at
+            .is_some_and(|t| Instant::now() < t)
+        {
+            return;
+        }
         let deadline = Instant::now() + budget;
         let done = match self.catch_up_from_changelog(p, deadline) {
             Ok(done) => done,
+            Err(e) if e.is_transient() => {
+                // A leader moving, a timeout, brokers down: the state is
+                // fine, the broker is not. Try again later from where the
+                // store is (rows and checkpoint advance together); never
+                // throw the state away for it.
+                self.metrics.restore_retries.inc();
+                if let Some(r) = self.restoring.get_mut(&p) {
+                    r.reader = None;
+                    let wait = r.backoff.next_delay();
+                    r.retry_at = Some(Instant::now() + wait);
+                    warn!(partition = p, error = %e, retry_in_ms = wait.as_millis() as u64, "restore stalled on a transient broker error; retrying");
+                }
+                false
+            }
             Err(e) => {
-                // A partial restore must not mix with a rebuild: start the
-                // partition over from an empty store.
+                // A real inconsistency (a record of another format, a
+                // store error). A partial restore must not mix with a
+                // rebuild: start the partition over from an empty store.
                 error!(partition = p, error = %e, "cannot restore the partition's state; rebuilding it from the log");
                 if let Err(e) = self.store.clear_partition(p) {
                     error!(partition = p, error = %e, "cannot clear the partition's local state");

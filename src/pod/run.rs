@@ -72,6 +72,50 @@ pub(super) fn producer_config(cfg: &PodConfig) -> Result<ClientConfig, PodError>
     ]))
 }
 
+/// How long start-up retries transient broker errors before giving up.
+const STARTUP_RETRY_FOR: Duration = Duration::from_secs(120);
+
+/// Runs a start-up step, retrying transient broker errors (a leader
+/// moving, a timeout, brokers briefly down) with back-off and a log line
+/// each, for up to [`STARTUP_RETRY_FOR`]. Under Kubernetes an exit here
+/// would become a crash loop with growing back-off. A user's error (a
+/// missing topic, a bad setting) is returned at once.
+fn with_retries<T>(
+    what: &str,
+    mut step: impl FnMut() -> Result<T, PodError>,
+) -> Result<T, PodError> {
+    let deadline = Instant::now() + STARTUP_RETRY_FOR;
+    let mut backoff = crate::kafka::Backoff::default();
+    loop {
+        match step() {
+            Err(e) if e.is_transient() && Instant::now() < deadline => {
+                let wait = backoff.next_delay();
+                warn!(step = what, error = %e, retry_in_ms = wait.as_millis() as u64, "transient broker error at start-up; retrying");
+                std::thread::sleep(wait);
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The partition count of `topic`, or `None` if it does not exist.
+fn partition_count(probe: &BaseConsumer, topic: &str) -> Result<Option<usize>, PodError> {
+    let md = probe.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let t = md.topics().iter().find(|t| t.name() == topic);
+    match t {
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+            Ok(Some(t.partitions().len()))
+        }
+        Some(t) => match t.error().map(RDKafkaErrorCode::from) {
+            // The broker said so: the topic is not there.
+            Some(RDKafkaErrorCode::UnknownTopicOrPartition) | None => Ok(None),
+            // Anything else (a leader election, …) is worth another look.
+            Some(code) => Err(PodError::Kafka(KafkaError::MetadataFetch(code))),
+        },
+        None => Ok(None),
+    }
+}
+
 /// Starts a pod: checks the input topic, loads FX rates, opens the state
 /// store, joins the group, and runs the loop on its own thread.
 pub fn start(cfg: PodConfig) -> Result<PodHandle, PodError> {
@@ -84,23 +128,36 @@ pub fn start_with_metrics(cfg: PodConfig, metrics: Arc<Metrics>) -> Result<PodHa
     let core_cfg = cfg.core()?;
     let extra = cfg.kafka_properties()?;
     let probe: BaseConsumer = consumer_config(&cfg)?.create()?;
-    let md = probe.fetch_metadata(Some(&cfg.topics.input_topic), Duration::from_secs(10))?;
-    let exists = md.topics().iter().any(|t| {
-        t.name() == cfg.topics.input_topic && t.error().is_none() && !t.partitions().is_empty()
-    });
-    if !exists {
-        return Err(PodError::NoInputTopic(cfg.topics.input_topic.clone()));
+    let input_partitions = with_retries("reading the input topic's metadata", || {
+        partition_count(&probe, &cfg.topics.input_topic)
+    })?
+    .ok_or_else(|| PodError::NoInputTopic(cfg.topics.input_topic.clone()))?;
+    // Input partition p's state goes to changelog partition p: a smaller
+    // changelog would fail mid-run with UnknownPartition. Refuse now.
+    let changelog_partitions = with_retries("reading the changelog's metadata", || {
+        partition_count(&probe, &cfg.topics.changelog_topic)
+    })?
+    .ok_or_else(|| PodError::NoChangelogTopic(cfg.topics.changelog_topic.clone()))?;
+    if changelog_partitions < input_partitions {
+        return Err(PodError::ChangelogPartitions {
+            changelog: cfg.topics.changelog_topic.clone(),
+            changelog_partitions,
+            input: cfg.topics.input_topic.clone(),
+            input_partitions,
+        });
     }
     drop(probe);
 
     let defaults = fx::defaults(cfg.limits.fx_defaults.as_deref())?;
-    let (fx_table, follower) = fx::bootstrap(
-        &cfg.kafka.brokers,
-        &extra,
-        &cfg.topics.fx_topic,
-        &defaults,
-        Duration::from_secs(30),
-    )?;
+    let (fx_table, follower) = with_retries("loading the FX rates", || {
+        Ok(fx::bootstrap(
+            &cfg.kafka.brokers,
+            &extra,
+            &cfg.topics.fx_topic,
+            &defaults,
+            Duration::from_secs(30),
+        )?)
+    })?;
     info!(currencies = fx_table.len(), "FX table loaded");
 
     std::fs::create_dir_all(&cfg.resources.state_dir).map_err(|source| PodError::StateDir {
@@ -129,12 +186,8 @@ pub fn start_with_metrics(cfg: PodConfig, metrics: Arc<Metrics>) -> Result<PodHa
             field: e.field,
             message: e.message,
         })?;
-    let producer: BaseProducer<AckContext> =
-        producer_config(&cfg)?.create_with_context(AckContext {
-            lanes: Default::default(),
-            changelog_topic: cfg.topics.changelog_topic.clone(),
-            changelog_max: Mutex::new(HashMap::new()),
-        })?;
+    let producer: BaseProducer<AckContext> = producer_config(&cfg)?
+        .create_with_context(AckContext::new(cfg.topics.changelog_topic.clone()))?;
     let stats = Arc::new(Stats::default());
     let processor = Arc::new(Mutex::new(Processor {
         input_topic: Arc::from(cfg.topics.input_topic.as_str()),
@@ -143,13 +196,10 @@ pub fn start_with_metrics(cfg: PodConfig, metrics: Arc<Metrics>) -> Result<PodHa
         engine,
         store,
         producer,
+        cycle: Cycle::new(),
         out: Vec::new(),
-        out_offered: 0,
-        send_blocked: false,
-        retrying: false,
-        changelog_out: Vec::new(),
-        outputs_acked: false,
-        pending_changes: None,
+        sealed: None,
+        reports: Vec::new(),
         effects: Vec::new(),
         pending: 0,
         last_flush: Instant::now(),
@@ -225,8 +275,14 @@ pub(super) fn run_loop(
             wait = Duration::ZERO;
         }
         let mut proc = lock(&processor);
-        // Serve the delivery reports of the outputs sent so far.
+        // Serve the delivery reports of the outputs sent so far; after a
+        // full queue, offer what waits.
         proc.producer.poll(Duration::ZERO);
+        proc.cycle.resume_sending();
+        if let Err(e) = proc.send_new() {
+            error!(error = %e, "producing outputs failed");
+            return Err(e);
+        }
         if !proc.restoring.is_empty() {
             proc.restore_step(&consumer, Duration::from_millis(50));
         }
@@ -277,7 +333,7 @@ pub(super) fn run_loop(
     let mut proc = lock(&processor);
     proc.tick();
     loop {
-        match proc.flush(
+        match proc.flush_all(
             &consumer,
             deadline.saturating_duration_since(Instant::now()),
         ) {
@@ -285,10 +341,8 @@ pub(super) fn run_loop(
             Err(PodError::ProduceTimeout(_)) if Instant::now() < deadline => continue,
             Err(e) => {
                 warn!(error = %e, "final flush failed; the next owner redoes the work from the last durable offsets");
-                proc.retrying = false;
-                proc.clear_batch();
-                proc.outputs_acked = false;
-                proc.pending_changes = None;
+                let all: Vec<Partition> = proc.cycle.owned().collect();
+                proc.drop_pending(&consumer, &all);
                 break;
             }
         }

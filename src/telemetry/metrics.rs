@@ -30,6 +30,7 @@ pub struct Metrics {
     pub rebalances: IntCounterVec,
     pub assigned_partitions: IntGauge,
     pub restore_records: IntCounter,
+    pub restore_retries: IntCounter,
     pub restore_duration: Histogram,
     pub restoring_partitions: IntGauge,
     pub restore_remaining: IntGaugeVec,
@@ -59,6 +60,7 @@ pub const NAMES: &[&str] = &[
     "tally_rebalances_total",
     "tally_assigned_partitions",
     "tally_restore_records_total",
+    "tally_restore_retries_total",
     "tally_restore_duration_seconds",
     "tally_restoring_partitions",
     "tally_restore_remaining_records",
@@ -240,6 +242,14 @@ impl Metrics {
                 IntCounter::new(
                     "tally_restore_records_total",
                     "State rows restored on assignment",
+                )
+                .expect("valid metric"),
+            ),
+            restore_retries: reg(
+                &r,
+                IntCounter::new(
+                    "tally_restore_retries_total",
+                    "Restore steps retried after a transient broker error (a stalled restore)",
                 )
                 .expect("valid metric"),
             ),

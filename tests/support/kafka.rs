@@ -240,9 +240,18 @@ pub fn read_all(brokers: &str, name: &str) -> Vec<Rec> {
 /// gives the true end; on a correct broker that batch is the last record
 /// itself, and the answer is the same.
 fn watermarks(consumer: &BaseConsumer, brokers: &str, topic: &str, p: i32) -> (i64, i64) {
-    let (lo, hi) = consumer
-        .fetch_watermarks(topic, p, Duration::from_secs(10))
-        .expect("watermarks");
+    // Retried: fault tests inject ListOffsets errors meant for the pod, and
+    // this reader may draw some of them.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (lo, hi) = loop {
+        match consumer.fetch_watermarks(topic, p, Duration::from_secs(10)) {
+            Ok(w) => break w,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("watermarks of {topic}/{p}: {e}; asking again");
+            }
+            Err(e) => panic!("watermarks of {topic}/{p}: {e}"),
+        }
+    };
     if external_brokers().is_none() || hi <= lo {
         return (lo, hi);
     }
