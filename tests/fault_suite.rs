@@ -184,3 +184,152 @@ fn a_transient_error_during_restore_keeps_the_state() {
     assert_totals_equal(&published_totals(&brokers), &truth_totals(&all));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The latest `revenue-windows` row of every (window, partition) key, as
+/// compaction would leave them: `(spec, key, start, partition) → final`.
+fn latest_finals(brokers: &str) -> std::collections::BTreeMap<(String, String, i64, i32), bool> {
+    let mut latest = std::collections::BTreeMap::new();
+    for r in read_all(brokers, "revenue-windows") {
+        let Some(k) = r.key.as_deref() else { continue };
+        if k.starts_with(tally::wire::PROGRESS_PREFIX.as_bytes()) {
+            continue;
+        }
+        let Some(p) = r.payload else {
+            continue;
+        };
+        let w: tally::wire::WindowRecord = serde_json::from_slice(&p).expect("a window row");
+        latest.insert((w.spec, w.key, w.start, w.partition), w.is_final);
+    }
+    latest
+}
+
+/// Scenario 2: finals made while a flush waits for a slow changelog are
+/// not lost. The outputs are acknowledged, the changelog's leader answers
+/// after 10 s (the flush budget is 3 s), and meanwhile a tick closes the
+/// windows of idle partitions. Before: their finals were appended to the
+/// batch whose outputs were already acknowledged, never sent, and dropped
+/// when the batch was cleared; those windows stayed `final: false` on
+/// `revenue-windows` (the deadline below ran out with hundreds open).
+#[test]
+fn finals_made_during_a_slow_changelog_are_published() {
+    if skip_on_external("it slows one broker down, which only the mock cluster can do") {
+        return;
+    }
+    let specs = declared_topics();
+    let broker = TestBroker::start(3, &specs);
+    let brokers = broker.bootstrap_servers();
+    let cluster = broker.mock().expect("the mock cluster").cluster();
+    for t in &specs {
+        for p in 0..t.partitions {
+            let leader = if t.name == "tally-changelog" { 3 } else { 1 };
+            cluster
+                .partition_leader(&topic(&t.name), p, Some(leader))
+                .unwrap();
+        }
+    }
+    let group_name = "slow-changelog";
+    cluster
+        .coordinator(MockCoordinator::Group(group(group_name)), 1)
+        .unwrap();
+    let dir = temp_dir("slow-changelog");
+    let mut cfg = pod_config(&brokers, group_name, dir.clone());
+    cfg.kafka.max_poll_interval_ms = 9_000; // a 3 s flush budget
+                                            // Longer than the flush budget: the driver below stays active across
+                                            // one timed-out flush, while the other partitions are long idle.
+    cfg.job.idle_timeout_ms = 5_000;
+    let main = orders(2_000, 84);
+    // One customer (so one partition) far later in event time, in one
+    // burst: its watermark moves on, the idle partitions follow it, and
+    // their windows close on a tick, most likely one after the burst's
+    // batch was sealed (a tick is due every 500 ms, a flush every 50 ms).
+    // No record follows, so nothing but the flush sends those finals.
+    let driver = gen::generate(&GenSpec {
+        count: 20,
+        seed: 85,
+        customers: 1,
+        start_ms: GenSpec::default().start_ms + 2 * 3_600_000,
+        ..GenSpec::default()
+    });
+    produce_input(&brokers, &main);
+    let handle = pod::start(cfg.clone()).unwrap();
+    wait_all_committed(
+        &brokers,
+        group_name,
+        "the main orders",
+        Duration::from_secs(60),
+    );
+    let idle = |b: &str| {
+        read_all(b, "revenue-windows")
+            .into_iter()
+            .filter(|r| {
+                r.key
+                    .as_deref()
+                    .is_some_and(|k| k.starts_with(tally::wire::PROGRESS_PREFIX.as_bytes()))
+            })
+            .filter_map(|r| r.payload)
+            .filter_map(|p| serde_json::from_slice::<serde_json::Value>(&p).ok())
+            .fold(std::collections::BTreeMap::new(), |mut m, v| {
+                m.insert(v["partition"].as_i64(), v["idle"].as_bool() == Some(true));
+                m
+            })
+    };
+    wait_until(
+        "every partition to be idle",
+        Duration::from_secs(60),
+        || {
+            let m = idle(&brokers);
+            !m.is_empty() && m.values().all(|i| *i)
+        },
+    );
+
+    cluster
+        .broker_round_trip_time(3, Duration::from_secs(10))
+        .unwrap();
+    let failures = handle
+        .stats
+        .flush_failures
+        .load(std::sync::atomic::Ordering::Relaxed);
+    produce_input(&brokers, &driver);
+    let stats = handle.stats.clone();
+    use std::sync::atomic::Ordering::Relaxed;
+    wait_until(
+        "a flush to time out on the slow changelog",
+        Duration::from_secs(60),
+        || stats.flush_failures.load(Relaxed) > failures,
+    );
+    // Ticks run while the batch waits for the changelog's slow answer;
+    // then that batch completes.
+    let flushes = stats.flushes.load(Relaxed);
+    wait_until(
+        "the slow batch to complete",
+        Duration::from_secs(60),
+        || stats.flushes.load(Relaxed) > flushes,
+    );
+    cluster.broker_round_trip_time(3, Duration::ZERO).unwrap();
+    let mut all = main.clone();
+    all.extend_from_slice(&driver);
+    wait_all_committed(
+        &brokers,
+        group_name,
+        "the driver's orders",
+        Duration::from_secs(90),
+    );
+
+    // Every window of the main orders has closed on the driver's
+    // watermark: its latest row, on every partition, must be final.
+    let main_start = GenSpec::default().start_ms + 3_600_000;
+    let open = |l: &std::collections::BTreeMap<(String, String, i64, i32), bool>| {
+        l.iter()
+            .filter(|((_, _, start, _), fin)| *start < main_start && !**fin)
+            .count()
+    };
+    let mut last = usize::MAX;
+    wait_until("every main window's final", Duration::from_secs(30), || {
+        last = open(&latest_finals(&brokers));
+        last == 0
+    });
+    handle.join().unwrap();
+    assert_eq!(last, 0, "windows of idle partitions left without a final");
+    assert_totals_equal(&published_totals(&brokers), &truth_totals(&all));
+    let _ = std::fs::remove_dir_all(&dir);
+}
