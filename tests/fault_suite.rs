@@ -333,3 +333,68 @@ fn finals_made_during_a_slow_changelog_are_published() {
     assert_totals_equal(&published_totals(&brokers), &truth_totals(&all));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Scenario 4: a pod that returns to a partition after longer than the
+/// changelog's `delete.retention.ms` does not trust its local state (its
+/// other owners' deletions may have been compacted away, and the tail
+/// after its checkpoint would bring closed windows and merged sessions
+/// back); it restores the partition in full. The mock cluster does not
+/// compact, so the test checks the decision (rows restored from the
+/// changelog although the local checkpoint is current) and the totals.
+/// Before: only the tail after the local checkpoint was read (here none:
+/// 0 rows restored).
+#[test]
+fn a_pod_back_after_a_long_absence_restores_in_full() {
+    if skip_on_external("it counts restored rows against a broker of its own") {
+        return;
+    }
+    let broker = TestBroker::start(1, &declared_topics());
+    let brokers = broker.bootstrap_servers();
+    let dir = temp_dir("long-absence");
+    let cfg = pod_config(&brokers, "long-absence", dir.clone());
+    let records = orders(1_000, 86);
+    produce_input(&brokers, &records);
+    let handle = pod::start(cfg.clone()).unwrap();
+    wait_all_committed(
+        &brokers,
+        "long-absence",
+        "the orders",
+        Duration::from_secs(60),
+    );
+    handle.join().unwrap();
+
+    // As if the pod had been away longer than the tombstone retention.
+    let mut back = cfg.clone();
+    back.topics.changelog_delete_retention_ms = 1;
+    let handle = pod::start(back).unwrap();
+    let (stats, metrics) = (handle.stats.clone(), handle.metrics.clone());
+    wait_until("the restore", Duration::from_secs(60), || {
+        stats.joined.load(std::sync::atomic::Ordering::SeqCst)
+            && stats.restoring.lock().unwrap().is_empty()
+            && metrics.assigned_partitions.get() > 0
+    });
+    let more = gen::generate(&GenSpec {
+        count: 500,
+        seed: 87,
+        customers: 200,
+        start_ms: GenSpec::default().start_ms + 3_600_000,
+        ..GenSpec::default()
+    });
+    produce_input(&brokers, &more);
+    wait_all_committed(
+        &brokers,
+        "long-absence",
+        "the later orders",
+        Duration::from_secs(60),
+    );
+    let restored = metrics.restore_records.get();
+    handle.join().unwrap();
+    assert!(
+        restored > 0,
+        "the partitions were restored in full from the changelog"
+    );
+    let mut all = records.clone();
+    all.extend_from_slice(&more);
+    assert_totals_equal(&published_totals(&brokers), &truth_totals(&all));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -128,6 +128,16 @@ pub struct TopicNames {
     /// Compacted state changelog, partitioned like the input topic.
     #[arg(long, env = "TALLY_CHANGELOG_TOPIC", default_value = "tally-changelog")]
     pub changelog_topic: String,
+    /// The changelog's `delete.retention.ms`: local state last written
+    /// longer ago than this may predate tombstones that compaction has since
+    /// removed, so such a partition is restored in full, not from its local
+    /// checkpoint. Must not exceed the topic's setting.
+    #[arg(
+        long,
+        env = "TALLY_CHANGELOG_DELETE_RETENTION_MS",
+        default_value_t = 86_400_000
+    )]
+    pub changelog_delete_retention_ms: i64,
 }
 
 /// When the pod makes its work durable.
@@ -342,6 +352,12 @@ impl PodConfig {
         }
         if self.kafka.group.trim().is_empty() {
             return Err(invalid("group", "must not be empty"));
+        }
+        if self.topics.changelog_delete_retention_ms < 1 {
+            return Err(invalid(
+                "changelog_delete_retention_ms",
+                "must be ≥ 1 (the changelog topic's delete.retention.ms)",
+            ));
         }
         if !["cooperative-sticky", "range", "roundrobin"]
             .contains(&self.kafka.assignment_strategy.as_str())

@@ -212,7 +212,8 @@ impl Processor {
                         .map(|(p, o)| (*p, *o))
                         .collect();
                     if s.changes.iter().all(|c| parts.contains(&c.0)) {
-                        self.store.write_encoded(&s.changes, &checkpoints)?;
+                        self.store
+                            .write_encoded_at(&s.changes, &checkpoints, Some(now_ms()))?;
                     } else {
                         // A partition was revoked mid-flush: its rows stay out.
                         let kept: Vec<Encoded> = s
@@ -221,7 +222,8 @@ impl Processor {
                             .filter(|c| parts.contains(&c.0))
                             .cloned()
                             .collect();
-                        self.store.write_encoded(&kept, &checkpoints)?;
+                        self.store
+                            .write_encoded_at(&kept, &checkpoints, Some(now_ms()))?;
                     }
                     self.cycle.written(id);
                 }

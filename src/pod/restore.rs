@@ -164,6 +164,19 @@ impl Processor {
             let (low, high) = reader.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
             let mut checkpoint = self.store.checkpoint(p)?;
             debug!(partition = p, low, high, checkpoint = ?checkpoint, "changelog catch-up");
+            // Back after a long absence: deletions made meanwhile by the
+            // partition's other owners may have been compacted away, so the
+            // tail after our checkpoint would not delete what they deleted
+            // (closed windows, merged sessions would come back). Restore in
+            // full. A state with no recorded time is as old as can be.
+            let age = self.store.written_at(p)?.map(|t| now_ms() - t);
+            if checkpoint.is_some()
+                && age.is_none_or(|a| a > self.cfg.topics.changelog_delete_retention_ms)
+            {
+                warn!(partition = p, age_ms = ?age, delete_retention_ms = self.cfg.topics.changelog_delete_retention_ms, "local state is older than the changelog's tombstone retention; restoring the partition in full");
+                self.store.clear_partition(p)?;
+                checkpoint = None;
+            }
             if checkpoint.is_some_and(|c| c >= high) {
                 // The local rows claim records the changelog never had: it
                 // was recreated. Local state cannot be trusted; rebuild from it.
@@ -210,13 +223,15 @@ impl Processor {
             }
             caught_up = last + 1 >= high;
             if batch.len() >= 10_000 {
-                self.store.write_encoded(&batch, &[(p, last)])?;
+                self.store
+                    .write_encoded_at(&batch, &[(p, last)], Some(now_ms()))?;
                 batch.clear();
             }
         }
         let checkpoint = if caught_up { high - 1 } else { last };
         if checkpoint >= 0 && (caught_up || !batch.is_empty()) {
-            self.store.write_encoded(&batch, &[(p, checkpoint)])?;
+            self.store
+                .write_encoded_at(&batch, &[(p, checkpoint)], Some(now_ms()))?;
         }
         r.last = last;
         r.count += count;

@@ -38,6 +38,14 @@ pub enum StoreError {
 const FINGERPRINT_KEY: &[u8] = b"f";
 const ROW_PREFIX: u8 = b's';
 const CHECKPOINT_PREFIX: u8 = b'c';
+/// When a partition's rows were last written (wall ms): local state older
+/// than the changelog's `delete.retention.ms` is not trusted.
+const WRITTEN_PREFIX: u8 = b'w';
+
+fn written_key(p: Partition) -> [u8; 5] {
+    let b = p.to_be_bytes();
+    [WRITTEN_PREFIX, b[0], b[1], b[2], b[3]]
+}
 
 fn checkpoint_key(p: Partition) -> [u8; 5] {
     let b = p.to_be_bytes();
@@ -123,6 +131,17 @@ impl Store {
         changes: &[Encoded],
         checkpoints: &[(Partition, i64)],
     ) -> Result<(), StoreError> {
+        self.write_encoded_at(changes, checkpoints, None)
+    }
+
+    /// [`Store::write_encoded`], also recording `now_ms` as the time each
+    /// checkpointed partition's state was last written.
+    pub fn write_encoded_at(
+        &self,
+        changes: &[Encoded],
+        checkpoints: &[(Partition, i64)],
+        now_ms: Option<i64>,
+    ) -> Result<(), StoreError> {
         if changes.is_empty() && checkpoints.is_empty() {
             return Ok(());
         }
@@ -137,6 +156,9 @@ impl Store {
         }
         for (p, offset) in checkpoints {
             batch.put(checkpoint_key(*p), offset.to_be_bytes());
+            if let Some(now) = now_ms {
+                batch.put(written_key(*p), now.to_be_bytes());
+            }
         }
         let mut w = WriteOptions::default();
         w.set_sync(true);
@@ -158,6 +180,15 @@ impl Store {
         })
     }
 
+    /// When this partition's local state was last written (wall ms), if
+    /// recorded.
+    pub fn written_at(&self, p: Partition) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .db
+            .get(written_key(p))?
+            .and_then(|v| v.as_slice().try_into().ok().map(i64::from_be_bytes)))
+    }
+
     /// The highest changelog offset this partition's local rows reflect.
     pub fn checkpoint(&self, p: Partition) -> Result<Option<i64>, StoreError> {
         Ok(self
@@ -177,6 +208,7 @@ impl Store {
         };
         batch.delete_range(from.to_vec(), to);
         batch.delete(checkpoint_key(p));
+        batch.delete(written_key(p));
         let mut w = WriteOptions::default();
         w.set_sync(true);
         self.db.write_opt(batch, &w)?;
