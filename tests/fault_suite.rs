@@ -168,7 +168,7 @@ fn a_transient_error_during_restore_keeps_the_state() {
         "the second half",
         Duration::from_secs(90),
     );
-    let read = stats.records.load(std::sync::atomic::Ordering::Relaxed);
+    let read = stats.records();
     handle.join().unwrap();
     assert!(
         metrics.restore_retries.get() > 0,
@@ -285,25 +285,21 @@ fn finals_made_during_a_slow_changelog_are_published() {
     cluster
         .broker_round_trip_time(3, Duration::from_secs(10))
         .unwrap();
-    let failures = handle
-        .stats
-        .flush_failures
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let failures = handle.stats.flush_failures();
     produce_input(&brokers, &driver);
     let stats = handle.stats.clone();
-    use std::sync::atomic::Ordering::Relaxed;
     wait_until(
         "a flush to time out on the slow changelog",
         Duration::from_secs(60),
-        || stats.flush_failures.load(Relaxed) > failures,
+        || stats.flush_failures() > failures,
     );
     // Ticks run while the batch waits for the changelog's slow answer;
     // then that batch completes.
-    let flushes = stats.flushes.load(Relaxed);
+    let flushes = stats.flushes();
     wait_until(
         "the slow batch to complete",
         Duration::from_secs(60),
-        || stats.flushes.load(Relaxed) > flushes,
+        || stats.flushes() > flushes,
     );
     cluster.broker_round_trip_time(3, Duration::ZERO).unwrap();
     let mut all = main.clone();

@@ -85,10 +85,7 @@ fn every_window_total_dlq_and_late_record_matches_the_truth() {
     assert_eq!(late, want_late);
 
     // Duplicates count once (the totals above), and are counted as such.
-    assert_eq!(
-        stats.duplicates.load(std::sync::atomic::Ordering::Relaxed),
-        dups
-    );
+    assert_eq!(stats.duplicates(), dups);
 
     // Enriched orders carry the enrichment and pass other fields through.
     let enriched = read_all(&brokers, "enriched-orders");

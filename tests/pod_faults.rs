@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rdkafka::mocking::MockCoordinator;
@@ -75,7 +74,7 @@ fn request_errors_and_a_broker_outage_lose_and_double_nothing() {
     caught_up("the second third, through request errors");
 
     // A broker outage: its partitions cannot be written until it returns.
-    let flush_failures_before = stats.flush_failures.load(Ordering::Relaxed);
+    let flush_failures_before = stats.flush_failures();
     cluster.broker_down(1).unwrap();
     let producer = {
         let (brokers, c) = (brokers.clone(), c.to_vec());
@@ -86,7 +85,7 @@ fn request_errors_and_a_broker_outage_lose_and_double_nothing() {
     wait_until(
         "the pod to notice unacknowledged outputs",
         Duration::from_secs(60),
-        || stats.flush_failures.load(Ordering::Relaxed) > flush_failures_before,
+        || stats.flush_failures() > flush_failures_before,
     );
     assert!(!handle.is_finished(), "the pod must survive the outage");
     cluster.broker_up(1).unwrap();

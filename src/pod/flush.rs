@@ -77,7 +77,6 @@ impl Processor {
                 break;
             }
             if Instant::now() >= deadline {
-                add(&self.stats.flush_failures, 1);
                 self.metrics.flush_failures.inc();
                 return Err(PodError::ProduceTimeout(self.last_flush.elapsed()));
             }
@@ -89,7 +88,6 @@ impl Processor {
             self.take_reports();
             self.cycle.resume_sending();
         }
-        add(&self.stats.flushes, 1);
         self.report(started);
         self.update_lag(consumer);
         debug!(
@@ -312,7 +310,6 @@ impl Processor {
         }
         if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
             // Not fatal: RocksDB holds the offsets and wins on restart.
-            add(&self.stats.commit_failures, 1);
             self.metrics.commit_failures.inc();
             warn!(error = %e, "offset commit failed; will commit again after the next flush");
         }

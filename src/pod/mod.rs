@@ -101,25 +101,82 @@ pub enum PodError {
     Cycle(String),
 }
 
-/// Counters of what the pod did. Updated once per record batch or flush.
-#[derive(Debug, Default)]
+/// What the pod's readiness and its callers ask of it. The counts are
+/// read from the pod's Prometheus metrics, the one source of every counter
+/// (`telemetry::metrics`), updated once per flush; this keeps only the state
+/// that is not a counter.
 pub struct Stats {
-    pub records: AtomicU64,
-    pub valid: AtomicU64,
-    pub invalid: AtomicU64,
-    pub late: AtomicU64,
-    pub duplicates: AtomicU64,
-    pub flushes: AtomicU64,
-    pub flush_failures: AtomicU64,
-    pub commit_failures: AtomicU64,
-    pub rebalances: AtomicU64,
-    pub restored_rows: AtomicU64,
+    metrics: Arc<Metrics>,
     /// Set once the group has given this pod an assignment (possibly empty).
     pub joined: AtomicBool,
     /// Consumer lag summed over the held partitions, at the last check.
     pub lag: AtomicU64,
     /// Assigned partitions still restoring: the pod is not ready for them.
     pub restoring: Mutex<Vec<Partition>>,
+}
+
+impl std::fmt::Debug for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stats")
+            .field("records", &self.records())
+            .field("flushes", &self.flushes())
+            .field("joined", &self.joined)
+            .field("lag", &self.lag)
+            .finish()
+    }
+}
+
+impl Stats {
+    pub fn new(metrics: Arc<Metrics>) -> Stats {
+        Stats {
+            metrics,
+            joined: AtomicBool::new(false),
+            lag: AtomicU64::new(0),
+            restoring: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn outcome(&self, o: &str) -> u64 {
+        self.metrics.events.with_label_values(&[o]).get()
+    }
+
+    /// Input records consumed (`tally_records_consumed_total`).
+    pub fn records(&self) -> u64 {
+        self.metrics.records_consumed.get()
+    }
+    pub fn valid(&self) -> u64 {
+        self.outcome("valid")
+    }
+    pub fn invalid(&self) -> u64 {
+        self.outcome("invalid")
+    }
+    pub fn late(&self) -> u64 {
+        self.outcome("late")
+    }
+    pub fn duplicates(&self) -> u64 {
+        self.outcome("duplicate")
+    }
+    /// Flushes completed (the count of `tally_flush_duration_seconds`).
+    pub fn flushes(&self) -> u64 {
+        self.metrics.flush_duration.get_sample_count()
+    }
+    pub fn flush_failures(&self) -> u64 {
+        self.metrics.flush_failures.get()
+    }
+    pub fn commit_failures(&self) -> u64 {
+        self.metrics.commit_failures.get()
+    }
+    /// Assign and revoke callbacks.
+    pub fn rebalances(&self) -> u64 {
+        ["assign", "revoke"]
+            .iter()
+            .map(|k| self.metrics.rebalances.with_label_values(&[k]).get())
+            .sum()
+    }
+    /// State rows restored from the changelog (`tally_restore_records_total`).
+    pub fn restored_rows(&self) -> u64 {
+        self.metrics.restore_records.get()
+    }
 }
 
 impl PodError {
@@ -133,10 +190,6 @@ impl PodError {
             _ => false,
         }
     }
-}
-
-fn add(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
 }
 
 pub fn now_ms() -> i64 {

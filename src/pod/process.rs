@@ -249,11 +249,6 @@ impl Processor {
         let m = &self.metrics;
         let c = std::mem::take(&mut self.unreported);
         let invalid: u64 = c.invalid.iter().sum();
-        add(&self.stats.records, c.records);
-        add(&self.stats.valid, c.valid);
-        add(&self.stats.invalid, invalid);
-        add(&self.stats.late, c.late);
-        add(&self.stats.duplicates, c.duplicate);
         m.flush_duration.observe(started.elapsed().as_secs_f64());
         m.flush_records.observe(c.records as f64);
         m.records_consumed.inc_by(c.records);

@@ -20,7 +20,6 @@ impl ConsumerContext for PodContext {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
-        add(&self.stats.rebalances, 1);
         let cooperative = matches!(
             consumer.rebalance_protocol(),
             RebalanceProtocol::Cooperative

@@ -236,7 +236,6 @@ impl Processor {
         r.last = last;
         r.count += count;
         self.metrics.restore_records.inc_by(count);
-        add(&self.stats.restored_rows, count);
         self.metrics
             .restore_remaining
             .with_label_values(&[&p.to_string()])

@@ -188,7 +188,7 @@ pub fn start_with_metrics(cfg: PodConfig, metrics: Arc<Metrics>) -> Result<PodHa
         })?;
     let producer: BaseProducer<AckContext> = producer_config(&cfg)?
         .create_with_context(AckContext::new(cfg.topics.changelog_topic.clone()))?;
-    let stats = Arc::new(Stats::default());
+    let stats = Arc::new(Stats::new(metrics.clone()));
     let processor = Arc::new(Mutex::new(Processor {
         input_topic: Arc::from(cfg.topics.input_topic.as_str()),
         clients: cfg.clients()?,

@@ -1,6 +1,12 @@
 //! What the pod says about itself: logs ([`init_logging`]), Prometheus
 //! metrics ([`metrics`], the one source of every counter) and the memory
 //! budget read from the container ([`memory`]).
+//!
+//! There is one sink per counter: the pod counts a batch in a plain local
+//! struct (`pod::Counts`, no atomics on the hot path) and adds it to the
+//! Prometheus metrics once per flush; `pod::Stats` reads its counts back
+//! from those metrics, and keeps only what is not a counter (joined, lag,
+//! partitions restoring).
 
 pub mod memory;
 pub mod metrics;

@@ -149,13 +149,7 @@ fn measure_pod(
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut first: Option<Instant> = None;
     loop {
-        if first.is_none()
-            && handle
-                .stats
-                .records
-                .load(std::sync::atomic::Ordering::Relaxed)
-                > 0
-        {
+        if first.is_none() && handle.stats.records() > 0 {
             first = Some(Instant::now());
         }
         if committed_sum(brokers, group, &cfg.topics.input_topic, partitions)? >= total {
@@ -167,10 +161,7 @@ fn measure_pod(
         std::thread::park_timeout(Duration::from_millis(5));
     }
     let secs = first.map(|f| f.elapsed().as_secs_f64()).unwrap_or(f64::NAN);
-    let flushes = handle
-        .stats
-        .flushes
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let flushes = handle.stats.flushes();
     handle.join()?;
     let _ = std::fs::remove_dir_all(&cfg.resources.state_dir);
     Ok(json!({
@@ -541,10 +532,7 @@ pub fn serving(
     let mut fresh = probes
         .join()
         .map_err(|_| BenchError::Invalid("the probe thread panicked".into()))??;
-    let consumed = handle
-        .stats
-        .records
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let consumed = handle.stats.records();
     handle.join()?;
     follower.stop();
     let _ = std::fs::remove_dir_all(&cfg.resources.state_dir);
@@ -823,7 +811,7 @@ pub fn latency(
         producer.poll(Duration::ZERO);
     }
     let send_secs = started.elapsed().as_secs_f64();
-    let consumed = handle.stats.records.load(Ordering::Relaxed);
+    let consumed = handle.stats.records();
     rdkafka::producer::Producer::flush(&producer, Duration::from_secs(60))?;
     let deadline = Instant::now() + Duration::from_secs(60);
     let warmup = probes
