@@ -467,7 +467,8 @@ async fn demo(http_addr: String, rate: f64, topics_dir: Option<PathBuf>) -> anyh
     // the other way, they would log connection errors on the way out.
     server.abort();
     let _ = server.await;
-    tokio::task::spawn_blocking(move || drop(follower)).await?;
+    // `stop` joins the follower's thread, so its consumer is closed.
+    tokio::task::spawn_blocking(move || follower.stop()).await?;
     drop(broker);
     println!("tally demo: stopped cleanly");
     Ok(())

@@ -35,6 +35,8 @@ pub struct ViewFollower {
 }
 
 impl ViewFollower {
+    /// Stops the follower and waits for its thread, so its consumer is
+    /// closed when this returns (dropping only asks it to stop).
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
