@@ -394,3 +394,111 @@ fn a_pod_back_after_a_long_absence_restores_in_full() {
     assert_totals_equal(&published_totals(&brokers), &truth_totals(&all));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Every partition-meta row of `tally-changelog`, in log order per
+/// partition: `partition → [next_offset, …]`.
+fn changelog_meta(brokers: &str) -> std::collections::BTreeMap<i32, Vec<i64>> {
+    let meta_key = tally::state::codec::encode_key(&tally::core::RowKey::Meta).unwrap();
+    let mut out: std::collections::BTreeMap<i32, Vec<i64>> = Default::default();
+    let mut recs = read_all(brokers, "tally-changelog");
+    recs.sort_by_key(|r| (r.partition, r.offset));
+    for r in recs {
+        if r.key.as_deref() != Some(meta_key.as_slice()) {
+            continue;
+        }
+        let Some(v) = r.payload else { continue };
+        if let Ok(tally::core::StateRow::Meta(m)) = tally::state::codec::decode_row(&v) {
+            out.entry(r.partition).or_default().push(m.next_offset);
+        }
+    }
+    out
+}
+
+/// Scenario 1: a revoke during a slow flush. The outputs' and the
+/// changelog's leader answers after 5 s, so the flush in pod A's revoke
+/// callback (budget 3 s) cannot finish when pod B joins. A must drop what
+/// it had pending for the partitions it gives up: no changelog row or
+/// output of theirs may follow the new owner's. Checked as a user would:
+/// every partition's meta rows on the changelog never go back, and
+/// `revenue-windows` read latest-per-key equals the truth. Before: A kept
+/// the pending changes of the released partitions and wrote them once the
+/// broker answered, after B had restored: "partition 0's meta rows on the
+/// changelog go back: [333, 0, 671, 333, 671, 671]".
+#[test]
+fn a_revoke_during_a_slow_flush_writes_nothing_for_the_partitions_given_up() {
+    if skip_on_external("it slows one broker down, which only the mock cluster can do") {
+        return;
+    }
+    let specs = declared_topics();
+    let broker = TestBroker::start(3, &specs);
+    let brokers = broker.bootstrap_servers();
+    let cluster = broker.mock().expect("the mock cluster").cluster();
+    for t in &specs {
+        for p in 0..t.partitions {
+            let leader = if t.name == "raw-orders" || t.name == "fx-rates" {
+                1
+            } else {
+                2
+            };
+            cluster
+                .partition_leader(&topic(&t.name), p, Some(leader))
+                .unwrap();
+        }
+    }
+    let group_name = "slow-revoke";
+    cluster
+        .coordinator(MockCoordinator::Group(group(group_name)), 1)
+        .unwrap();
+    let config = |name: &str| {
+        let mut c = pod_config(&brokers, group_name, temp_dir(name));
+        c.kafka.max_poll_interval_ms = 9_000; // a 3 s budget in the callback
+        c.kafka.assignment_strategy = "range".into();
+        c
+    };
+    let (cfg_a, cfg_b) = (config("slow-revoke-a"), config("slow-revoke-b"));
+    let first = orders(2_000, 88);
+    let second = gen::generate(&GenSpec {
+        count: 2_000,
+        seed: 89,
+        customers: 200,
+        start_ms: GenSpec::default().start_ms + 3_600_000,
+        ..GenSpec::default()
+    });
+    produce_input(&brokers, &first);
+    let a = pod::start(cfg_a.clone()).unwrap();
+    wait_all_committed(&brokers, group_name, "pod A", Duration::from_secs(60));
+
+    cluster
+        .broker_round_trip_time(2, Duration::from_secs(5))
+        .unwrap();
+    produce_input(&brokers, &second);
+    let failures = a.stats.flush_failures();
+    let sa = a.stats.clone();
+    wait_until(
+        "pod A's flush to wait on the slow broker",
+        Duration::from_secs(60),
+        || sa.flush_failures() > failures,
+    );
+    let rebalances = a.stats.rebalances();
+    let b = pod::start(cfg_b.clone()).unwrap();
+    wait_until("the rebalance", Duration::from_secs(60), || {
+        sa.rebalances() >= rebalances + 2
+    });
+    cluster.broker_round_trip_time(2, Duration::ZERO).unwrap();
+    wait_all_committed(&brokers, group_name, "both pods", Duration::from_secs(120));
+    a.join().unwrap();
+    b.join().unwrap();
+
+    for (p, metas) in changelog_meta(&brokers) {
+        assert!(
+            metas.windows(2).all(|w| w[0] <= w[1]),
+            "partition {p}'s meta rows on the changelog go back: {metas:?}"
+        );
+    }
+    let mut all = first.clone();
+    all.extend_from_slice(&second);
+    assert_totals_equal(&published_totals(&brokers), &truth_totals(&all));
+    for d in [cfg_a.resources.state_dir, cfg_b.resources.state_dir] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
