@@ -231,6 +231,9 @@ pub struct Processor {
     restoring: BTreeMap<Partition, Restoring>,
     /// Fetching is paused for every partition (outputs unacknowledged).
     fetch_paused: bool,
+    /// Restored partitions waiting for their seek to the resume offset
+    /// (paused until it succeeds).
+    seeks: BTreeMap<Partition, Offset>,
 }
 
 /// Per-batch counts, added to the metrics at flush.

@@ -102,6 +102,7 @@ impl Processor {
         }
         self.engine.revoke(p);
         self.cycle.revoke(&[p]);
+        self.seeks.remove(&p);
         self.held.remove(&p);
         self.published.remove(&p);
         self.metrics.assigned_partitions.set(self.held.len() as i64);

@@ -125,19 +125,33 @@ impl Processor {
         // RocksDB wins over the group's committed offset; without local
         // state the partition is rebuilt from the start of the log.
         let offset = next.map_or(Offset::Beginning, Offset::Offset);
-        if let Err(e) = consumer.seek(
-            &self.cfg.topics.input_topic,
-            p,
-            offset,
-            Duration::from_secs(10),
-        ) {
-            error!(partition = p, error = %e, "seek after restore failed");
+        self.seeks.insert(p, offset);
+        self.retry_seeks(consumer);
+    }
+
+    /// Seeks restored partitions to their resume offsets and resumes them.
+    /// A failed seek (the fetcher not ready yet, a timeout under load)
+    /// leaves the partition paused and is tried again on the next loop:
+    /// resuming it unsought would read it from its assigned offset (the
+    /// beginning, for a partition restored from the changelog alone), which
+    /// is exact (the engine skips what its rows hold) but starts over.
+    pub(super) fn retry_seeks(&mut self, consumer: &BaseConsumer<PodContext>) {
+        if self.seeks.is_empty() {
+            return;
         }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&self.cfg.topics.input_topic, p);
-        if !self.fetch_paused {
-            if let Err(e) = consumer.resume(&tpl) {
-                error!(partition = p, error = %e, "resume after restore failed");
+        let topic = self.cfg.topics.input_topic.clone();
+        for (p, offset) in std::mem::take(&mut self.seeks) {
+            if let Err(e) = consumer.seek(&topic, p, offset, Duration::from_secs(10)) {
+                warn!(partition = p, error = %e, "seek after restore failed; trying again");
+                self.seeks.insert(p, offset);
+                continue;
+            }
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&topic, p);
+            if !self.fetch_paused {
+                if let Err(e) = consumer.resume(&tpl) {
+                    error!(partition = p, error = %e, "resume after restore failed");
+                }
             }
         }
     }

@@ -211,6 +211,7 @@ pub fn start_with_metrics(cfg: PodConfig, metrics: Arc<Metrics>) -> Result<PodHa
         published: HashMap::new(),
         restoring: BTreeMap::new(),
         fetch_paused: false,
+        seeks: BTreeMap::new(),
     }));
     let ctx = PodContext {
         proc: processor.clone(),
@@ -286,6 +287,7 @@ pub(super) fn run_loop(
         if !proc.restoring.is_empty() {
             proc.restore_step(&consumer, Duration::from_millis(50));
         }
+        proc.retry_seeks(&consumer);
         if last_tick.elapsed() >= Duration::from_millis(500) {
             proc.tick();
             proc.update_lag(&consumer);
@@ -300,7 +302,9 @@ pub(super) fn run_loop(
                         if let Ok(a) = consumer.assignment() {
                             let mut tpl = TopicPartitionList::new();
                             for e in a.elements() {
-                                if !proc.restoring.contains_key(&e.partition()) {
+                                if !proc.restoring.contains_key(&e.partition())
+                                    && !proc.seeks.contains_key(&e.partition())
+                                {
                                     tpl.add_partition(e.topic(), e.partition());
                                 }
                             }
