@@ -2,12 +2,15 @@
 //!
 //! **Guarantee.** Window results are exact (no order lost or counted twice)
 //! across crashes and rebalances; output topics are at-least-once. This
-//! holds because of the flush order:
+//! holds because of the flush order, which `core::cycle::Cycle` decides
+//! and this module only performs:
 //! 1. produce every output of the micro-batch and wait for all acks
 //!    (idempotent producer, `acks=all`);
-//! 2. write the dirty rows and the partition meta (next offset, watermark)
-//!    to RocksDB in one synced batch;
-//! 3. commit the offsets to Kafka.
+//! 2. produce the changed rows to the changelog, group by group, waiting
+//!    for every ack;
+//! 3. write the rows and the partition meta (next offset, watermark) to
+//!    RocksDB in one synced batch;
+//! 4. commit the offsets to Kafka.
 //!
 //! A crash before 2 loses nothing: the pod resumes from the offsets in
 //! RocksDB, and the core ignores records already folded into a row. A crash
@@ -18,6 +21,18 @@
 //! One thread runs the loop. Rebalance callbacks run inside `poll` on the
 //! same thread; they lock the processor, which the loop never holds while
 //! polling.
+//!
+//! - `run`: start-up (with retries of transient broker errors), the poll
+//!   loop, [`PodHandle`].
+//! - `process`: records and ticks through the engine, effects into output
+//!   records registered with the cycle, per-flush reports.
+//! - `flush`: performs the cycle's actions (send, write, commit, durable,
+//!   purge, forget).
+//! - `acks`: queues the producer's delivery reports for the cycle.
+//! - `restore`: changelog → RocksDB → engine, outside the rebalance
+//!   callback, retrying transient errors.
+//! - `rebalance`: the consumer context (assign, revoke) and releasing a
+//!   partition.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
