@@ -27,6 +27,29 @@ fn orders(count: usize, seed: u64) -> Vec<gen::GenRecord> {
     })
 }
 
+/// A mock cluster of three brokers with the declared topics, every
+/// partition of topic `name` led by broker `leader(name)` and the group
+/// `group_name`'s coordinator on broker 1, so a fault put on one broker
+/// reaches exactly the topics placed there.
+fn three_brokers(group_name: &str, leader: impl Fn(&str) -> i32) -> TestBroker {
+    let specs = declared_topics();
+    let broker = TestBroker::start(3, &specs);
+    {
+        let cluster = broker.mock().expect("the mock cluster").cluster();
+        for t in &specs {
+            for p in 0..t.partitions {
+                cluster
+                    .partition_leader(&topic(&t.name), p, Some(leader(&t.name)))
+                    .unwrap();
+            }
+        }
+        cluster
+            .coordinator(MockCoordinator::Group(group(group_name)), 1)
+            .unwrap();
+    }
+    broker
+}
+
 /// Scenario 7: a changelog with fewer partitions than `raw-orders` is
 /// refused at start, with an error that names the topic and both counts.
 /// Before: the pod started, and died mid-run with `Message production
@@ -111,25 +134,12 @@ fn a_transient_error_during_restore_keeps_the_state() {
     if skip_on_external("it injects request errors, which only the mock cluster can do") {
         return;
     }
-    let specs = declared_topics();
-    let broker = TestBroker::start(3, &specs);
-    let brokers = broker.bootstrap_servers();
-    let mock = broker.mock().expect("the mock cluster");
-    let cluster = mock.cluster();
+    let group_name = "restore-errors";
     // The changelog on broker 3, everything else on broker 1, so errors on
     // broker 3 reach the restore's reads and nothing else.
-    for t in &specs {
-        for p in 0..t.partitions {
-            let leader = if t.name == "tally-changelog" { 3 } else { 1 };
-            cluster
-                .partition_leader(&topic(&t.name), p, Some(leader))
-                .unwrap();
-        }
-    }
-    let group_name = "restore-errors";
-    cluster
-        .coordinator(MockCoordinator::Group(group(group_name)), 1)
-        .unwrap();
+    let broker = three_brokers(group_name, |t| if t == "tally-changelog" { 3 } else { 1 });
+    let brokers = broker.bootstrap_servers();
+    let mock = broker.mock().expect("the mock cluster");
     let dir = temp_dir("restore-errors");
     let cfg = pod_config(&brokers, group_name, dir.clone());
     let first = orders(1_000, 82);
@@ -215,22 +225,10 @@ fn finals_made_during_a_slow_changelog_are_published() {
     if skip_on_external("it slows one broker down, which only the mock cluster can do") {
         return;
     }
-    let specs = declared_topics();
-    let broker = TestBroker::start(3, &specs);
+    let group_name = "slow-changelog";
+    let broker = three_brokers(group_name, |t| if t == "tally-changelog" { 3 } else { 1 });
     let brokers = broker.bootstrap_servers();
     let cluster = broker.mock().expect("the mock cluster").cluster();
-    for t in &specs {
-        for p in 0..t.partitions {
-            let leader = if t.name == "tally-changelog" { 3 } else { 1 };
-            cluster
-                .partition_leader(&topic(&t.name), p, Some(leader))
-                .unwrap();
-        }
-    }
-    let group_name = "slow-changelog";
-    cluster
-        .coordinator(MockCoordinator::Group(group(group_name)), 1)
-        .unwrap();
     let dir = temp_dir("slow-changelog");
     let mut cfg = pod_config(&brokers, group_name, dir.clone());
     cfg.kafka.max_poll_interval_ms = 9_000; // a 3 s flush budget
@@ -429,26 +427,17 @@ fn a_revoke_during_a_slow_flush_writes_nothing_for_the_partitions_given_up() {
     if skip_on_external("it slows one broker down, which only the mock cluster can do") {
         return;
     }
-    let specs = declared_topics();
-    let broker = TestBroker::start(3, &specs);
+    let group_name = "slow-revoke";
+    // The input and FX on broker 1; outputs and changelog on broker 2.
+    let broker = three_brokers(group_name, |t| {
+        if t == "raw-orders" || t == "fx-rates" {
+            1
+        } else {
+            2
+        }
+    });
     let brokers = broker.bootstrap_servers();
     let cluster = broker.mock().expect("the mock cluster").cluster();
-    for t in &specs {
-        for p in 0..t.partitions {
-            let leader = if t.name == "raw-orders" || t.name == "fx-rates" {
-                1
-            } else {
-                2
-            };
-            cluster
-                .partition_leader(&topic(&t.name), p, Some(leader))
-                .unwrap();
-        }
-    }
-    let group_name = "slow-revoke";
-    cluster
-        .coordinator(MockCoordinator::Group(group(group_name)), 1)
-        .unwrap();
     let config = |name: &str| {
         let mut c = pod_config(&brokers, group_name, temp_dir(name));
         c.kafka.max_poll_interval_ms = 9_000; // a 3 s budget in the callback
