@@ -210,10 +210,6 @@ impl Cycle {
         self.phase
     }
 
-    pub fn owns(&self, p: Partition) -> bool {
-        self.owned.contains(&p)
-    }
-
     pub fn owned(&self) -> impl Iterator<Item = Partition> + '_ {
         self.owned.iter().copied()
     }
@@ -470,14 +466,6 @@ impl Cycle {
     /// The next action, left in place.
     pub fn peek_action(&self) -> Option<&Action> {
         self.actions.front()
-    }
-
-    /// Whether the sealed batch (if any) is waiting on nothing but acks.
-    pub fn in_flight(&self) -> bool {
-        matches!(
-            self.phase,
-            Phase::OutputsInFlight | Phase::ChangelogInFlight(_)
-        )
     }
 
     fn slot_mut(&mut self, tag: Tag) -> Option<&mut Slot> {
