@@ -14,7 +14,7 @@ CARGO ?= cargo
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 BUILD := $(CARGO) test --workspace --all-targets --no-run
 
-.PHONY: deps test test-tansu test-churn test-long-kill validate demo fmt lint ci
+.PHONY: deps test test-tansu test-churn test-long-kill test-soak validate demo fmt lint ci
 
 deps:
 	@./scripts/ensure-deps.sh
@@ -36,6 +36,11 @@ test-churn: deps
 ## 100 SIGKILLs across three pods, about 75 s (a separate CI step).
 test-long-kill: deps
 	$(CARGO) test --test long_kill -- --ignored
+
+## Every fault at once (SIGKILLs, brokers down, error bursts, rebalances
+## during slow flushes) across three pods, about two minutes (a separate CI step).
+test-soak: deps
+	$(CARGO) test --test soak -- --ignored --nocapture
 
 ## Static checks of deploy/ (Kubernetes schemas) and docker-compose.yml
 ## (compose schema); tests/deploy.rs and tests/ops.rs check them against the binary.

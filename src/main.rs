@@ -229,27 +229,28 @@ async fn shutdown_signal() {
     }
 }
 
-/// Starts the view follower and the HTTP server for a pod (or, with
-/// `pod = None`, for a serving-only process).
-async fn start_serving(
+/// The view a process serves, and whether it has caught up.
+type Served = (
+    Arc<std::sync::RwLock<tally::core::view::View>>,
+    Arc<AtomicBool>,
+);
+
+/// Starts the HTTP server for a pod (or, with `pod = None`, for a
+/// serving-only process) before anything waits for the broker, so
+/// `/readyz` can say why the pod is not ready while start-up retries; the
+/// view stays empty (data endpoints answer 503) until [`follow_view`]
+/// has read `revenue-windows`.
+async fn start_http(
     cfg: &PodConfig,
     metrics: Arc<Metrics>,
     pod: Option<Arc<pod::Stats>>,
-) -> anyhow::Result<(ViewFollower, tokio::task::JoinHandle<()>)> {
+) -> anyhow::Result<(Served, tokio::task::JoinHandle<()>)> {
     let core = cfg.core()?;
     let extra = cfg.kafka_properties()?;
-    let follower = {
-        let (brokers, topic, extra, metrics) = (
-            cfg.kafka.brokers.clone(),
-            cfg.topics.windows_topic.clone(),
-            extra.clone(),
-            metrics.clone(),
-        );
-        tokio::task::spawn_blocking(move || {
-            follower::follow(&brokers, &extra, &topic, core.grace_ms, metrics)
-        })
-        .await??
-    };
+    let view = Arc::new(std::sync::RwLock::new(tally::core::view::View::new(
+        core.grace_ms,
+    )));
+    let caught_up = Arc::new(AtomicBool::new(false));
     let pc = tally::kafka::Clients::new(&cfg.kafka.brokers, &extra).producer();
     let webhook = http::Webhook {
         secret: cfg.serving.webhook_secret.clone().map(String::into_bytes),
@@ -258,15 +259,34 @@ async fn start_serving(
         limits: core.limits,
     };
     let state = http::AppState {
-        view: follower.view.clone(),
-        view_caught_up: follower.caught_up.clone(),
+        view: view.clone(),
+        view_caught_up: caught_up.clone(),
         pod,
         ready_max_lag: cfg.serving.ready_max_lag,
         metrics,
         webhook: Some(Arc::new(webhook)),
     };
     let server = serve(&cfg.serving.http, state).await?;
-    Ok((follower, server))
+    Ok(((view, caught_up), server))
+}
+
+/// Starts the view follower, feeding the view [`start_http`] serves.
+async fn follow_view(
+    cfg: &PodConfig,
+    served: Served,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<ViewFollower> {
+    let extra = cfg.kafka_properties()?;
+    let (brokers, topic, input) = (
+        cfg.kafka.brokers.clone(),
+        cfg.topics.windows_topic.clone(),
+        cfg.topics.input_topic.clone(),
+    );
+    let (view, caught_up) = served;
+    Ok(tokio::task::spawn_blocking(move || {
+        follower::follow_into(&brokers, &extra, (&topic, &input), view, caught_up, metrics)
+    })
+    .await??)
 }
 
 /// Spawns the HTTP server; the handle lets a caller stop it (and drop its
@@ -310,12 +330,14 @@ async fn run(cfg: PodConfig, _matches: &ArgMatches) -> anyhow::Result<()> {
         }
     }
     let metrics = Arc::new(Metrics::new());
-    let handle = {
-        let (cfg, metrics) = (cfg.clone(), metrics.clone());
-        tokio::task::spawn_blocking(move || pod::start_with_metrics(cfg, metrics)).await??
-    };
-    let (follower, _server) = start_serving(&cfg, metrics, Some(handle.stats.clone())).await?;
+    let stats = Arc::new(pod::Stats::new(metrics.clone()));
+    let (served, _server) = start_http(&cfg, metrics.clone(), Some(stats.clone())).await?;
     tracing::info!(http = %cfg.serving.http, "serving");
+    let handle = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || pod::start_with_stats(cfg, stats)).await??
+    };
+    let follower = follow_view(&cfg, served, metrics).await?;
     // One signal listener for the whole run: a listener created per loop
     // turn would miss a SIGTERM that arrives between turns.
     let shutdown = shutdown_signal();
@@ -431,11 +453,13 @@ async fn demo(http_addr: String, rate: f64, topics_dir: Option<PathBuf>) -> anyh
     cfg.topics.apply_topics = false;
     cfg.kafka.session_timeout_ms = 6_000;
     let metrics = Arc::new(Metrics::new());
+    let stats = Arc::new(pod::Stats::new(metrics.clone()));
+    let (served, server) = start_http(&cfg, metrics.clone(), Some(stats.clone())).await?;
     let handle = {
-        let (cfg, metrics) = (cfg.clone(), metrics.clone());
-        tokio::task::spawn_blocking(move || pod::start_with_metrics(cfg, metrics)).await??
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || pod::start_with_stats(cfg, stats)).await??
     };
-    let (follower, server) = start_serving(&cfg, metrics, Some(handle.stats.clone())).await?;
+    let follower = follow_view(&cfg, served, metrics).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let generator = {
         let (stop, brokers) = (stop.clone(), brokers.clone());

@@ -193,6 +193,7 @@ pub fn run(cfg: &PodConfig, from: From) -> Result<Report, ReplayError> {
         &cfg.kafka.brokers,
         &extra,
         &cfg.topics.windows_topic,
+        &cfg.topics.input_topic,
         cfg.job.grace_ms,
         std::sync::Arc::new(Metrics::new()),
     )?;

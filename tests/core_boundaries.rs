@@ -3,7 +3,9 @@
 mod support;
 
 use support::{finals, order_json, T0};
-use tally::core::{CoreConfig, Effect, Engine, FxTable, GroupBy, StateChange, WindowSpec};
+use tally::core::{
+    CoreConfig, Effect, Engine, FxTable, GroupBy, Readable, StateChange, WindowSpec,
+};
 
 const OOO: i64 = 5_000;
 const GRACE: i64 = 10_000;
@@ -206,6 +208,57 @@ fn an_idle_partition_releases_the_watermark() {
     // A record wakes it up again; behind the advanced watermark it is late.
     let late = f.on(1, "slow2", "c1", 1_000, 40_000);
     assert!(matches!(late[0], Effect::Late { .. }));
+    assert!(!f.engine.status(1).unwrap().idle);
+}
+
+/// Scenario 2 of the determinism issue: the pod's own pause (a long flush,
+/// a full producer queue) never makes a partition idle. p1 is paused by
+/// the shell, then has records waiting, while p0 runs far ahead for more
+/// than the idle timeout; when p1's in-order records come, none is late,
+/// as in a batch run of the same records. Checked to fail by ignoring
+/// `readable` in `Part::mark_idle`: p1 turned idle while paused and
+/// followed p0's watermark (the assertion on its idleness failed).
+#[test]
+fn a_partition_the_pod_paused_is_never_idle() {
+    let mut f = Feed::new(tumbling());
+    f.on(1, "p1-0", "c1", 0, 0);
+    f.on(0, "p0-0", "c0", 0, 0);
+    let mut out = Vec::new();
+    for i in 1..=60 {
+        f.engine.set_readable(
+            1,
+            if i < 30 {
+                Readable::Paused
+            } else {
+                Readable::Behind
+            },
+        );
+        f.on(0, &format!("p0-{i}"), "c0", i * 10_000, i * 1_000);
+        f.engine.tick(i * 1_000, &mut out);
+    }
+    assert!(!f.engine.status(1).unwrap().idle);
+    assert_eq!(f.engine.combined_watermark(), Some(T0 - OOO));
+    let late = (1..=20)
+        .filter(|i| {
+            let fx = f.on(1, &format!("p1-{i}"), "c1", i * 1_000, 61_000);
+            matches!(fx[0], Effect::Late { .. })
+        })
+        .count();
+    assert_eq!(
+        late, 0,
+        "in-order records of a paused partition became late"
+    );
+    // Paused, an idle partition stays idle; caught up, it may turn idle.
+    f.engine.set_readable(1, Readable::Paused);
+    f.engine.tick(200_000, &mut out);
+    assert!(!f.engine.status(1).unwrap().idle);
+    f.engine.set_readable(1, Readable::CaughtUp);
+    f.engine.tick(200_000, &mut out);
+    assert!(f.engine.status(1).unwrap().idle);
+    f.engine.set_readable(1, Readable::Paused);
+    f.engine.tick(400_000, &mut out);
+    assert!(f.engine.status(1).unwrap().idle);
+    f.engine.set_readable(1, Readable::Behind);
     assert!(!f.engine.status(1).unwrap().idle);
 }
 

@@ -95,7 +95,9 @@ fn a_changelog_smaller_than_the_input_is_refused_at_start() {
 /// on ListOffsets for a moment) is retried with back-off; the pod starts
 /// and its results are exact. Before: `pod::start` returned `FX rates:
 /// Kafka: … NotLeaderForPartition`, and `tally run` exited (a crash loop
-/// under Kubernetes).
+/// under Kubernetes). While it retries, `/readyz` says what start-up
+/// waits for (`Stats::starting`; `http_api::readiness_says_why` checks
+/// the answer).
 #[test]
 fn a_transient_broker_error_at_start_up_is_retried() {
     if skip_on_external("it injects request errors, which only the mock cluster can do") {
@@ -111,7 +113,33 @@ fn a_transient_broker_error_at_start_up_is_retried() {
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 3],
     );
     let cfg = pod_config(&brokers, "startup-errors", temp_dir("startup-errors"));
-    let handle = pod::start(cfg.clone()).expect("start-up retries a transient error");
+    let stats = std::sync::Arc::new(pod::Stats::new(std::sync::Arc::new(
+        tally::telemetry::metrics::Metrics::new(),
+    )));
+    let starting = {
+        let (cfg, stats) = (cfg.clone(), stats.clone());
+        std::thread::spawn(move || pod::start_with_stats(cfg, stats))
+    };
+    let mut said = None;
+    wait_until(
+        "start-up to say why it waits",
+        Duration::from_secs(30),
+        || {
+            said = stats.starting.lock().unwrap().clone();
+            said.is_some() || starting.is_finished()
+        },
+    );
+    let handle = starting
+        .join()
+        .unwrap()
+        .expect("start-up retries a transient error");
+    let said = said.expect("start-up said why it waited while it retried");
+    assert!(said.contains("retrying a transient broker error"), "{said}");
+    assert_eq!(
+        *stats.starting.lock().unwrap(),
+        None,
+        "started: nothing to wait for"
+    );
     wait_all_committed(
         &brokers,
         "startup-errors",
@@ -487,6 +515,223 @@ fn a_revoke_during_a_slow_flush_writes_nothing_for_the_partitions_given_up() {
     let mut all = first.clone();
     all.extend_from_slice(&second);
     assert_totals_equal(&published_totals(&brokers), &truth_totals(&all));
+    for d in [cfg_a.resources.state_dir, cfg_b.resources.state_dir] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// Runs a pod on `cfg` until the group has committed all of the input,
+/// then stops it.
+fn run_to_the_end(brokers: &str, group_name: &str, cfg: &tally::config::PodConfig, what: &str) {
+    let pod = pod::start(cfg.clone()).unwrap();
+    wait_all_committed(brokers, group_name, what, Duration::from_secs(60));
+    pod.join().unwrap();
+}
+
+/// A record to produce as it is: partition, key, payload, headers.
+type RawRecord = (i32, Vec<u8>, Option<Vec<u8>>, Vec<(String, String)>);
+
+/// Produces `records` as they are.
+fn produce_raw(brokers: &str, name: &str, records: &[RawRecord]) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("message.max.bytes", "10000000")
+        .create()
+        .expect("producer");
+    let topic = topic(name);
+    for (p, key, payload, headers) in records {
+        let mut h = OwnedHeaders::new();
+        for (k, v) in headers {
+            h = h.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let mut r: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&topic)
+            .partition(*p)
+            .key(key.as_slice())
+            .headers(h);
+        if let Some(v) = payload {
+            r = r.payload(v.as_slice());
+        }
+        producer.send(r).map_err(|(e, _)| e).expect("send");
+    }
+    producer.flush(Duration::from_secs(30)).expect("flush");
+}
+
+/// Readers defend themselves (delivery 3 of the issue): changelog records
+/// that a stale writer (a pod that lost a partition without knowing it)
+/// gets onto the log after the partition's next owner claimed it are
+/// ignored by restore. The stale records here are the last versions of
+/// every window and session row from pod A's first ownership, landing
+/// after A's second ownership wrote newer versions and moved the
+/// partition's meta row on (the meta row of the old flush was never sent:
+/// it goes last). A new pod B restores every partition in full and must
+/// end with the truth. Before: restore applied them (no record carried
+/// its writer), so B's rows lost the second half's orders while the meta
+/// row said they were applied; the sessions and windows spanning both
+/// halves came out short (checked on the commit before epochs, with the
+/// test's epoch assertions removed).
+#[test]
+fn a_stale_writers_changelog_records_are_ignored_by_restore() {
+    if skip_on_external("it counts restore metrics against a broker of its own") {
+        return;
+    }
+    let group_name = "stale-writer";
+    let broker = TestBroker::start(1, &declared_topics());
+    let brokers = broker.bootstrap_servers();
+    // One stream of orders in three parts, so windows and sessions span them.
+    let all = orders(3_000, 91);
+    let (first, rest) = all.split_at(1_000);
+    let (second, third) = rest.split_at(1_000);
+    let dir_a = temp_dir("stale-writer-a");
+    let cfg_a = pod_config(&brokers, group_name, dir_a.clone());
+    produce_input(&brokers, first);
+    run_to_the_end(&brokers, group_name, &cfg_a, "the first part");
+    let first_end = end_offsets(&brokers, "tally-changelog");
+
+    // A again, on its own state: a new ownership of every partition.
+    produce_input(&brokers, second);
+    run_to_the_end(&brokers, group_name, &cfg_a, "the second part");
+
+    // The stale writer: the first ownership's last version of every row
+    // but the partition meta, written again with the headers it had.
+    let meta_key = tally::state::codec::encode_key(&tally::core::RowKey::Meta).unwrap();
+    let mut stale: std::collections::BTreeMap<(i32, Vec<u8>), _> = Default::default();
+    for r in read_all(&brokers, "tally-changelog") {
+        let Some(key) = r.key.clone() else { continue };
+        if r.offset >= first_end[&r.partition]
+            || r.payload.is_none()
+            || key == meta_key
+            || key.first().is_some_and(|b| *b >= 0x80)
+        {
+            continue;
+        }
+        let headers: Vec<(String, String)> = r.headers.clone().into_iter().collect();
+        stale.insert(
+            (r.partition, key.clone()),
+            (r.partition, key, r.payload, headers),
+        );
+    }
+    assert!(!stale.is_empty(), "the first ownership wrote rows");
+    let stale: Vec<_> = stale.into_values().collect();
+    produce_raw(&brokers, "tally-changelog", &stale);
+
+    // B, with no local state, restores every partition from the changelog,
+    // then processes the third part.
+    produce_input(&brokers, third);
+    let cfg_b = pod_config(&brokers, group_name, temp_dir("stale-writer-b"));
+    let b = pod::start(cfg_b.clone()).unwrap();
+    let metrics = b.metrics.clone();
+    wait_all_committed(
+        &brokers,
+        group_name,
+        "the third part",
+        Duration::from_secs(90),
+    );
+    b.join().unwrap();
+    assert_eq!(
+        metrics.restore_stale_records.get(),
+        stale.len() as u64,
+        "every stale record was recognised"
+    );
+    assert_totals_equal(&published_totals(&brokers), &truth_totals(&all));
+    for d in [dir_a, cfg_b.resources.state_dir] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// Invariant e) of the issue: a rebuild from the input log is refused,
+/// with a clear error, a metric and a readiness that says why, when the log
+/// no longer starts at offset 0 (retention deleted its start: the orders
+/// there would be lost without a word). Here partition 0's changelog holds
+/// a record of another format, so its state cannot be restored, and the
+/// mock cluster's per-partition size limit has moved the input log's
+/// start. Before: the pod cleared the partition and read it from the log's
+/// new start, with no error (checked on the commit before the refusal: the
+/// group's committed offset of partition 0 moved to the log's end).
+#[test]
+fn a_rebuild_is_refused_when_the_input_log_no_longer_starts_at_zero() {
+    if skip_on_external("it relies on the mock cluster's partition size limit") {
+        return;
+    }
+    let group_name = "refused-rebuild";
+    let broker = TestBroker::start(1, &declared_topics());
+    let brokers = broker.bootstrap_servers();
+    produce_input(&brokers, &orders(500, 92));
+    let cfg_a = pod_config(&brokers, group_name, temp_dir("refused-a"));
+    run_to_the_end(&brokers, group_name, &cfg_a, "the orders");
+
+    // A changelog record of an unknown state format on partition 0, from
+    // the partition's current owner (its epoch: 1, the first claim).
+    produce_raw(
+        &brokers,
+        "tally-changelog",
+        &[(
+            0,
+            b"\x01bad".to_vec(),
+            Some(vec![99, 1, 2, 3]),
+            vec![("tally-epoch".into(), "1".into())],
+        )],
+    );
+    // More than the mock keeps of a partition (about 5 MiB): the log's
+    // start moves past offset 0.
+    let filler: Vec<_> = (0..24)
+        .map(|i| {
+            (
+                0,
+                format!("f{i}").into_bytes(),
+                Some(vec![b'x'; 400_000]),
+                Vec::new(),
+            )
+        })
+        .collect();
+    produce_raw(&brokers, "raw-orders", &filler);
+    let probe: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let (low, _) = rdkafka::consumer::Consumer::fetch_watermarks(
+        &probe,
+        &topic("raw-orders"),
+        0,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert!(
+        low > 0,
+        "the mock cluster kept partition 0 whole (low {low})"
+    );
+    let committed_before = committed(&brokers, group_name, "raw-orders")[&0];
+
+    let cfg_b = pod_config(&brokers, group_name, temp_dir("refused-b"));
+    let b = pod::start(cfg_b.clone()).unwrap();
+    let (stats, metrics) = (b.stats.clone(), b.metrics.clone());
+    wait_until("the rebuild to be refused", Duration::from_secs(60), || {
+        metrics.rebuilds_refused.get() > 0
+    });
+    wait_until(
+        "the other partitions to restore",
+        Duration::from_secs(60),
+        || stats.restoring.lock().unwrap().is_empty(),
+    );
+    let blocked = stats.blocked.lock().unwrap().clone();
+    assert_eq!(blocked.len(), 1, "{blocked:?}");
+    assert_eq!(blocked[0].0, 0);
+    assert!(
+        blocked[0].1.contains(&format!("starts at offset {low}")),
+        "the reason names the log's start: {}",
+        blocked[0].1
+    );
+    // Nothing of partition 0 was read or committed.
+    b.join().unwrap();
+    assert_eq!(
+        committed(&brokers, group_name, "raw-orders")[&0],
+        committed_before
+    );
+    assert_eq!(metrics.rebuilds_refused.get(), 1);
     for d in [cfg_a.resources.state_dir, cfg_b.resources.state_dir] {
         let _ = std::fs::remove_dir_all(d);
     }

@@ -75,6 +75,7 @@ fn record(
 
 fn view() -> View {
     let mut v = View::new(10_000);
+    v.set_input_partitions(2);
     let t = WindowKind::Tumbling { size_ms: 60_000 };
     let rows = [
         record(
@@ -142,6 +143,7 @@ fn view() -> View {
             next_offset: 5,
             watermark: Some(75_000),
             idle: false,
+            epoch: 0,
         };
         v.apply(
             decode(
@@ -271,6 +273,60 @@ async fn data_waits_for_the_view_health_does_not() {
     assert_eq!((s, b.as_slice()), (StatusCode::OK, b"ok".as_slice()));
     st.view_caught_up.store(true, Ordering::SeqCst);
     assert_eq!(get(&st, "/readyz").await.0, StatusCode::OK);
+}
+
+/// `/readyz` says why the pod is not ready, one cause per line: while
+/// start-up retries a broker error (before, the HTTP server only started
+/// once the pod had, so a pod stuck retrying answered nothing), while it
+/// restores, and while it refuses a partition.
+#[tokio::test]
+async fn readiness_says_why() {
+    let mut st = state(true, None);
+    let stats = Arc::new(tally::pod::Stats::new(st.metrics.clone()));
+    st.pod = Some(stats.clone());
+    *stats.starting.lock().unwrap() =
+        Some("loading the FX rates: retrying a transient broker error: NotLeader".into());
+    let (s, v) = get(&st, "/readyz").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    let why: Vec<String> = serde_json::from_value(v["not_ready_because"].clone()).unwrap();
+    assert!(
+        why[0].starts_with("starting: loading the FX rates"),
+        "{why:?}"
+    );
+    assert!(
+        why.iter().any(|w| w.contains("not yet given partitions")),
+        "{why:?}"
+    );
+    assert_eq!(
+        get(&st, "/startupz").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+
+    *stats.starting.lock().unwrap() = None;
+    stats.joined.store(true, Ordering::SeqCst);
+    *stats.restoring.lock().unwrap() = vec![3];
+    let (_, v) = get(&st, "/readyz").await;
+    assert_eq!(
+        v["not_ready_because"],
+        serde_json::json!(["restoring partitions [3]"])
+    );
+
+    *stats.restoring.lock().unwrap() = Vec::new();
+    *stats.blocked.lock().unwrap() = vec![(3, "partition 3: cannot rebuild".into())];
+    let (s, v) = get(&st, "/readyz").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(v["blocked_partitions"], serde_json::json!([3]));
+    assert_eq!(
+        v["not_ready_because"],
+        serde_json::json!(["partition 3: cannot rebuild"])
+    );
+    // A restart would not help a refused partition: started all the same.
+    assert_eq!(get(&st, "/startupz").await.0, StatusCode::OK);
+
+    *stats.blocked.lock().unwrap() = Vec::new();
+    let (s, v) = get(&st, "/readyz").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["not_ready_because"], serde_json::json!([]));
 }
 
 #[tokio::test]

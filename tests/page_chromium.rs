@@ -84,6 +84,7 @@ fn the_live_page_shows_the_numbers_of_revenue() {
         &brokers,
         &[],
         &topic("revenue-windows"),
+        &topic("raw-orders"),
         cfg.job.grace_ms,
         metrics.clone(),
     )

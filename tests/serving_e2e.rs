@@ -44,6 +44,7 @@ fn the_view_merges_every_partition_to_the_exact_truth() {
         &brokers,
         &[],
         &topic("revenue-windows"),
+        &topic("raw-orders"),
         cfg.job.grace_ms,
         metrics.clone(),
     )

@@ -138,6 +138,13 @@ impl Processor {
             .map(|c| (partition_of(c), c.group()))
             .collect();
         let encoded = changes.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
+        let offsets: BTreeMap<Partition, i64> = self
+            .engine
+            .partitions()
+            .map(|(p, s)| (p, s.next_offset))
+            .collect();
+        // Every changelog record names its writer's ownership epoch and the
+        // input offset it reflects, so restore can tell a stale writer's.
         let changelog = encoded
             .iter()
             .map(|(p, key, value)| OutRecord {
@@ -145,7 +152,26 @@ impl Processor {
                 partition: Some(*p),
                 key: Some(key.clone()),
                 payload: value.clone(),
-                headers: Vec::new(),
+                headers: vec![
+                    (
+                        claim::EPOCH_HEADER.to_string(),
+                        self.epochs
+                            .get(p)
+                            .copied()
+                            .unwrap_or(0)
+                            .to_string()
+                            .into_bytes(),
+                    ),
+                    (
+                        claim::OFFSET_HEADER.to_string(),
+                        offsets
+                            .get(p)
+                            .copied()
+                            .unwrap_or(0)
+                            .to_string()
+                            .into_bytes(),
+                    ),
+                ],
             })
             .collect();
         let batch = self
@@ -158,11 +184,7 @@ impl Processor {
             changelog,
             changes: encoded,
             changelog_max: BTreeMap::new(),
-            offsets: self
-                .engine
-                .partitions()
-                .map(|(p, s)| (p, s.next_offset))
-                .collect(),
+            offsets,
         });
         Ok(())
     }

@@ -33,6 +33,8 @@
 //!   callback, retrying transient errors.
 //! - `rebalance`: the consumer context (assign, revoke) and releasing a
 //!   partition.
+//! - `claim`: ownership epochs: the claim a new owner writes on the
+//!   changelog, the epoch every record it writes carries.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -45,7 +47,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{
     BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig,
 };
@@ -57,7 +59,7 @@ use crate::config::PodConfig;
 use crate::core::cycle::{Action, BatchId, Cycle, Lane, Tag};
 use crate::core::order::MICROS;
 use crate::core::view::ProgressRecord;
-use crate::core::{Currency, Effect, Engine, Partition, Reason, StateChange, StateRow};
+use crate::core::{Currency, Effect, Engine, Partition, Readable, Reason, StateChange, StateRow};
 use crate::fx::{self, FxFollower};
 use crate::kafka::Clients;
 use crate::state::codec::{encode, CodecError, Encoded};
@@ -67,6 +69,7 @@ use crate::telemetry::metrics::Metrics;
 use crate::wire::{OutRecord, Outputs, Source};
 
 mod acks;
+mod claim;
 mod flush;
 mod process;
 mod rebalance;
@@ -77,7 +80,7 @@ use acks::{AckContext, Report};
 use flush::Sealed;
 pub use rebalance::PodContext;
 use restore::Restoring;
-pub use run::{start, start_with_metrics, PodHandle};
+pub use run::{start, start_with_metrics, start_with_stats, PodHandle};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodError {
@@ -106,6 +109,8 @@ pub enum PodError {
     },
     #[error("changelog topic {0} does not exist (create it, or run `tally topics apply`)")]
     NoChangelogTopic(String),
+    #[error("window results topic {0} does not exist (create it, or run `tally topics apply`)")]
+    NoWindowsTopic(String),
     #[error("outputs were not acknowledged within {0:?}")]
     ProduceTimeout(Duration),
     #[error("cannot create the state directory {dir}: {source}")]
@@ -128,6 +133,11 @@ pub struct Stats {
     pub lag: AtomicU64,
     /// Assigned partitions still restoring: the pod is not ready for them.
     pub restoring: Mutex<Vec<Partition>>,
+    /// Assigned partitions the pod refuses to process, and why (a rebuild
+    /// that would lose orders): the pod is not ready while any is.
+    pub blocked: Mutex<Vec<(Partition, String)>>,
+    /// While start-up retries a broker error: what it is waiting for.
+    pub starting: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Stats {
@@ -148,6 +158,8 @@ impl Stats {
             joined: AtomicBool::new(false),
             lag: AtomicU64::new(0),
             restoring: Mutex::new(Vec::new()),
+            blocked: Mutex::new(Vec::new()),
+            starting: Mutex::new(None),
         }
     }
 
@@ -249,6 +261,15 @@ pub struct Processor {
     /// Restored partitions waiting for their seek to the resume offset
     /// (paused until it succeeds).
     seeks: BTreeMap<Partition, Offset>,
+    /// Assigned partitions left paused: their rebuild was refused.
+    refused: BTreeSet<Partition>,
+    /// This pod's ownership epoch of each partition it has claimed.
+    epochs: HashMap<Partition, u64>,
+    /// Writes the claims of new ownership epochs.
+    claims: claim::Claims,
+    /// `revenue-windows`' partition count (rows of input partition `p` go
+    /// to partition `p mod n`).
+    windows_partitions: i32,
 }
 
 /// Per-batch counts, added to the metrics at flush.

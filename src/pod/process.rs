@@ -45,7 +45,10 @@ fn register(cycle: &mut Cycle, out: &mut Vec<OutRecord>, p: Partition, start: us
 impl Processor {
     /// Converts effects to output records.
     pub(super) fn emit(&mut self, original: Option<(&[u8], Option<&[u8]>)>, src: Source<'_>) {
-        let outputs = Outputs { cfg: &self.cfg };
+        let outputs = Outputs {
+            cfg: &self.cfg,
+            windows_partitions: self.windows_partitions,
+        };
         let (mut valid, mut late, mut dup) = (0, 0, 0);
         let payload = original.map(|o| o.0).unwrap_or_default();
         let mut effects = std::mem::take(&mut self.effects);
@@ -124,7 +127,10 @@ impl Processor {
                     );
                 }
                 Effect::Duplicate { .. } => dup += 1,
-                Effect::Window(w) => outputs.window(&w, &mut self.out),
+                Effect::Window(w) => {
+                    let epoch = self.epochs.get(&w.partition).copied().unwrap_or(0);
+                    outputs.window(&w, epoch, &mut self.out)
+                }
                 Effect::Retracted {
                     partition,
                     spec_name,
@@ -205,6 +211,7 @@ impl Processor {
     /// look up the committed offset, which could land after our seek.
     pub(super) fn begin_take(&mut self, p: Partition) -> Offset {
         self.engine.revoke(p);
+        self.epochs.remove(&p);
         self.cycle.assign(p);
         self.restoring.insert(p, Restoring::new());
         self.restoring_changed();
@@ -231,10 +238,12 @@ impl Processor {
                 next_offset: s.next_offset,
                 watermark: s.watermark,
                 idle: s.idle,
+                epoch: self.epochs.get(&p).copied().unwrap_or(0),
             };
             let start = self.out.len();
             self.out.push(OutRecord {
-                partition: None,
+                // With the partition's partials: never ahead of them.
+                partition: Some(crate::wire::windows_partition(p, self.windows_partitions)),
                 topic: self.cfg.topics.windows_topic.clone(),
                 key: Some(crate::wire::windows::progress_key(p).into_bytes()),
                 payload: serde_json::to_vec(&rec).ok(),
@@ -291,17 +300,33 @@ impl Processor {
     }
 
     /// Lag per held partition from the cached high watermarks (no request).
-    pub(super) fn update_lag(&self, consumer: &BaseConsumer<PodContext>) {
+    /// Lag per partition, to the metrics and readiness; and to the engine
+    /// as its backlog: a partition with records to read, or paused by this
+    /// pod, is never idle (only the broker can make it so).
+    pub(super) fn update_lag(&mut self, consumer: &BaseConsumer<PodContext>) {
         let mut sum = 0i64;
-        for p in &self.held {
-            let Some(s) = self.engine.status(*p) else {
+        for p in self.held.clone() {
+            let Some(s) = self.engine.status(p) else {
                 continue;
             };
-            let Some(high) = cached_high_watermark(consumer, &self.cfg.topics.input_topic, *p)
+            let paused = self.fetch_paused || self.seeks.contains_key(&p);
+            let Some(high) = cached_high_watermark(consumer, &self.cfg.topics.input_topic, p)
             else {
+                // Not fetched yet: unknown is not "nothing to read".
+                self.engine.set_readable(p, Readable::Paused);
                 continue;
             };
             let lag = (high - s.next_offset).max(0);
+            self.engine.set_readable(
+                p,
+                if lag > 0 {
+                    Readable::Behind
+                } else if paused {
+                    Readable::Paused
+                } else {
+                    Readable::CaughtUp
+                },
+            );
             sum += lag;
             self.metrics
                 .log_end_offset

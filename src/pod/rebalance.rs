@@ -103,6 +103,12 @@ impl Processor {
         self.engine.revoke(p);
         self.cycle.revoke(&[p]);
         self.seeks.remove(&p);
+        self.epochs.remove(&p);
+        if self.refused.remove(&p) {
+            if let Ok(mut b) = self.stats.blocked.lock() {
+                b.retain(|(q, _)| *q != p);
+            }
+        }
         self.held.remove(&p);
         self.published.remove(&p);
         self.metrics.assigned_partitions.set(self.held.len() as i64);

@@ -19,6 +19,9 @@ pub(super) struct Restoring {
     /// After a transient error: not before this instant, with this back-off.
     pub(super) retry_at: Option<Instant>,
     pub(super) backoff: crate::kafka::Backoff,
+    /// The highest writer epoch applied so far (restore ignores records
+    /// of an older epoch after it: a stale writer's).
+    pub(super) max_epoch: u64,
 }
 
 impl Restoring {
@@ -32,6 +35,7 @@ impl Restoring {
             failed: false,
             retry_at: None,
             backoff: crate::kafka::Backoff::default(),
+            max_epoch: 0,
         }
     }
 }
@@ -59,13 +63,7 @@ impl Processor {
                 // fine, the broker is not. Try again later from where the
                 // store is (rows and checkpoint advance together); never
                 // throw the state away for it.
-                self.metrics.restore_retries.inc();
-                if let Some(r) = self.restoring.get_mut(&p) {
-                    r.reader = None;
-                    let wait = r.backoff.next_delay();
-                    r.retry_at = Some(Instant::now() + wait);
-                    warn!(partition = p, error = %e, retry_in_ms = wait.as_millis() as u64, "restore stalled on a transient broker error; retrying");
-                }
+                self.restore_stalled(p, "reading the changelog", &e);
                 false
             }
             Err(e) => {
@@ -85,6 +83,47 @@ impl Processor {
         };
         if !done {
             return;
+        }
+        let failed = self.restoring.get(&p).is_some_and(|r| r.failed);
+        if failed {
+            // A rebuild from the input log is exact only if the log still
+            // starts where the partition's processing started (offset 0):
+            // otherwise the orders before its start would be lost without
+            // a word. Refuse, and say so.
+            let topic = self.cfg.topics.input_topic.clone();
+            match consumer.fetch_watermarks(&topic, p, Duration::from_secs(10)) {
+                Ok((low, _)) if low > 0 => {
+                    self.refuse_rebuild(p, low);
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.restore_stalled(p, "reading the input log's start", &e.into());
+                    return;
+                }
+            }
+        }
+        // Announce this pod's ownership epoch before processing anything:
+        // one above every epoch the changelog has shown, so any later
+        // record of an earlier owner is recognisably stale.
+        let epoch = self.restoring.get(&p).map_or(0, |r| r.max_epoch) + 1;
+        match self.claims.claim(p, epoch, Duration::from_secs(5)) {
+            Ok(offset) => {
+                if let Err(e) = self.store.set_epoch(p, epoch) {
+                    error!(partition = p, error = %e, "cannot record the ownership epoch");
+                }
+                self.epochs.insert(p, epoch);
+                info!(
+                    partition = p,
+                    epoch,
+                    claim_offset = offset,
+                    "partition claimed"
+                );
+            }
+            Err(e) => {
+                self.restore_stalled(p, "claiming the partition", &e);
+                return;
+            }
         }
         let Some(r) = self.restoring.remove(&p) else {
             return;
@@ -127,6 +166,45 @@ impl Processor {
         let offset = next.map_or(Offset::Beginning, Offset::Offset);
         self.seeks.insert(p, offset);
         self.retry_seeks(consumer);
+    }
+
+    /// A restore step hit a broker error: try again after a back-off, from
+    /// where the store is (rows and checkpoint advance together).
+    fn restore_stalled(&mut self, p: Partition, step: &str, e: &PodError) {
+        self.metrics.restore_retries.inc();
+        if let Some(r) = self.restoring.get_mut(&p) {
+            r.reader = None;
+            let wait = r.backoff.next_delay();
+            r.retry_at = Some(Instant::now() + wait);
+            warn!(partition = p, step, error = %e, retry_in_ms = wait.as_millis() as u64, "restore stalled on a broker error; retrying");
+        }
+    }
+
+    /// Leaves partition `p` paused and unprocessed: its state cannot be
+    /// restored, and the input log no longer starts at offset 0, so a
+    /// rebuild would silently lose the orders before `low`. The pod stays
+    /// unready and says why (`/readyz`), and the metric counts it; an
+    /// operator decides (restore the changelog, or accept the loss by
+    /// moving the group's offsets and clearing the state).
+    fn refuse_rebuild(&mut self, p: Partition, low: i64) {
+        self.restoring.remove(&p);
+        self.restoring_changed();
+        self.metrics.rebuilds_refused.inc();
+        let why = format!(
+            "partition {p}: its state cannot be restored and {} starts at offset {low}, not 0: \
+             a rebuild from the log would lose the orders before it",
+            self.cfg.topics.input_topic
+        );
+        error!(
+            partition = p,
+            log_start = low,
+            "{why}; refusing to rebuild (the partition stays paused)"
+        );
+        self.refused.insert(p);
+        if let Ok(mut b) = self.stats.blocked.lock() {
+            b.retain(|(q, _)| *q != p);
+            b.push((p, why));
+        }
     }
 
     /// Seeks restored partitions to their resume offsets and resumes them.
@@ -175,7 +253,11 @@ impl Processor {
             // Through the factory: a TLS or SASL cluster needs the user's
             // properties here as much as on the main consumer.
             let reader: BaseConsumer = self.clients.reader("tally-restore").create()?;
-            let (low, high) = reader.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
+            let (low, reported) = reader.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
+            // The end the broker reports is not trusted on its own: some
+            // brokers (tansu) report one past the first offset of the last
+            // record batch. The last batch itself says where the log ends.
+            let high = true_end(&reader, &topic, p, low, reported)?;
             let mut checkpoint = self.store.checkpoint(p)?;
             debug!(partition = p, low, high, checkpoint = ?checkpoint, "changelog catch-up");
             // Back after a long absence: deletions made meanwhile by the
@@ -198,6 +280,12 @@ impl Processor {
                 self.store.clear_partition(p)?;
                 checkpoint = None;
             }
+            // A tail continues from the epoch the local rows have seen; a
+            // full read starts from nothing.
+            r.max_epoch = match checkpoint {
+                Some(_) => self.store.epoch(p)?.unwrap_or(0),
+                None => 0,
+            };
             let from = checkpoint.map_or(low, |c| (c + 1).max(low));
             r.high = high;
             r.last = from - 1;
@@ -208,12 +296,13 @@ impl Processor {
             }
             r.reader = Some(reader);
         }
-        let (high, mut last) = (r.high, r.last);
+        let (high, mut last, mut max_epoch) = (r.high, r.last, r.max_epoch);
         let Some(reader) = r.reader.as_ref() else {
             return Ok(true);
         };
         let mut batch: Vec<Encoded> = Vec::with_capacity(10_000);
         let mut count = 0u64;
+        let mut stale = 0u64;
         let mut caught_up = last + 1 >= high;
         while !caught_up && Instant::now() < deadline {
             let Some(msg) = reader.poll(Duration::from_millis(10)) else {
@@ -227,6 +316,19 @@ impl Processor {
             };
             let m = msg?;
             last = m.offset();
+            let epoch = claim::epoch_of(&m);
+            if epoch < max_epoch {
+                // Written by an earlier owner after a later one had
+                // claimed the partition: a stale writer's. Not applied.
+                stale += 1;
+                caught_up = last + 1 >= high;
+                continue;
+            }
+            max_epoch = epoch;
+            if m.key() == Some(claim::CLAIM_KEY) {
+                caught_up = last + 1 >= high;
+                continue;
+            }
             if let Some(k) = m.key() {
                 if let Some(v) = m.payload() {
                     // Refuse a record of another format before it is stored.
@@ -238,18 +340,28 @@ impl Processor {
             caught_up = last + 1 >= high;
             if batch.len() >= 10_000 {
                 self.store
-                    .write_encoded_at(&batch, &[(p, last)], Some(now_ms()))?;
+                    .write_restored(&batch, p, last, max_epoch, now_ms())?;
                 batch.clear();
             }
         }
         let checkpoint = if caught_up { high - 1 } else { last };
-        if checkpoint >= 0 && (caught_up || !batch.is_empty()) {
+        if checkpoint >= 0 && (caught_up || !batch.is_empty() || stale > 0) {
             self.store
-                .write_encoded_at(&batch, &[(p, checkpoint)], Some(now_ms()))?;
+                .write_restored(&batch, p, checkpoint, max_epoch, now_ms())?;
+        }
+        if stale > 0 {
+            warn!(
+                partition = p,
+                records = stale,
+                epoch = max_epoch,
+                "ignored changelog records of an older ownership epoch (a stale writer's)"
+            );
         }
         r.last = last;
         r.count += count;
+        r.max_epoch = max_epoch;
         self.metrics.restore_records.inc_by(count);
+        self.metrics.restore_stale_records.inc_by(stale);
         self.metrics
             .restore_remaining
             .with_label_values(&[&p.to_string()])
@@ -266,4 +378,57 @@ impl Processor {
             *r = self.restoring.keys().copied().collect();
         }
     }
+}
+
+/// The end of changelog partition `p` (one past its last offset), from the
+/// last record batch the broker holds rather than from its reported high
+/// watermark alone: a broker may report one past the *first* offset of the
+/// last batch (tansu does), and a restore that stopped there would miss
+/// the rest of the batch, while local state that reflects them would look
+/// ahead of the changelog and be thrown away. Reading the batch that
+/// starts at `reported - 1` is the positive evidence either way: on a
+/// correct broker it is that one record, and the answer is `reported`.
+fn true_end(
+    reader: &BaseConsumer,
+    topic: &str,
+    p: Partition,
+    low: i64,
+    reported: i64,
+) -> Result<i64, PodError> {
+    if reported <= low {
+        return Ok(reported);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, p, Offset::Offset(reported - 1))?;
+    reader.assign(&tpl)?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = None;
+    // The batch comes in one fetch response: once its first record is
+    // here, the rest are queued behind it.
+    while last.is_none() && Instant::now() < deadline {
+        if let Some(m) = reader.poll(Duration::from_millis(20)) {
+            last = Some(m?.offset());
+        }
+    }
+    if last.is_none() {
+        // Nothing at the reported end (compacted away, or a broker that
+        // does not answer): the reported end is all we know.
+        warn!(
+            partition = p,
+            reported, "no record at the changelog's reported end; trusting it"
+        );
+        return Ok(reported);
+    }
+    while let Some(m) = reader.poll(Duration::from_millis(20)) {
+        last = Some(m?.offset());
+    }
+    let end = last.map_or(reported, |o| o + 1).max(reported);
+    if end != reported {
+        debug!(
+            partition = p,
+            reported, end, "the changelog ends after its reported high watermark"
+        );
+    }
+    reader.unassign()?;
+    Ok(end)
 }

@@ -80,20 +80,33 @@ const STARTUP_RETRY_FOR: Duration = Duration::from_secs(120);
 /// each, for up to [`STARTUP_RETRY_FOR`]. Under Kubernetes an exit here
 /// would become a crash loop with growing back-off. A user's error (a
 /// missing topic, a bad setting) is returned at once.
+/// While it retries, `/readyz` says what it waits for (`stats.starting`).
 fn with_retries<T>(
+    stats: &Stats,
     what: &str,
     mut step: impl FnMut() -> Result<T, PodError>,
 ) -> Result<T, PodError> {
     let deadline = Instant::now() + STARTUP_RETRY_FOR;
     let mut backoff = crate::kafka::Backoff::default();
+    let set = |s: Option<String>| {
+        if let Ok(mut g) = stats.starting.lock() {
+            *g = s;
+        }
+    };
     loop {
         match step() {
             Err(e) if e.is_transient() && Instant::now() < deadline => {
                 let wait = backoff.next_delay();
+                set(Some(format!(
+                    "{what}: retrying a transient broker error: {e}"
+                )));
                 warn!(step = what, error = %e, retry_in_ms = wait.as_millis() as u64, "transient broker error at start-up; retrying");
                 std::thread::sleep(wait);
             }
-            other => return other,
+            other => {
+                set(None);
+                return other;
+            }
         }
     }
 }
@@ -124,17 +137,25 @@ pub fn start(cfg: PodConfig) -> Result<PodHandle, PodError> {
 
 /// [`start`], updating `metrics` (shared with the HTTP server).
 pub fn start_with_metrics(cfg: PodConfig, metrics: Arc<Metrics>) -> Result<PodHandle, PodError> {
+    start_with_stats(cfg, Arc::new(Stats::new(metrics)))
+}
+
+/// [`start`], reporting to `stats` (and its metrics) from the first step:
+/// the HTTP server can serve them, `/readyz` saying why the pod is not
+/// ready, while start-up still retries a broker error.
+pub fn start_with_stats(cfg: PodConfig, stats: Arc<Stats>) -> Result<PodHandle, PodError> {
+    let metrics = stats.metrics.clone();
     cfg.validate()?;
     let core_cfg = cfg.core()?;
     let extra = cfg.kafka_properties()?;
     let probe: BaseConsumer = consumer_config(&cfg)?.create()?;
-    let input_partitions = with_retries("reading the input topic's metadata", || {
+    let input_partitions = with_retries(&stats, "reading the input topic's metadata", || {
         partition_count(&probe, &cfg.topics.input_topic)
     })?
     .ok_or_else(|| PodError::NoInputTopic(cfg.topics.input_topic.clone()))?;
     // Input partition p's state goes to changelog partition p: a smaller
     // changelog would fail mid-run with UnknownPartition. Refuse now.
-    let changelog_partitions = with_retries("reading the changelog's metadata", || {
+    let changelog_partitions = with_retries(&stats, "reading the changelog's metadata", || {
         partition_count(&probe, &cfg.topics.changelog_topic)
     })?
     .ok_or_else(|| PodError::NoChangelogTopic(cfg.topics.changelog_topic.clone()))?;
@@ -146,10 +167,14 @@ pub fn start_with_metrics(cfg: PodConfig, metrics: Arc<Metrics>) -> Result<PodHa
             input_partitions,
         });
     }
+    let windows_partitions = with_retries(&stats, "reading the window topic's metadata", || {
+        partition_count(&probe, &cfg.topics.windows_topic)
+    })?
+    .ok_or_else(|| PodError::NoWindowsTopic(cfg.topics.windows_topic.clone()))?;
     drop(probe);
 
     let defaults = fx::defaults(cfg.limits.fx_defaults.as_deref())?;
-    let (fx_table, follower) = with_retries("loading the FX rates", || {
+    let (fx_table, follower) = with_retries(&stats, "loading the FX rates", || {
         Ok(fx::bootstrap(
             &cfg.kafka.brokers,
             &extra,
@@ -188,7 +213,6 @@ pub fn start_with_metrics(cfg: PodConfig, metrics: Arc<Metrics>) -> Result<PodHa
         })?;
     let producer: BaseProducer<AckContext> = producer_config(&cfg)?
         .create_with_context(AckContext::new(cfg.topics.changelog_topic.clone()))?;
-    let stats = Arc::new(Stats::new(metrics.clone()));
     let processor = Arc::new(Mutex::new(Processor {
         input_topic: Arc::from(cfg.topics.input_topic.as_str()),
         clients: cfg.clients()?,
@@ -212,6 +236,10 @@ pub fn start_with_metrics(cfg: PodConfig, metrics: Arc<Metrics>) -> Result<PodHa
         restoring: BTreeMap::new(),
         fetch_paused: false,
         seeks: BTreeMap::new(),
+        refused: BTreeSet::new(),
+        epochs: HashMap::new(),
+        claims: claim::Claims::new(&cfg)?,
+        windows_partitions: windows_partitions as i32,
     }));
     let ctx = PodContext {
         proc: processor.clone(),
@@ -289,8 +317,9 @@ pub(super) fn run_loop(
         }
         proc.retry_seeks(&consumer);
         if last_tick.elapsed() >= Duration::from_millis(500) {
-            proc.tick();
+            // Lag first: the tick's idleness needs each partition's backlog.
             proc.update_lag(&consumer);
+            proc.tick();
             last_tick = Instant::now();
         }
         if proc.due() {
@@ -304,6 +333,7 @@ pub(super) fn run_loop(
                             for e in a.elements() {
                                 if !proc.restoring.contains_key(&e.partition())
                                     && !proc.seeks.contains_key(&e.partition())
+                                    && !proc.refused.contains(&e.partition())
                                 {
                                     tpl.add_partition(e.topic(), e.partition());
                                 }

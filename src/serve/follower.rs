@@ -51,14 +51,54 @@ impl Drop for ViewFollower {
     }
 }
 
+/// Follows `topic` (`revenue-windows`) into a new view; `input_topic`'s
+/// partition count is how many partitions must vouch for a window before
+/// it is final.
 pub fn follow(
     brokers: &str,
     extra: &[(String, String)],
     topic: &str,
+    input_topic: &str,
     grace_ms: i64,
     metrics: Arc<Metrics>,
 ) -> Result<ViewFollower, ServingError> {
+    let view = Arc::new(RwLock::new(View::new(grace_ms)));
+    follow_into(
+        brokers,
+        extra,
+        (topic, input_topic),
+        view,
+        Arc::new(AtomicBool::new(false)),
+        metrics,
+    )
+}
+
+/// [`follow`], into a view and a caught-up flag the caller already
+/// serves: `tally run` answers `/readyz` (not ready, and why) while its
+/// start-up still waits for the broker.
+pub fn follow_into(
+    brokers: &str,
+    extra: &[(String, String)],
+    (topic, input_topic): (&str, &str),
+    view: Arc<RwLock<View>>,
+    caught_up: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+) -> Result<ViewFollower, ServingError> {
     let consumer: BaseConsumer = Clients::new(brokers, extra).reader("tally-view").create()?;
+    // Every partition of the input must vouch for a window before it is
+    // final: the count comes from the metadata, not from who published.
+    let md = consumer.fetch_metadata(Some(input_topic), Duration::from_secs(10))?;
+    let inputs = md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == input_topic && t.error().is_none())
+        .map(|t| t.partitions().len())
+        .next()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| ServingError::NoTopic(input_topic.to_string()))?;
+    if let Ok(mut v) = view.write() {
+        v.set_input_partitions(inputs);
+    }
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let parts: Vec<i32> = md
         .topics()
@@ -79,8 +119,7 @@ pub fn follow(
         }
     }
     consumer.assign(&tpl)?;
-    let view = Arc::new(RwLock::new(View::new(grace_ms)));
-    let caught_up = Arc::new(AtomicBool::new(ends.is_empty()));
+    caught_up.store(ends.is_empty(), Ordering::SeqCst);
     let stop = Arc::new(AtomicBool::new(false));
     let thread = {
         let (view, caught_up, stop) = (view.clone(), caught_up.clone(), stop.clone());

@@ -142,36 +142,80 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
     resp
 }
 
+/// Why the pod is not ready, one sentence per cause (empty: ready).
+fn not_ready_because(state: &AppState, pod: &PodProgress) -> Vec<String> {
+    let mut why = Vec::new();
+    if let Some(s) = &pod.starting {
+        why.push(format!("starting: {s}"));
+    }
+    if !pod.joined {
+        why.push("not yet given partitions by the consumer group".into());
+    }
+    if !pod.restoring.is_empty() {
+        why.push(format!("restoring partitions {:?}", pod.restoring));
+    }
+    why.extend(pod.blocked.iter().map(|(_, b)| b.clone()));
+    if pod.lag > state.ready_max_lag {
+        why.push(format!(
+            "consumer lag {} above the ready limit {}",
+            pod.lag, state.ready_max_lag
+        ));
+    }
+    if !state.view_caught_up.load(Ordering::Relaxed) {
+        why.push("still reading revenue-windows".into());
+    }
+    why
+}
+
 fn readiness(state: &AppState) -> (bool, Value) {
     let view = state.view_caught_up.load(Ordering::Relaxed);
-    let (joined, lag, restoring) = pod_progress(state);
-    let caught_up = lag <= state.ready_max_lag;
-    let ready = view && joined && restoring.is_empty() && caught_up;
+    let pod = pod_progress(state);
+    let why = not_ready_because(state, &pod);
+    let ready = why.is_empty();
     state.metrics.ready.set(if ready { 1.0 } else { 0.0 });
+    let blocked: Vec<i32> = pod.blocked.iter().map(|(p, _)| *p).collect();
     (
         ready,
-        json!({"ready": ready, "view_caught_up": view, "joined_group": joined, "restoring_partitions": restoring, "consumer_lag": lag, "max_lag": state.ready_max_lag}),
+        json!({"ready": ready, "not_ready_because": why, "view_caught_up": view, "joined_group": pod.joined, "starting": pod.starting, "restoring_partitions": pod.restoring, "blocked_partitions": blocked, "consumer_lag": pod.lag, "max_lag": state.ready_max_lag}),
     )
 }
 
-/// Joined the group, the summed lag, and the partitions still restoring.
-fn pod_progress(state: &AppState) -> (bool, u64, Vec<i32>) {
+/// What readiness needs of the pod.
+struct PodProgress {
+    joined: bool,
+    lag: u64,
+    restoring: Vec<i32>,
+    blocked: Vec<(i32, String)>,
+    starting: Option<String>,
+}
+
+fn pod_progress(state: &AppState) -> PodProgress {
     match &state.pod {
-        Some(s) => (
-            s.joined.load(Ordering::Relaxed),
-            s.lag.load(Ordering::Relaxed),
-            s.restoring.lock().map(|r| r.clone()).unwrap_or_default(),
-        ),
-        None => (true, 0, Vec::new()),
+        Some(s) => PodProgress {
+            joined: s.joined.load(Ordering::Relaxed),
+            lag: s.lag.load(Ordering::Relaxed),
+            restoring: s.restoring.lock().map(|r| r.clone()).unwrap_or_default(),
+            blocked: s.blocked.lock().map(|b| b.clone()).unwrap_or_default(),
+            starting: s.starting.lock().ok().and_then(|s| s.clone()),
+        },
+        None => PodProgress {
+            joined: true,
+            lag: 0,
+            restoring: Vec::new(),
+            blocked: Vec::new(),
+            starting: None,
+        },
     }
 }
 
-/// For a startup probe: the pod has joined its group and restored the state
-/// of what it was assigned. Unlike `/readyz` it ignores lag, so a pod with a
-/// backlog is not restarted for having one.
+/// For a startup probe: the pod has started, joined its group and
+/// restored the state of what it was assigned. Unlike `/readyz` it ignores
+/// lag, so a pod with a backlog is not restarted for having one, and
+/// partitions it refuses to rebuild (a restart would not help; an
+/// operator must decide), which `/readyz` reports.
 async fn startupz(State(state): State<AppState>) -> Response {
-    let (joined, _, restoring) = pod_progress(&state);
-    let started = joined && restoring.is_empty();
+    let pod = pod_progress(&state);
+    let started = pod.starting.is_none() && pod.joined && pod.restoring.is_empty();
     let status = if started {
         StatusCode::OK
     } else {
@@ -180,7 +224,7 @@ async fn startupz(State(state): State<AppState>) -> Response {
     (
         status,
         Json(
-            json!({"started": started, "joined_group": joined, "restoring_partitions": restoring}),
+            json!({"started": started, "starting": pod.starting, "joined_group": pod.joined, "restoring_partitions": pod.restoring}),
         ),
     )
         .into_response()

@@ -42,6 +42,15 @@ const CHECKPOINT_PREFIX: u8 = b'c';
 /// than the changelog's `delete.retention.ms` is not trusted.
 const WRITTEN_PREFIX: u8 = b'w';
 
+/// The highest writer epoch the partition's local rows have seen (restore)
+/// or this pod has claimed: a tail restore ignores older ones after it.
+const EPOCH_PREFIX: u8 = b'e';
+
+fn epoch_key(p: Partition) -> [u8; 5] {
+    let b = p.to_be_bytes();
+    [EPOCH_PREFIX, b[0], b[1], b[2], b[3]]
+}
+
 fn written_key(p: Partition) -> [u8; 5] {
     let b = p.to_be_bytes();
     [WRITTEN_PREFIX, b[0], b[1], b[2], b[3]]
@@ -166,6 +175,52 @@ impl Store {
         Ok(())
     }
 
+    /// One restore step: changelog records of partition `p`, its new
+    /// checkpoint and the highest writer epoch applied, in one synced batch
+    /// (a crash between them would let a later tail restore take a stale
+    /// writer's records for current ones).
+    pub fn write_restored(
+        &self,
+        changes: &[Encoded],
+        p: Partition,
+        checkpoint: i64,
+        epoch: u64,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        for (q, key, value) in changes {
+            let mut k = partition_prefix(*q).to_vec();
+            k.extend_from_slice(key);
+            match value {
+                Some(v) => batch.put(k, v),
+                None => batch.delete(k),
+            }
+        }
+        batch.put(checkpoint_key(p), checkpoint.to_be_bytes());
+        batch.put(written_key(p), now_ms.to_be_bytes());
+        batch.put(epoch_key(p), epoch.to_be_bytes());
+        let mut w = WriteOptions::default();
+        w.set_sync(true);
+        self.db.write_opt(batch, &w)?;
+        Ok(())
+    }
+
+    /// Records the ownership epoch this pod claimed for partition `p`.
+    pub fn set_epoch(&self, p: Partition, epoch: u64) -> Result<(), StoreError> {
+        let mut w = WriteOptions::default();
+        w.set_sync(true);
+        self.db.put_opt(epoch_key(p), epoch.to_be_bytes(), &w)?;
+        Ok(())
+    }
+
+    /// The highest writer epoch recorded for partition `p`.
+    pub fn epoch(&self, p: Partition) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .db
+            .get(epoch_key(p))?
+            .and_then(|v| v.as_slice().try_into().ok().map(u64::from_be_bytes)))
+    }
+
     /// The input offset to resume partition `p` from, per its local meta
     /// row, without loading the partition.
     pub fn next_offset(&self, p: Partition) -> Result<Option<i64>, StoreError> {
@@ -209,6 +264,7 @@ impl Store {
         batch.delete_range(from.to_vec(), to);
         batch.delete(checkpoint_key(p));
         batch.delete(written_key(p));
+        batch.delete(epoch_key(p));
         let mut w = WriteOptions::default();
         w.set_sync(true);
         self.db.write_opt(batch, &w)?;

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub assigned_partitions: IntGauge,
     pub restore_records: IntCounter,
     pub restore_retries: IntCounter,
+    pub restore_stale_records: IntCounter,
+    pub rebuilds_refused: IntCounter,
     pub restore_duration: Histogram,
     pub restoring_partitions: IntGauge,
     pub restore_remaining: IntGaugeVec,
@@ -61,6 +63,8 @@ pub const NAMES: &[&str] = &[
     "tally_assigned_partitions",
     "tally_restore_records_total",
     "tally_restore_retries_total",
+    "tally_restore_stale_records_total",
+    "tally_rebuilds_refused_total",
     "tally_restore_duration_seconds",
     "tally_restoring_partitions",
     "tally_restore_remaining_records",
@@ -250,6 +254,22 @@ impl Metrics {
                 IntCounter::new(
                     "tally_restore_retries_total",
                     "Restore steps retried after a transient broker error (a stalled restore)",
+                )
+                .expect("valid metric"),
+            ),
+            restore_stale_records: reg(
+                &r,
+                IntCounter::new(
+                    "tally_restore_stale_records_total",
+                    "Changelog records ignored by restore: written under an older ownership epoch after a newer one (a stale writer's)",
+                )
+                .expect("valid metric"),
+            ),
+            rebuilds_refused: reg(
+                &r,
+                IntCounter::new(
+                    "tally_rebuilds_refused_total",
+                    "Partitions whose rebuild from the input log was refused because the log no longer starts at offset 0 (orders would be lost)",
                 )
                 .expect("valid metric"),
             ),

@@ -199,6 +199,20 @@ pub fn rfc3339(ms: i64) -> String {
 /// Records for the outputs of the pod, all addressed by the configured topic names.
 pub struct Outputs<'a> {
     pub cfg: &'a PodConfig,
+    /// `revenue-windows`' partition count: every row of input partition
+    /// `p` goes to partition `p mod n` (see [`windows_partition`]).
+    pub windows_partitions: i32,
+}
+
+/// The `revenue-windows` partition of every row input partition `p`
+/// publishes (partials, session tombstones, progress). One partition per
+/// input partition keeps them in the order the pod wrote them, so a reader
+/// never sees a progress row before the partials it vouches for (with
+/// the default key partitioner, they went to partitions of their own and
+/// progress could overtake them). Keys stay the same, so compaction keeps
+/// the latest row per key as before.
+pub fn windows_partition(p: Partition, windows_partitions: i32) -> i32 {
+    p.rem_euclid(windows_partitions.max(1))
 }
 
 impl Outputs<'_> {
@@ -294,14 +308,16 @@ impl Outputs<'_> {
         });
     }
 
-    pub fn window(&self, w: &WindowUpdate, out: &mut Vec<OutRecord>) {
-        let rec = WindowRecord::from_update(w);
+    /// A window's partial, stamped with the writer's ownership `epoch`.
+    pub fn window(&self, w: &WindowUpdate, epoch: u64, out: &mut Vec<OutRecord>) {
+        let mut rec = WindowRecord::from_update(w);
+        rec.epoch = epoch;
         out.push(OutRecord {
             topic: self.cfg.topics.windows_topic.clone(),
             key: Some(WindowRecord::record_key(&rec.window_id, w.partition).into_bytes()),
             payload: Some(serde_json::to_vec(&rec).unwrap_or_default()),
             headers: Vec::new(),
-            partition: None,
+            partition: Some(windows_partition(w.partition, self.windows_partitions)),
         });
     }
 
@@ -317,7 +333,7 @@ impl Outputs<'_> {
             key: Some(WindowRecord::record_key(&window_id(spec_name, key), partition).into_bytes()),
             payload: None,
             headers: Vec::new(),
-            partition: None,
+            partition: Some(windows_partition(partition, self.windows_partitions)),
         });
     }
 }

@@ -56,6 +56,11 @@ pub struct WindowRecord {
     pub max_usd: Option<f64>,
     pub p95_usd: Option<f64>,
     pub agg: PartialAgg,
+    /// The writer's ownership epoch of the input partition (0: written
+    /// before epochs). The view ignores a row of an older epoch than one
+    /// it already applied for the same key: a stale writer's.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 impl WindowRecord {
@@ -86,6 +91,7 @@ impl WindowRecord {
             max_usd: a.max_usd().map(|m| usd(m.into())),
             p95_usd: a.p95_usd(),
             agg: PartialAgg::from(a),
+            epoch: 0,
         }
     }
 
@@ -106,6 +112,7 @@ impl WindowRecord {
             start: self.start,
             end: self.end,
             is_final: self.is_final,
+            epoch: self.epoch,
             agg: self.agg,
         }
     }
@@ -215,6 +222,7 @@ mod tests {
             next_offset: 10,
             watermark: Some(wm),
             idle: false,
+            epoch: 0,
         };
         apply(
             v,
@@ -229,6 +237,7 @@ mod tests {
     #[test]
     fn partials_merge_and_final_waits_for_every_partition() {
         let mut v = View::new(10_000);
+        v.set_input_partitions(2);
         let (k0, v0) = update(0, "t", T, "USD", 0, 60_000, 5_000_000, true);
         let (k1, v1) = update(1, "t", T, "USD", 0, 60_000, 7_000_000, false);
         apply(&mut v, &k0, Some(&v0)).unwrap();
@@ -258,6 +267,7 @@ mod tests {
     #[test]
     fn a_final_is_sticky_and_a_tombstone_removes_a_session() {
         let mut v = View::new(0);
+        v.set_input_partitions(1);
         let (k, fin) = update(0, "t", T, "USD", 0, 60_000, 5_000_000, true);
         let (_, live) = update(0, "t", T, "USD", 0, 60_000, 1_000_000, false);
         apply(&mut v, &k, Some(&fin)).unwrap();
@@ -290,6 +300,7 @@ mod tests {
     #[test]
     fn queries_filter_by_range_key_and_final() {
         let mut v = View::new(0);
+        v.set_input_partitions(1);
         for (i, cur) in ["EUR", "USD"].iter().enumerate() {
             for m in 0..5 {
                 let (k, val) = update(

@@ -25,8 +25,13 @@ pub struct Run {
 
 impl Run {
     pub fn start(name: &str, count: u64, rate: f64) -> Run {
+        Run::on_brokers(name, count, rate, 1)
+    }
+
+    /// [`Run::start`] on a mock cluster of `n` brokers.
+    pub fn on_brokers(name: &str, count: u64, rate: f64, n: i32) -> Run {
         let specs = declared_topics();
-        let broker = TestBroker::start(1, &specs);
+        let broker = TestBroker::start(n, &specs);
         let brokers = broker.bootstrap_servers();
         let records = gen::generate(&GenSpec {
             count,
@@ -58,6 +63,11 @@ impl Run {
             dirs: Vec::new(),
             follower,
         }
+    }
+
+    /// The mock cluster, for fault injection.
+    pub fn mock(&self) -> Option<&tally::kafka::broker::EmbeddedBroker> {
+        self._broker.mock()
     }
 
     pub fn dir(&mut self, name: &str) -> PathBuf {

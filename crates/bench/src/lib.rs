@@ -374,6 +374,7 @@ pub fn serving(
         &brokers,
         &[],
         &cfg.topics.windows_topic,
+        &cfg.topics.input_topic,
         10_000,
         metrics.clone(),
     )?;

@@ -418,6 +418,19 @@ type Seeded = foldhash::fast::FixedState;
 type FastMap<K, V> = HashMap<K, V, Seeded>;
 type FastSet<K> = HashSet<K, Seeded>;
 
+/// What the shell knows of a partition's input ([`Engine::set_readable`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Readable {
+    /// Nothing left to read (lag zero) and fetching: may turn idle. Also
+    /// the state of an engine no shell reports to (replay, tests).
+    #[default]
+    CaughtUp,
+    /// Records wait to be read: not idle.
+    Behind,
+    /// Paused by the shell: the lag is unknown; idleness does not change.
+    Paused,
+}
+
 #[derive(Default)]
 struct Part {
     next_offset: Offset,
@@ -425,6 +438,9 @@ struct Part {
     watermark: Option<i64>,
     last_active_wall: i64,
     idle: bool,
+    /// What the shell knows of the partition's input: only a partition
+    /// caught up with the broker may turn idle.
+    readable: Readable,
     windows: FastMap<WindowKey, WindowRow>,
     sessions: FastMap<(u16, String), SessionSet>,
     /// Open windows and sessions by close time.
@@ -481,6 +497,16 @@ impl Part {
             next_offset: self.next_offset,
             watermark: self.watermark,
             idle: self.idle,
+        }
+    }
+
+    /// Idle: no record for `timeout` of wall time, and nothing to read.
+    fn mark_idle(&mut self, wall_ms: i64, timeout: i64) {
+        if !self.idle
+            && self.readable == Readable::CaughtUp
+            && wall_ms - self.last_active_wall >= timeout
+        {
+            self.idle = true;
         }
     }
 
@@ -844,14 +870,33 @@ impl Engine {
         }
     }
 
-    /// Wall-clock progress for one partition: marks it idle after
-    /// `idle_timeout_ms` without records, then lets idle partitions follow
-    /// the combined watermark of the active ones.
-    pub fn on_tick(&mut self, p: Partition, wall_ms: i64, out: &mut Vec<Effect>) {
+    /// What the shell knows of partition `p`'s input, before each tick.
+    /// Only the broker can make a partition idle, by having nothing for it:
+    /// a partition [`Readable::Behind`] (records wait to be read) stops
+    /// being idle at once (its watermark stays where it got to), and one
+    /// the shell has [`Readable::Paused`] (a flush waiting for
+    /// acknowledgements, a full producer queue, a restore) keeps whatever
+    /// idleness it had: its lag is unknown while nothing is fetched, so
+    /// the wall clock that passes meanwhile does not make it idle. Before,
+    /// the pod's own pauses made partitions idle, their watermarks jumped
+    /// to the others', and their in-order backlog became late.
+    pub fn set_readable(&mut self, p: Partition, r: Readable) {
         if let Some(part) = self.parts.get_mut(&p) {
-            if !part.idle && wall_ms - part.last_active_wall >= self.cfg.idle_timeout_ms {
-                part.idle = true;
+            part.readable = r;
+            if r == Readable::Behind {
+                part.idle = false;
             }
+        }
+    }
+
+    /// Wall-clock progress for one partition: marks it idle after
+    /// `idle_timeout_ms` without records and with nothing to read, then
+    /// lets idle partitions follow the combined watermark of the active
+    /// ones.
+    pub fn on_tick(&mut self, p: Partition, wall_ms: i64, out: &mut Vec<Effect>) {
+        let timeout = self.cfg.idle_timeout_ms;
+        if let Some(part) = self.parts.get_mut(&p) {
+            part.mark_idle(wall_ms, timeout);
         }
         self.release_idle(out);
     }
@@ -860,9 +905,7 @@ impl Engine {
     pub fn tick(&mut self, wall_ms: i64, out: &mut Vec<Effect>) {
         let timeout = self.cfg.idle_timeout_ms;
         for part in self.parts.values_mut() {
-            if !part.idle && wall_ms - part.last_active_wall >= timeout {
-                part.idle = true;
-            }
+            part.mark_idle(wall_ms, timeout);
         }
         self.release_idle(out);
     }

@@ -32,8 +32,8 @@ pub mod window;
 pub use aggregate::{customer_hash, usd, Aggregate, PartialAgg};
 pub use engine::{
     window_id, ConfigError, CoreConfig, DedupRow, Effect, Engine, FlushId, Offset, Partition,
-    PartitionMeta, PartitionStatus, RowKey, Session, SessionSet, StateChange, StateRow, WindowKey,
-    WindowRow, WindowUpdate, CHANGE_GROUPS,
+    PartitionMeta, PartitionStatus, Readable, RowKey, Session, SessionSet, StateChange, StateRow,
+    WindowKey, WindowRow, WindowUpdate, CHANGE_GROUPS,
 };
 pub use order::{
     enrich, parse_order, validate, Currency, EnrichedOrder, FxTable, Limits, Order, Rate, Reason,

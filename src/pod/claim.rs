@@ -1,0 +1,139 @@
+//! Ownership epochs: how readers tell a stale writer's records from the
+//! current owner's.
+//!
+//! Kafka's group tells a pod when it loses a partition, but a pod that does
+//! not know (paused past its session timeout) can still have records on
+//! the wire after the new owner restored. Each owner of a partition
+//! therefore writes under an epoch one above every epoch it has seen on the
+//! partition's changelog, and announces it with a **claim** record on that
+//! changelog partition, acknowledged before it processes anything. Every
+//! changelog record carries its writer's epoch (header `tally-epoch`) and
+//! the input offset it reflects (`tally-offset`); every `revenue-windows`
+//! row carries the epoch in its value. Restore and the view ignore a record
+//! of an older epoch that follows one of a newer epoch (within one
+//! changelog partition, or one `revenue-windows` key, records arrive in the
+//! order they were written, so that can only be a zombie's).
+//!
+//! The claim is what makes the epochs strictly increase across owners: a
+//! later owner reads it during its restore, even when the claimant wrote
+//! nothing else. This is not fencing (the broker still accepts a zombie's
+//! writes, and compaction may keep a zombie's row over the owner's older
+//! one of the same key); ARCHITECTURE.md names what remains.
+
+use super::*;
+
+/// The claim's changelog key. State keys are postcard-encoded `RowKey`s,
+/// whose first byte (the variant) is below 0x80, so no row has this key.
+pub(super) const CLAIM_KEY: &[u8] = b"\xff\xfftally-claim";
+/// The writer's ownership epoch, as decimal text.
+pub(super) const EPOCH_HEADER: &str = "tally-epoch";
+/// The input partition's next offset as of the flush that wrote the record.
+pub(super) const OFFSET_HEADER: &str = "tally-offset";
+
+/// The writer epoch of a changelog record; 0 when it has none (written
+/// before epochs existed, so older than any claim).
+pub(super) fn epoch_of(m: &BorrowedMessage<'_>) -> u64 {
+    let Some(headers) = m.headers() else {
+        return 0;
+    };
+    headers
+        .iter()
+        .find(|h| h.key == EPOCH_HEADER)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The claim's value: the state format version (restore checks it like
+/// any row's), then the epoch, big-endian.
+fn claim_value(epoch: u64) -> Vec<u8> {
+    let mut v = vec![crate::state::codec::FORMAT_VERSION];
+    v.extend_from_slice(&epoch.to_be_bytes());
+    v
+}
+
+/// Keeps the delivery result of the latest claim, by its sequence number
+/// (the delivery opaque), so a late report of an earlier claim that timed
+/// out is not taken for it.
+#[derive(Default)]
+pub struct ClaimContext {
+    result: Mutex<Option<(usize, Result<i64, KafkaError>)>>,
+}
+
+impl ClientContext for ClaimContext {}
+
+impl ProducerContext for ClaimContext {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, r: &DeliveryResult<'_>, seq: usize) {
+        let v = match r {
+            Ok(m) => Ok(m.offset()),
+            Err((e, _)) => Err(e.clone()),
+        };
+        *self.result.lock().unwrap_or_else(|e| e.into_inner()) = Some((seq, v));
+    }
+}
+
+/// Writes claims, one at a time, waiting for each acknowledgement. A
+/// producer of its own: the pod's producer reports to the flush cycle,
+/// and a claim belongs to no batch.
+pub(super) struct Claims {
+    producer: BaseProducer<ClaimContext>,
+    topic: String,
+    seq: usize,
+}
+
+impl Claims {
+    pub(super) fn new(cfg: &PodConfig) -> Result<Claims, PodError> {
+        Ok(Claims {
+            producer: run::producer_config(cfg)?.create_with_context(ClaimContext::default())?,
+            topic: cfg.topics.changelog_topic.clone(),
+            seq: 0,
+        })
+    }
+
+    /// Writes the claim of `epoch` on changelog partition `p` and waits for
+    /// its acknowledgement, at most `timeout`. Returns its offset.
+    pub(super) fn claim(
+        &mut self,
+        p: Partition,
+        epoch: u64,
+        timeout: Duration,
+    ) -> Result<i64, PodError> {
+        self.seq += 1;
+        let seq = self.seq;
+        let value = claim_value(epoch);
+        let text = epoch.to_string();
+        let rec = BaseRecord::with_opaque_to(&self.topic, seq)
+            .partition(p)
+            .key(CLAIM_KEY)
+            .payload(value.as_slice())
+            .headers(OwnedHeaders::new().insert(Header {
+                key: EPOCH_HEADER,
+                value: Some(text.as_bytes()),
+            }));
+        self.producer.send(rec).map_err(|(e, _)| e)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.producer.poll(Duration::from_millis(1));
+            let mut result = self
+                .producer
+                .context()
+                .result
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some((s, r)) = result.take() {
+                if s == seq {
+                    return Ok(r?);
+                }
+            }
+            drop(result);
+            if Instant::now() >= deadline {
+                // Not acknowledged: the claim may still land. Harmless: a
+                // claim only raises the epoch the next owner starts from.
+                self.producer.purge(PurgeConfig::default().queue());
+                return Err(PodError::ProduceTimeout(timeout));
+            }
+        }
+    }
+}
