@@ -72,8 +72,10 @@ fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     let specs = declared_topics();
     let broker = TestBroker::start(1, &specs);
     let brokers = broker.bootstrap_servers();
+    // More than the kill phase sends (it stops the producer): the input
+    // never runs out while kills still have to land on a working pod.
     let records = gen::generate(&GenSpec {
-        count: 40_000,
+        count: 80_000,
         seed: 11,
         customers: 400,
         invalid_pct: 2.0,
@@ -117,7 +119,14 @@ fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     while progressed < KILLS && kills < MAX_KILLS {
         kills += 1;
         let mut child = spawn_pod(&brokers, &state, &log);
-        let after = Duration::from_millis(1_500 + next() % 2_000);
+        // On tansu a replacement takes longer to join the group (about
+        // every other one waited out its killed predecessor's session), so
+        // it gets longer to reach processing before it is killed.
+        let after = if on_tansu() {
+            Duration::from_millis(3_000 + next() % 3_000)
+        } else {
+            Duration::from_millis(1_500 + next() % 2_000)
+        };
         run_until(&mut child, Instant::now() + after, &log);
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();

@@ -68,11 +68,16 @@ pub fn skip_on_external(reason: &str) -> bool {
     }
 }
 
+/// Whether the external broker is tansu (`TALLY_TEST_BROKER_KIND=tansu`).
+pub fn on_tansu() -> bool {
+    external_brokers().is_some()
+        && std::env::var("TALLY_TEST_BROKER_KIND").is_ok_and(|k| k == "tansu")
+}
+
 /// Skips the calling test when the external broker is tansu
 /// (`TALLY_TEST_BROKER_KIND=tansu`), for one of its known gaps (DESIGN §9).
 pub fn skip_on_tansu(reason: &str) -> bool {
-    let tansu = external_brokers().is_some()
-        && std::env::var("TALLY_TEST_BROKER_KIND").is_ok_and(|k| k == "tansu");
+    let tansu = on_tansu();
     if tansu {
         eprintln!("SKIPPED on tansu: {reason}");
     }
