@@ -49,7 +49,11 @@ enum Command {
     /// The batch layer: recompute the windows from the retained log and
     /// report where the live (final) windows differ. Exit 1 on differences.
     Replay {
-        /// Start: an input offset (0 = everything retained) or an RFC 3339 time.
+        /// Start: an input offset (0 = everything retained; an offset before
+        /// a partition's log start is read from the start, and the report
+        /// says so), or an RFC 3339 time in event time (the orders'
+        /// `created_at`): every retained order is replayed, and only
+        /// windows starting at or after the time are compared.
         #[arg(long, default_value = "0")]
         from: String,
         #[command(flatten)]
@@ -247,9 +251,10 @@ async fn start_http(
 ) -> anyhow::Result<(Served, tokio::task::JoinHandle<()>)> {
     let core = cfg.core()?;
     let extra = cfg.kafka_properties()?;
-    let view = Arc::new(std::sync::RwLock::new(tally::core::view::View::new(
-        core.grace_ms,
-    )));
+    let mut view = tally::core::view::View::new(core.grace_ms);
+    // Queries that name no definition are answered from the configured ones.
+    view.set_definitions(core.windows.clone());
+    let view = Arc::new(std::sync::RwLock::new(view));
     let caught_up = Arc::new(AtomicBool::new(false));
     let pc = tally::kafka::Clients::new(&cfg.kafka.brokers, &extra).producer();
     let webhook = http::Webhook {

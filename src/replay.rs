@@ -6,8 +6,8 @@
 //! window never changes, and every order it counted was on its partition
 //! before it closed, so a replay that covers its start must agree exactly
 //! (count and micro-dollars). Open windows are still moving and are skipped.
-//! With `--from <time>`, windows starting before that time are skipped too
-//! (the replay does not see their earlier orders).
+//! With `--from <time>` (event time), every retained order is replayed and
+//! windows starting before that time are skipped.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -72,12 +72,34 @@ pub struct Report {
     pub records_replayed: u64,
     pub windows_compared: usize,
     pub differences: Vec<Difference>,
+    /// Per input partition: the log's range, where the replay began, and
+    /// anything it could not read.
+    pub partitions: Vec<PartitionRead>,
 }
 
 type Totals = BTreeMap<(String, String, i64), (u64, i128)>;
 
+/// What the replay read of one input partition.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct PartitionRead {
+    pub partition: i32,
+    /// The log's first and next offsets when the replay began.
+    pub log_start: i64,
+    pub log_end: i64,
+    /// Where the replay started reading it (`None`: not read).
+    pub from: Option<i64>,
+    /// Why it was not read, or what it is missing.
+    pub note: Option<String>,
+}
+
 /// Recomputes every window from `from` to the current end of the input.
-pub fn recompute(cfg: &PodConfig, fx: FxTable, from: From) -> Result<(Totals, u64), ReplayError> {
+/// `reads` receives what was read of each partition.
+pub fn recompute(
+    cfg: &PodConfig,
+    fx: FxTable,
+    from: From,
+    reads: &mut Vec<PartitionRead>,
+) -> Result<(Totals, u64), ReplayError> {
     let mut engine =
         Engine::new(cfg.core()?, fx).map_err(|e| crate::config::ConfigError::Invalid {
             field: e.field,
@@ -96,23 +118,42 @@ pub fn recompute(cfg: &PodConfig, fx: FxTable, from: From) -> Result<(Totals, u6
         .iter()
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
+    // Where each partition starts: the offset asked for, or (a time, which
+    // is event time) the log's start: the engine needs every order to
+    // reproduce the watermarks, and only windows starting at or after the
+    // time are compared. A partition with nothing to read is not read:
+    // waiting for a position at the log's end used to hang the replay
+    // until its one-hour deadline.
     let mut tpl = TopicPartitionList::new();
-    for p in &parts {
-        let start = match from {
-            From::Offset(o) => Offset::Offset(o),
-            From::Time(t) => Offset::Offset(t),
-        };
-        tpl.add_partition_offset(topic, *p, start)?;
-    }
-    if let From::Time(_) = from {
-        tpl = consumer.offsets_for_times(tpl, Duration::from_secs(10))?;
-    }
     let mut ends: HashMap<i32, i64> = HashMap::new();
     for p in &parts {
         let (low, high) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(10))?;
-        if high > low {
+        let wanted = match from {
+            From::Offset(o) => o,
+            From::Time(_) => low,
+        };
+        let mut read = PartitionRead {
+            partition: *p,
+            log_start: low,
+            log_end: high,
+            from: None,
+            note: None,
+        };
+        if wanted >= high {
+            read.note = Some("nothing to read".into());
+        } else {
+            if wanted < low {
+                read.note = Some(format!(
+                    "the log starts at {low}, after the offset asked for ({wanted}): \
+                     the orders before it are gone, windows they belonged to cannot be compared"
+                ));
+            }
+            let o = wanted.max(low);
+            read.from = Some(o);
+            tpl.add_partition_offset(topic, *p, Offset::Offset(o))?;
             ends.insert(*p, high);
         }
+        reads.push(read);
     }
     consumer.assign(&tpl)?;
     let mut out = Vec::new();
@@ -194,10 +235,11 @@ pub fn run(cfg: &PodConfig, from: From) -> Result<Report, ReplayError> {
         &extra,
         &cfg.topics.windows_topic,
         &cfg.topics.input_topic,
-        cfg.job.grace_ms,
+        &cfg.core()?,
         std::sync::Arc::new(Metrics::new()),
     )?;
-    let (replayed, records) = recompute(cfg, fx, from)?;
+    let mut reads = Vec::new();
+    let (replayed, records) = recompute(cfg, fx, from, &mut reads)?;
     let deadline = Instant::now() + Duration::from_secs(120);
     while !follower.caught_up.load(std::sync::atomic::Ordering::SeqCst) {
         if Instant::now() > deadline {
@@ -218,6 +260,7 @@ pub fn run(cfg: &PodConfig, from: From) -> Result<Report, ReplayError> {
     };
     let mut report = Report {
         records_replayed: records,
+        partitions: reads,
         ..Report::default()
     };
     for (kind, by) in view.kinds() {

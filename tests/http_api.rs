@@ -76,6 +76,7 @@ fn record(
 fn view() -> View {
     let mut v = View::new(10_000);
     v.set_input_partitions(2);
+    v.set_definitions(tally::core::WindowSpec::defaults());
     let t = WindowKind::Tumbling { size_ms: 60_000 };
     let rows = [
         record(
@@ -183,6 +184,83 @@ async fn call(
 async fn get(state: &AppState, uri: &str) -> (StatusCode, Value) {
     let (s, _, b) = call(state, Request::get(uri).body(Body::empty()).unwrap()).await;
     (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
+}
+
+/// Scenario 4 of the determinism issue: `/revenue` sums one tumbling
+/// definition per group-by. With a minute and an hour by currency, a 60 USD
+/// order counted 120 (reproduced through the view's API as the issue says;
+/// before, `View::revenue_split` summed every tumbling row by currency,
+/// which here, with a retired third definition, would be 180). The default
+/// is the shortest configured; `window=` names another;
+/// two of the same size are ambiguous (400); a definition no longer
+/// configured is served only when named.
+#[tokio::test]
+async fn revenue_sums_one_definition_per_group_by() {
+    use tally::core::WindowSpec;
+    let mut v = View::new(0);
+    v.set_input_partitions(1);
+    v.set_definitions(vec![
+        WindowSpec::tumbling("hourly", 3_600_000, GroupBy::Currency),
+        WindowSpec::tumbling("minutely", 60_000, GroupBy::Currency),
+    ]);
+    let hour = WindowKind::Tumbling { size_ms: 3_600_000 };
+    let minute = WindowKind::Tumbling { size_ms: 60_000 };
+    for (spec, kind, end) in [
+        ("minutely", minute, 60_000),
+        ("hourly", hour, 3_600_000),
+        ("retired", minute, 60_000),
+    ] {
+        let (k, val) = record(
+            0,
+            spec,
+            kind,
+            GroupBy::Currency,
+            "EUR",
+            0,
+            end,
+            60_000_000,
+            false,
+        );
+        v.apply(decode(&k, Some(&val)).unwrap());
+    }
+    let st = AppState {
+        view: Arc::new(RwLock::new(v)),
+        ..state(true, None)
+    };
+    let (s, body) = get(&st, "/revenue").await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["total"]["combined_usd"], 60.0, "{body}");
+    assert_eq!(body["windows"]["currency"], "minutely");
+    let (_, body) = get(&st, "/revenue?window=hourly").await;
+    assert_eq!(body["total"]["combined_usd"], 60.0, "{body}");
+    assert_eq!(body["windows"]["currency"], "hourly");
+    let (s, body) = get(&st, "/revenue?window=nope").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    // Configured windows only, unless one is named.
+    let (_, body) = get(&st, "/revenue/windows?kind=tumbling&by=currency").await;
+    assert_eq!(body["count"], 2, "{body}");
+    let (_, body) = get(
+        &st,
+        "/revenue/windows?kind=tumbling&by=currency&window=retired",
+    )
+    .await;
+    assert_eq!(body["count"], 1, "{body}");
+    let (_, body) = get(&st, "/revenue?window=retired").await;
+    assert_eq!(body["total"]["combined_usd"], 60.0, "{body}");
+    // Two definitions of the same size by currency: which one is meant?
+    st.view.write().unwrap().set_definitions(vec![
+        WindowSpec::tumbling("minutely", 60_000, GroupBy::Currency),
+        WindowSpec::tumbling("retired", 60_000, GroupBy::Currency),
+    ]);
+    let (s, body) = get(&st, "/revenue").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("minutely, retired"),
+        "{body}"
+    );
 }
 
 #[tokio::test]

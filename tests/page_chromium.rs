@@ -85,7 +85,7 @@ fn the_live_page_shows_the_numbers_of_revenue() {
         &[],
         &topic("revenue-windows"),
         &topic("raw-orders"),
-        cfg.job.grace_ms,
+        &cfg.core().unwrap(),
         metrics.clone(),
     )
     .unwrap();

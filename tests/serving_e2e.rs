@@ -45,7 +45,7 @@ fn the_view_merges_every_partition_to_the_exact_truth() {
         &[],
         &topic("revenue-windows"),
         &topic("raw-orders"),
-        cfg.job.grace_ms,
+        &cfg.core().unwrap(),
         metrics.clone(),
     )
     .unwrap();
@@ -68,7 +68,11 @@ fn the_view_merges_every_partition_to_the_exact_truth() {
         }
     }
     let view = follower.view.read().unwrap();
-    let split = view.revenue_split("currency", None, None);
+    let spec = view
+        .revenue_definition("currency", None)
+        .unwrap()
+        .expect("a tumbling definition by currency");
+    let split = view.revenue_split("currency", &spec, None, None);
     for (cur, micros) in &want {
         let got = split[cur].combined_usd;
         assert!(

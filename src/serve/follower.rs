@@ -51,18 +51,20 @@ impl Drop for ViewFollower {
     }
 }
 
-/// Follows `topic` (`revenue-windows`) into a new view; `input_topic`'s
-/// partition count is how many partitions must vouch for a window before
-/// it is final.
+/// Follows `topic` (`revenue-windows`) into a new view of `core`'s window
+/// definitions; `input_topic`'s partition count is how many partitions
+/// must vouch for a window before it is final.
 pub fn follow(
     brokers: &str,
     extra: &[(String, String)],
     topic: &str,
     input_topic: &str,
-    grace_ms: i64,
+    core: &crate::core::CoreConfig,
     metrics: Arc<Metrics>,
 ) -> Result<ViewFollower, ServingError> {
-    let view = Arc::new(RwLock::new(View::new(grace_ms)));
+    let mut view = View::new(core.grace_ms);
+    view.set_definitions(core.windows.clone());
+    let view = Arc::new(RwLock::new(view));
     follow_into(
         brokers,
         extra,

@@ -325,20 +325,50 @@ async fn revenue(
     State(state): State<AppState>,
     RawQuery(q): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let p = params(q, &["from", "to"])?;
+    let p = params(q, &["from", "to", "window"])?;
     let (from, to) = range(&p)?;
     let view = read_view(&state)?;
-    let by_currency = view.revenue_split("currency", from, to);
-    let by_region = view.revenue_split("region", from, to);
-    let total = |m: &BTreeMap<String, crate::core::view::Split>| {
+    // One tumbling definition per group-by: the one named, or the shortest
+    // configured (two of the same size are ambiguous: 400).
+    let named = p.get("window").map(String::as_str);
+    let mut used = serde_json::Map::new();
+    let mut split = |by: &str| -> Result<BTreeMap<String, crate::core::view::Split>, ApiError> {
+        let def = view
+            .revenue_definition(by, named)
+            .map_err(|e| ApiError::bad_request(format!("window: {e}")))?;
+        Ok(match def {
+            Some(spec) => {
+                let m = view.revenue_split(by, &spec, from, to);
+                used.insert(by.to_string(), Value::from(spec));
+                m
+            }
+            None => BTreeMap::new(),
+        })
+    };
+    let by_currency = split("currency")?;
+    let by_region = split("region")?;
+    if named.is_some() && used.is_empty() {
+        return Err(ApiError::bad_request(
+            "window: the definition groups by neither currency nor region",
+        ));
+    }
+    let sum_of = |m: &BTreeMap<String, crate::core::view::Split>| {
         let (f, l): (f64, f64) = m
             .values()
             .fold((0.0, 0.0), |a, s| (a.0 + s.final_usd, a.1 + s.live_usd));
         json!({"final_usd": f, "live_usd": l, "combined_usd": f + l})
     };
+    // The total sums one definition: by currency when it has one, else by
+    // region (each order is in exactly one window of a definition).
+    let total = if used.contains_key("currency") {
+        sum_of(&by_currency)
+    } else {
+        sum_of(&by_region)
+    };
     Ok(Json(json!({
         "range": {"from": from, "to": to},
-        "total": total(&by_currency),
+        "windows": used,
+        "total": total,
         "by_currency": by_currency,
         "by_region": by_region,
         "as_of": view.as_of(),
@@ -350,7 +380,12 @@ async fn windows(
     State(state): State<AppState>,
     RawQuery(q): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let p = params(q, &["kind", "by", "key", "from", "to", "final", "limit"])?;
+    let p = params(
+        q,
+        &[
+            "kind", "by", "key", "from", "to", "final", "limit", "window",
+        ],
+    )?;
     let kind = p.get("kind").cloned().unwrap_or_else(|| "tumbling".into());
     if !["tumbling", "sliding", "session"].contains(&kind.as_str()) {
         return Err(ApiError::bad_request(format!(
@@ -411,6 +446,7 @@ async fn windows(
         to,
         is_final,
         limit,
+        spec: p.get("window").cloned(),
     };
     let rows = view.windows(&q);
     Ok(Json(
@@ -560,8 +596,9 @@ pub fn openapi_doc() -> Value {
         "info": {"title": "tally", "version": env!("CARGO_PKG_VERSION"), "description": "Live, exact order revenue from Kafka."},
         "paths": {
             "/revenue": {"get": {
-                "summary": "Final + live = combined revenue per currency and per region (tumbling windows)",
-                "parameters": [time("from", "window start ≥ from (epoch ms or RFC 3339); default: all retained"), time("to", "window start < to")],
+                "summary": "Final + live = combined revenue per currency and per region, from one tumbling definition per group-by (windows: which)",
+                "parameters": [time("from", "window start ≥ from (epoch ms or RFC 3339); default: all retained"), time("to", "window start < to"),
+                    {"name": "window", "in": "query", "description": "the tumbling definition to sum; default: the shortest configured per group-by (400 when two tie)", "schema": {"type": "string"}}],
                 "responses": {"200": {"description": "summary with as_of"}, "400": err, "503": unavailable}}},
             "/revenue/windows": {"get": {
                 "summary": "One row per merged window with every aggregate",
@@ -569,6 +606,7 @@ pub fn openapi_doc() -> Value {
                     {"name": "kind", "in": "query", "schema": {"type": "string", "enum": ["tumbling", "sliding", "session"], "default": "tumbling"}},
                     {"name": "by", "in": "query", "schema": {"type": "string", "enum": ["currency", "region", "customer"]}},
                     {"name": "key", "in": "query", "schema": {"type": "string"}},
+                    {"name": "window", "in": "query", "description": "one definition by name (also one no longer configured); default: every configured definition", "schema": {"type": "string"}},
                     time("from", "window start ≥ from"), time("to", "window start < to"),
                     {"name": "final", "in": "query", "schema": {"type": "boolean"}},
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100000, "default": 1000}}],

@@ -259,7 +259,7 @@ mod tests {
         );
         progress(&mut v, 1, 70_000);
         assert!(v.windows(&q)[0].is_final);
-        let split = v.revenue_split("currency", None, None);
+        let split = v.revenue_split("currency", "t", None, None);
         assert_eq!(split["USD"].final_usd, 12.0);
         assert_eq!(split["USD"].combined_usd, 12.0);
     }
@@ -325,6 +325,7 @@ mod tests {
             to,
             is_final: fin,
             limit: 0,
+            spec: None,
         };
         assert_eq!(v.windows(&q(None, None, None, None)).len(), 10);
         assert_eq!(

@@ -375,7 +375,7 @@ pub fn serving(
         &[],
         &cfg.topics.windows_topic,
         &cfg.topics.input_topic,
-        10_000,
+        &cfg.core()?,
         metrics.clone(),
     )?;
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -151,6 +151,22 @@ pub struct WindowQuery {
     pub to: Option<i64>,
     pub is_final: Option<bool>,
     pub limit: usize,
+    /// One definition by name (served even if no longer configured);
+    /// `None`: every configured definition of the kind and group-by.
+    pub spec: Option<String>,
+}
+
+/// Why the view cannot say which definition a revenue query means.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum DefinitionError {
+    #[error("no window definition is named {0:?}")]
+    Unknown(String),
+    #[error("window definition {0:?} is not tumbling: /revenue sums tumbling windows")]
+    NotTumbling(String),
+    #[error(
+        "several tumbling definitions group by {by} with the same size ({names}): name one with window="
+    )]
+    Ambiguous { by: String, names: String },
 }
 
 /// One merged window, as served.
@@ -214,6 +230,9 @@ pub struct View {
     stale: u64,
     /// How many partitions the input topic has (`None`: not known yet).
     input_partitions: Option<usize>,
+    /// The configured window definitions (`None`: not told; every
+    /// definition in the topic is served).
+    definitions: Option<Vec<crate::window::WindowSpec>>,
 }
 
 /// Where a customer's session `(spec, start)` is, or would go, in its list.
@@ -397,6 +416,85 @@ impl View {
         }
     }
 
+    /// The window definitions the pods are configured with: a query that
+    /// names none is answered from these alone (rows of definitions
+    /// dropped from the configuration stay in the compacted topic and are
+    /// served only when named).
+    pub fn set_definitions(&mut self, defs: Vec<crate::window::WindowSpec>) {
+        self.definitions = Some(defs);
+    }
+
+    /// Whether a row of definition `spec` answers query `q`.
+    fn serves(&self, q: &WindowQuery, spec: &str) -> bool {
+        match (&q.spec, &self.definitions) {
+            (Some(named), _) => named == spec,
+            (None, Some(defs)) => defs.iter().any(|d| d.name == spec),
+            (None, None) => true,
+        }
+    }
+
+    /// The tumbling definition `/revenue` sums for group-by `by`: the one
+    /// named, or else the shortest configured one (documented default);
+    /// `None` when no tumbling definition groups by `by`. Two configured
+    /// of the same shortest size are ambiguous. A name may be a definition
+    /// no longer configured whose rows the topic still holds.
+    pub fn revenue_definition(
+        &self,
+        by: &str,
+        named: Option<&str>,
+    ) -> Result<Option<String>, DefinitionError> {
+        let defs = self.definitions.as_deref().unwrap_or(&[]);
+        if let Some(name) = named {
+            if let Some(d) = defs.iter().find(|d| d.name == name) {
+                return match d.kind {
+                    crate::window::WindowKind::Tumbling { .. } => {
+                        Ok((d.by.name() == by).then(|| name.to_string()))
+                    }
+                    _ => Err(DefinitionError::NotTumbling(name.into())),
+                };
+            }
+            // Not configured (any more): served if the topic still holds
+            // its rows (a scan, for a name nobody configures).
+            let bys_of = |kind: &str| -> Vec<&str> {
+                self.fixed
+                    .iter()
+                    .filter(|((k, _), m)| k == kind && m.keys().any(|(_, spec, _)| spec == name))
+                    .map(|((_, b), _)| b.as_str())
+                    .collect()
+            };
+            let bys = bys_of("tumbling");
+            if !bys.is_empty() {
+                return Ok(bys.contains(&by).then(|| name.to_string()));
+            }
+            if !bys_of("sliding").is_empty() {
+                return Err(DefinitionError::NotTumbling(name.into()));
+            }
+            return Err(DefinitionError::Unknown(name.into()));
+        }
+        let mut tumbling: Vec<(i64, &str)> = defs
+            .iter()
+            .filter(|d| d.by.name() == by)
+            .filter_map(|d| match d.kind {
+                crate::window::WindowKind::Tumbling { size_ms } => Some((size_ms, d.name.as_str())),
+                _ => None,
+            })
+            .collect();
+        tumbling.sort();
+        match tumbling.as_slice() {
+            [] => Ok(None),
+            [(a, _), (b, _), ..] if a == b => Err(DefinitionError::Ambiguous {
+                by: by.into(),
+                names: tumbling
+                    .iter()
+                    .filter(|(s, _)| s == a)
+                    .map(|(_, n)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+            [(_, n), ..] => Ok(Some(n.to_string())),
+        }
+    }
+
     /// The input topic's partition count, from its metadata: every one of
     /// them must vouch (a progress row) before a window is final, not only
     /// those that happened to publish.
@@ -480,7 +578,9 @@ impl View {
         let limit = if q.limit == 0 { usize::MAX } else { q.limit };
         let wm = self.global_watermark();
         let keep = |w: &WindowView| {
-            q.key.as_ref().is_none_or(|k| &w.key == k) && q.is_final.is_none_or(|f| w.is_final == f)
+            q.key.as_ref().is_none_or(|k| &w.key == k)
+                && q.is_final.is_none_or(|f| w.is_final == f)
+                && self.serves(q, &w.spec)
         };
         let mut out = Vec::new();
         if q.kind == "session" {
@@ -532,11 +632,14 @@ impl View {
             .unwrap_or_default()
     }
 
-    /// Final + live = combined revenue per key of the tumbling windows
-    /// grouped `by`, for windows starting in [from, to).
+    /// Final + live = combined revenue per key of the tumbling windows of
+    /// definition `spec` grouped `by`, for windows starting in [from, to).
+    /// One definition: summing two (a minute and an hour by currency)
+    /// counted every order twice.
     pub fn revenue_split(
         &self,
         by: &str,
+        spec: &str,
         from: Option<i64>,
         to: Option<i64>,
     ) -> BTreeMap<String, Split> {
@@ -547,6 +650,9 @@ impl View {
             for (k, e) in m.range(lo..) {
                 if to.is_some_and(|t| k.0 >= t) {
                     break;
+                }
+                if k.1 != spec {
+                    continue;
                 }
                 let s = sums.entry(&*e.head.key).or_default();
                 if self.is_final(e, wm) {
