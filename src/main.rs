@@ -334,22 +334,44 @@ async fn run(cfg: PodConfig, _matches: &ArgMatches) -> anyhow::Result<()> {
             Err(e) => tracing::warn!(error = %e, "no topic declarations applied"),
         }
     }
+    // One signal listener for the whole run, from before anything waits:
+    // a SIGTERM while start-up retries a broker error, or while the view
+    // reads revenue-windows from a slow broker, must stop the pod cleanly,
+    // not kill the process (tokio's handler exists only once a listener
+    // does; the soak test found pods dying of SIGTERM mid-start).
+    let mut stop = listen_for_shutdown();
     let metrics = Arc::new(Metrics::new());
     let stats = Arc::new(pod::Stats::new(metrics.clone()));
     let (served, _server) = start_http(&cfg, metrics.clone(), Some(stats.clone())).await?;
     tracing::info!(http = %cfg.serving.http, "serving");
-    let handle = {
-        let cfg = cfg.clone();
-        tokio::task::spawn_blocking(move || pod::start_with_stats(cfg, stats)).await??
+    let mut start = {
+        let (cfg, stats) = (cfg.clone(), stats.clone());
+        tokio::task::spawn_blocking(move || pod::start_with_stats(cfg, stats))
     };
-    let follower = follow_view(&cfg, served, metrics).await?;
-    // One signal listener for the whole run: a listener created per loop
-    // turn would miss a SIGTERM that arrives between turns.
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
+    let handle = tokio::select! {
+        r = &mut start => r??,
+        _ = stop.changed() => {
+            // Start-up gives up at its next retry; a pod that did start
+            // is stopped as usual (final flush, commit, leave the group).
+            stats.interrupt();
+            match start.await? {
+                Ok(h) => tokio::task::spawn_blocking(move || h.join()).await??,
+                Err(pod::PodError::Interrupted) => {}
+                Err(e) => return Err(e.into()),
+            }
+            return Ok(());
+        }
+    };
+    let follower = tokio::select! {
+        f = follow_view(&cfg, served, metrics) => Some(f?),
+        _ = stop.changed() => None,
+    };
     loop {
+        if *stop.borrow() {
+            break;
+        }
         tokio::select! {
-            _ = &mut shutdown => break,
+            _ = stop.changed() => break,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
                 if handle.is_finished() {
                     break;
@@ -358,8 +380,33 @@ async fn run(cfg: PodConfig, _matches: &ArgMatches) -> anyhow::Result<()> {
         }
     }
     tokio::task::spawn_blocking(move || handle.join()).await??;
-    follower.stop();
+    if let Some(f) = follower {
+        f.stop();
+    }
     Ok(())
+}
+
+/// SIGTERM or Ctrl-C, from the moment this is called (the SIGTERM handler
+/// is installed here, not when the returned channel is first awaited).
+fn listen_for_shutdown() -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::spawn(async move {
+        let term = async {
+            match term.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+        let _ = tx.send(true);
+    });
+    rx
 }
 
 fn gen_spec(a: &GenArgs) -> anyhow::Result<GenSpec> {

@@ -673,7 +673,7 @@ fn a_rebuild_is_refused_when_the_input_log_no_longer_starts_at_zero() {
             0,
             b"\x01bad".to_vec(),
             Some(vec![99, 1, 2, 3]),
-            vec![("tally-epoch".into(), "1".into())],
+            vec![("tally-writer".into(), "1/0".into())],
         )],
     );
     // More than the mock keeps of a partition (about 5 MiB): the log's

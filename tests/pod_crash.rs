@@ -67,6 +67,13 @@ fn run_until(child: &mut Child, at: Instant, log: &Path) {
     }
 }
 
+/// Also scenario 6 of the fault issue when run against tansu
+/// (`scripts/test-tansu.sh`), whose high watermark undercounts: a restore
+/// that trusted it stopped short of the changelog's end, and local state
+/// that reflected the last batch looked ahead of the changelog and was
+/// thrown away. On the commit before `restore::true_end`, with the tansu
+/// skip removed: "23 SIGKILLs, 20 while processing … 16 of 542 windows
+/// differ"; after: 25 SIGKILLs, exact.
 #[test]
 fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     let specs = declared_topics();

@@ -7,8 +7,9 @@
 //! therefore writes under an epoch one above every epoch it has seen on the
 //! partition's changelog, and announces it with a **claim** record on that
 //! changelog partition, acknowledged before it processes anything. Every
-//! changelog record carries its writer's epoch (header `tally-epoch`) and
-//! the input offset it reflects (`tally-offset`); every `revenue-windows`
+//! changelog record carries its writer's epoch and the input offset it
+//! reflects (one header, `tally-writer: <epoch>/<next offset>`: one header
+//! costs less per record than two); every `revenue-windows`
 //! row carries the epoch in its value. Restore and the view ignore a record
 //! of an older epoch that follows one of a newer epoch (within one
 //! changelog partition, or one `revenue-windows` key, records arrive in the
@@ -25,10 +26,16 @@ use super::*;
 /// The claim's changelog key. State keys are postcard-encoded `RowKey`s,
 /// whose first byte (the variant) is below 0x80, so no row has this key.
 pub(super) const CLAIM_KEY: &[u8] = b"\xff\xfftally-claim";
-/// The writer's ownership epoch, as decimal text.
-pub(super) const EPOCH_HEADER: &str = "tally-epoch";
-/// The input partition's next offset as of the flush that wrote the record.
-pub(super) const OFFSET_HEADER: &str = "tally-offset";
+/// The writer: its ownership epoch, then (after a `/`) the input
+/// partition's next offset as of the flush that wrote the record, as
+/// decimal text (a claim has the epoch alone).
+pub(super) const WRITER_HEADER: &str = "tally-writer";
+
+/// The header value of a record written under `epoch` at input offset
+/// `next_offset`.
+pub(super) fn writer_value(epoch: u64, next_offset: i64) -> Vec<u8> {
+    format!("{epoch}/{next_offset}").into_bytes()
+}
 
 /// The writer epoch of a changelog record; 0 when it has none (written
 /// before epochs existed, so older than any claim).
@@ -38,9 +45,12 @@ pub(super) fn epoch_of(m: &BorrowedMessage<'_>) -> u64 {
     };
     headers
         .iter()
-        .find(|h| h.key == EPOCH_HEADER)
+        .find(|h| h.key == WRITER_HEADER)
         .and_then(|h| h.value)
-        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+        .and_then(|v| {
+            let text = std::str::from_utf8(v).ok()?;
+            text.split('/').next()?.parse().ok()
+        })
         .unwrap_or(0)
 }
 
@@ -109,7 +119,7 @@ impl Claims {
             .key(CLAIM_KEY)
             .payload(value.as_slice())
             .headers(OwnedHeaders::new().insert(Header {
-                key: EPOCH_HEADER,
+                key: WRITER_HEADER,
                 value: Some(text.as_bytes()),
             }));
         self.producer.send(rec).map_err(|(e, _)| e)?;

@@ -144,7 +144,15 @@ impl Processor {
             .map(|(p, s)| (p, s.next_offset))
             .collect();
         // Every changelog record names its writer's ownership epoch and the
-        // input offset it reflects, so restore can tell a stale writer's.
+        // input offset it reflects, so restore can tell a stale writer's;
+        // the header value is made once per partition.
+        let writers: BTreeMap<Partition, Vec<u8>> = offsets
+            .iter()
+            .map(|(p, o)| {
+                let epoch = self.epochs.get(p).copied().unwrap_or(0);
+                (*p, claim::writer_value(epoch, *o))
+            })
+            .collect();
         let changelog = encoded
             .iter()
             .map(|(p, key, value)| OutRecord {
@@ -152,26 +160,13 @@ impl Processor {
                 partition: Some(*p),
                 key: Some(key.clone()),
                 payload: value.clone(),
-                headers: vec![
-                    (
-                        claim::EPOCH_HEADER.to_string(),
-                        self.epochs
-                            .get(p)
-                            .copied()
-                            .unwrap_or(0)
-                            .to_string()
-                            .into_bytes(),
-                    ),
-                    (
-                        claim::OFFSET_HEADER.to_string(),
-                        offsets
-                            .get(p)
-                            .copied()
-                            .unwrap_or(0)
-                            .to_string()
-                            .into_bytes(),
-                    ),
-                ],
+                headers: vec![(
+                    claim::WRITER_HEADER.to_string(),
+                    writers
+                        .get(p)
+                        .cloned()
+                        .unwrap_or_else(|| claim::writer_value(0, 0)),
+                )],
             })
             .collect();
         let batch = self

@@ -119,6 +119,8 @@ pub enum PodError {
     Panicked,
     #[error("flush cycle: {0}")]
     Cycle(String),
+    #[error("start-up interrupted by a shutdown request")]
+    Interrupted,
 }
 
 /// What the pod's readiness and its callers ask of it. The counts are
@@ -138,6 +140,8 @@ pub struct Stats {
     pub blocked: Mutex<Vec<(Partition, String)>>,
     /// While start-up retries a broker error: what it is waiting for.
     pub starting: Mutex<Option<String>>,
+    /// A shutdown was asked for while starting: start-up stops retrying.
+    interrupted: AtomicBool,
 }
 
 impl std::fmt::Debug for Stats {
@@ -160,7 +164,14 @@ impl Stats {
             restoring: Mutex::new(Vec::new()),
             blocked: Mutex::new(Vec::new()),
             starting: Mutex::new(None),
+            interrupted: AtomicBool::new(false),
         }
+    }
+
+    /// Asks a start-up that is retrying a broker error to give up
+    /// ([`PodError::Interrupted`]) instead of retrying on.
+    pub fn interrupt(&self) {
+        self.interrupted.store(true, Ordering::SeqCst);
     }
 
     fn outcome(&self, o: &str) -> u64 {

@@ -94,6 +94,10 @@ fn with_retries<T>(
         }
     };
     loop {
+        if stats.interrupted.load(Ordering::SeqCst) {
+            set(None);
+            return Err(PodError::Interrupted);
+        }
         match step() {
             Err(e) if e.is_transient() && Instant::now() < deadline => {
                 let wait = backoff.next_delay();

@@ -87,6 +87,49 @@ pub fn follow_into(
     metrics: Arc<Metrics>,
 ) -> Result<ViewFollower, ServingError> {
     let consumer: BaseConsumer = Clients::new(brokers, extra).reader("tally-view").create()?;
+    // A leader moving or a slow broker at start must not stop the process
+    // (the soak test saw `tally run` exit on NotLeaderForPartition here):
+    // transient errors are retried with back-off for up to two minutes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let mut backoff = crate::kafka::Backoff::default();
+    let (tpl, ends) = loop {
+        match positions(&consumer, (topic, input_topic), &view) {
+            Ok(found) => break found,
+            Err(ServingError::Kafka(e))
+                if crate::kafka::is_transient(&e) && std::time::Instant::now() < deadline =>
+            {
+                let wait = backoff.next_delay();
+                warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "reading revenue-windows' metadata: transient broker error; retrying");
+                std::thread::sleep(wait);
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    consumer.assign(&tpl)?;
+    caught_up.store(ends.is_empty(), Ordering::SeqCst);
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let (view, caught_up, stop) = (view.clone(), caught_up.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("tally-view".into())
+            .spawn(move || run(consumer, view, caught_up, stop, ends, metrics))
+            .map_err(|e| KafkaError::ClientCreation(e.to_string()))?
+    };
+    Ok(ViewFollower {
+        view,
+        caught_up,
+        stop,
+        thread: Some(thread),
+    })
+}
+
+/// The view's partition count and where to read `revenue-windows` from:
+/// every partition from its beginning, and the end offsets seen now.
+fn positions(
+    consumer: &BaseConsumer,
+    (topic, input_topic): (&str, &str),
+    view: &RwLock<View>,
+) -> Result<(TopicPartitionList, HashMap<i32, i64>), ServingError> {
     // Every partition of the input must vouch for a window before it is
     // final: the count comes from the metadata, not from who published.
     let md = consumer.fetch_metadata(Some(input_topic), Duration::from_secs(10))?;
@@ -120,22 +163,7 @@ pub fn follow_into(
             ends.insert(*p, high);
         }
     }
-    consumer.assign(&tpl)?;
-    caught_up.store(ends.is_empty(), Ordering::SeqCst);
-    let stop = Arc::new(AtomicBool::new(false));
-    let thread = {
-        let (view, caught_up, stop) = (view.clone(), caught_up.clone(), stop.clone());
-        std::thread::Builder::new()
-            .name("tally-view".into())
-            .spawn(move || run(consumer, view, caught_up, stop, ends, metrics))
-            .map_err(|e| KafkaError::ClientCreation(e.to_string()))?
-    };
-    Ok(ViewFollower {
-        view,
-        caught_up,
-        stop,
-        thread: Some(thread),
-    })
+    Ok((tpl, ends))
 }
 
 fn run(

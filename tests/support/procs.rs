@@ -95,10 +95,15 @@ impl Pod {
 
     pub fn assert_alive(&mut self, log: &Path) {
         if let Some(s) = self.child.try_wait().unwrap() {
+            // The pod's own log, beside `log` (see `spawn_pod`).
+            let own = log.with_extension(format!("{}.log", self.name));
+            let text = std::fs::read_to_string(&own).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
             panic!(
-                "{} exited by itself ({s}); log:\n{}",
+                "{} exited by itself ({s}); the end of {}:\n{}",
                 self.name,
-                std::fs::read_to_string(log).unwrap_or_default()
+                own.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
         }
     }
