@@ -150,3 +150,60 @@ fn topics_apply_works_outside_the_repository() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A pod whose broker does not answer serves `/readyz` from the start,
+/// saying why it is not ready, and a SIGTERM while start-up retries stops
+/// it cleanly (exit 0). Before: the HTTP server started only once the pod
+/// had (nothing answered /readyz), and a SIGTERM before the signal
+/// listener existed ended the process with the signal, not a clean exit
+/// (the soak test saw a pod stopped during its start-up fail `stop()`).
+#[test]
+fn a_pod_waiting_for_its_broker_says_so_and_stops_on_sigterm() {
+    use std::time::{Duration, Instant};
+    // A port nobody listens on.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let broker = format!("127.0.0.1:{}", dead.local_addr().unwrap().port());
+    drop(dead);
+    let port = support::procs::free_port();
+    let state = support::kafka::temp_dir("no-broker");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["run", "--brokers", &broker, "--apply-topics=false"])
+        .args(["--http", &format!("127.0.0.1:{port}")])
+        .arg("--state-dir")
+        .arg(&state)
+        .env("TALLY_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut why = String::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !why.contains("starting: ") {
+        assert!(Instant::now() < deadline, "/readyz never said why: {why}");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the pod exited while starting"
+        );
+        if let Some((code, body)) = support::procs::http_get(port, "/readyz") {
+            assert_eq!(code, 503, "{body}");
+            why = body["not_ready_because"].to_string();
+        }
+        std::thread::park_timeout(Duration::from_millis(100));
+    }
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no exit within 30 s of SIGTERM");
+        std::thread::park_timeout(Duration::from_millis(50));
+    };
+    assert!(
+        status.success(),
+        "exit after SIGTERM during start-up: {status}"
+    );
+    let _ = std::fs::remove_dir_all(&state);
+}

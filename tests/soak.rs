@@ -12,7 +12,12 @@
 //! truth. Its own test binary, so no other mock cluster runs beside it;
 //! `make test-soak` runs it (ignored by `make test`, like long-kill).
 //!
-//! Runs recorded in BENCHMARKS.md ("Soak").
+//! **It does not pass yet, so CI does not run it.** Its runs so far, in
+//! BENCHMARKS.md ("Soak"), found two bugs that are fixed (a SIGTERM during
+//! start-up killed the pod; the view's start exited on a transient
+//! error) and two that are not: two orders missing from every window they
+//! belong to after one run, and a pod whose final flush waited more than
+//! 30 s on a broker that came back from down with requests in flight.
 
 mod support;
 use std::path::PathBuf;
