@@ -257,7 +257,11 @@ impl Processor {
             // The end the broker reports is not trusted on its own: some
             // brokers (tansu) report one past the first offset of the last
             // record batch. The last batch itself says where the log ends.
-            let high = true_end(&reader, &topic, p, low, reported)?;
+            // On a reader of its own: records the probe fetched must not
+            // reach the restore loop ahead of the tail it reads in order.
+            let probe: BaseConsumer = self.clients.reader("tally-restore-probe").create()?;
+            let high = true_end(&probe, &topic, p, low, reported)?;
+            drop(probe);
             let mut checkpoint = self.store.checkpoint(p)?;
             debug!(partition = p, low, high, checkpoint = ?checkpoint, "changelog catch-up");
             // Back after a long absence: deletions made meanwhile by the
