@@ -193,17 +193,7 @@ fn a_pod_waiting_for_its_broker_says_so_and_stops_on_sigterm() {
         }
         std::thread::park_timeout(Duration::from_millis(100));
     }
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "no exit within 30 s of SIGTERM");
-        std::thread::park_timeout(Duration::from_millis(50));
-    };
+    let status = support::procs::sigterm_and_wait(&mut child, "the starting pod");
     assert!(
         status.success(),
         "exit after SIGTERM during start-up: {status}"

@@ -171,20 +171,7 @@ fn sigkill_at_random_moments_loses_and_doubles_nothing() {
         }
         committed(&brokers, "crash", "raw-orders") == ends
     });
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the pod did not stop within 30 s of SIGTERM"
-        );
-        std::thread::park_timeout(Duration::from_millis(20));
-    };
+    let status = support::procs::sigterm_and_wait(&mut child, "the last pod");
     assert!(status.success(), "exit after SIGTERM: {status}");
 
     assert_totals_equal(&follower.finish(), &truth_totals(records));

@@ -22,6 +22,25 @@ pub struct Pod {
     pub name: String,
 }
 
+/// Sends SIGTERM to `child` and waits for it to exit, at most 30 s (a
+/// Kubernetes pod's default grace period); returns how it exited.
+pub fn sigterm_and_wait(child: &mut Child, name: &str) -> std::process::ExitStatus {
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} did not stop within 30 s of SIGTERM"
+        );
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+}
+
 /// `tally run` as a child process, logging to `log`.
 pub fn spawn_pod(name: &str, brokers: &str, group: &str, state: &Path, log: &Path) -> Pod {
     let port = free_port();
@@ -75,22 +94,8 @@ impl Pod {
 
     /// SIGTERM, then wait for a clean exit.
     pub fn stop(&mut self) {
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                assert!(s.success(), "{} exited with {s} after SIGTERM", self.name);
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not stop within 30 s",
-                self.name
-            );
-            std::thread::park_timeout(Duration::from_millis(20));
-        }
+        let s = sigterm_and_wait(&mut self.child, &self.name);
+        assert!(s.success(), "{} exited with {s} after SIGTERM", self.name);
     }
 
     pub fn assert_alive(&mut self, log: &Path) {
