@@ -218,19 +218,10 @@ fn real_main() -> anyhow::Result<()> {
     }
 }
 
+/// Waits for SIGTERM or Ctrl-C (see [`listen_for_shutdown`]).
 async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
+    let mut stop = listen_for_shutdown();
+    let _ = stop.changed().await;
 }
 
 /// The view a process serves, and whether it has caught up.

@@ -36,7 +36,7 @@ use support::procs::*;
 const ROUNDS: usize = 40;
 
 #[test]
-#[ignore = "about two minutes: CI runs it as a separate step, `make test-soak`"]
+#[ignore = "fails on open bugs (issue 14: a restore across a changelog gap loses orders); `make test-soak` runs it"]
 fn every_fault_at_once_keeps_totals_exact() {
     if skip_on_external("it injects faults, which only the mock cluster can do") {
         return;

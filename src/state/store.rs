@@ -65,6 +65,21 @@ pub struct Store {
     db: DB,
 }
 
+/// A batch putting or deleting each encoded change under its partition's
+/// prefix.
+fn changes_batch(changes: &[Encoded]) -> WriteBatch {
+    let mut batch = WriteBatch::default();
+    for (p, key, value) in changes {
+        let mut k = partition_prefix(*p).to_vec();
+        k.extend_from_slice(key);
+        match value {
+            Some(v) => batch.put(k, v),
+            None => batch.delete(k),
+        }
+    }
+    batch
+}
+
 fn partition_prefix(p: Partition) -> [u8; 5] {
     let b = p.to_be_bytes();
     [ROW_PREFIX, b[0], b[1], b[2], b[3]]
@@ -154,25 +169,14 @@ impl Store {
         if changes.is_empty() && checkpoints.is_empty() {
             return Ok(());
         }
-        let mut batch = WriteBatch::default();
-        for (p, key, value) in changes {
-            let mut k = partition_prefix(*p).to_vec();
-            k.extend_from_slice(key);
-            match value {
-                Some(v) => batch.put(k, v),
-                None => batch.delete(k),
-            }
-        }
+        let mut batch = changes_batch(changes);
         for (p, offset) in checkpoints {
             batch.put(checkpoint_key(*p), offset.to_be_bytes());
             if let Some(now) = now_ms {
                 batch.put(written_key(*p), now.to_be_bytes());
             }
         }
-        let mut w = WriteOptions::default();
-        w.set_sync(true);
-        self.db.write_opt(batch, &w)?;
-        Ok(())
+        self.write_synced(batch)
     }
 
     /// One restore step: changelog records of partition `p`, its new
@@ -187,18 +191,15 @@ impl Store {
         epoch: u64,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
-        for (q, key, value) in changes {
-            let mut k = partition_prefix(*q).to_vec();
-            k.extend_from_slice(key);
-            match value {
-                Some(v) => batch.put(k, v),
-                None => batch.delete(k),
-            }
-        }
+        let mut batch = changes_batch(changes);
         batch.put(checkpoint_key(p), checkpoint.to_be_bytes());
         batch.put(written_key(p), now_ms.to_be_bytes());
         batch.put(epoch_key(p), epoch.to_be_bytes());
+        self.write_synced(batch)
+    }
+
+    /// Writes `batch` atomically and durably (fsync).
+    fn write_synced(&self, batch: WriteBatch) -> Result<(), StoreError> {
         let mut w = WriteOptions::default();
         w.set_sync(true);
         self.db.write_opt(batch, &w)?;
@@ -265,10 +266,7 @@ impl Store {
         batch.delete(checkpoint_key(p));
         batch.delete(written_key(p));
         batch.delete(epoch_key(p));
-        let mut w = WriteOptions::default();
-        w.set_sync(true);
-        self.db.write_opt(batch, &w)?;
-        Ok(())
+        self.write_synced(batch)
     }
 }
 
