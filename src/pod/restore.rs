@@ -259,9 +259,13 @@ impl Processor {
             // record batch. The last batch itself says where the log ends.
             // On a reader of its own: records the probe fetched must not
             // reach the restore loop ahead of the tail it reads in order.
-            let probe: BaseConsumer = self.clients.reader("tally-restore-probe").create()?;
-            let high = true_end(&probe, &topic, p, low, reported)?;
-            drop(probe);
+            // An empty changelog needs no probe (nor its client).
+            let high = if reported > low {
+                let probe: BaseConsumer = self.clients.reader("tally-restore-probe").create()?;
+                true_end(&probe, &topic, p, low, reported)?
+            } else {
+                reported
+            };
             let mut checkpoint = self.store.checkpoint(p)?;
             debug!(partition = p, low, high, checkpoint = ?checkpoint, "changelog catch-up");
             // Back after a long absence: deletions made meanwhile by the
