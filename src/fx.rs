@@ -1,8 +1,16 @@
 //! The FX table adapter: reads the compacted `fx-rates` topic to its end at
 //! startup (seeding it from the defaults when it is empty), then follows it.
 //!
-//! A record's key is the currency; its value is a rate, either a bare JSON
-//! number or an object with a `rate` field. A tombstone removes the currency.
+//! Rates are versioned by event time (`FxTable`): an order converts at the
+//! rate in force at its `created_at`. A record's key is the currency,
+//! optionally followed by `@` and the time the rate is in force from
+//! (`EUR@2024-05-01T00:00:00Z`, or epoch seconds or milliseconds); its
+//! value is a rate, a bare JSON number or an object with a `rate` field and
+//! optionally `valid_from` (the same time; it must agree with the key's).
+//! Keying each version by its time is what lets compaction keep every
+//! version, so a restore or a replay months later sees the same table. A
+//! rate with no time (the old format) is in force from the start. A
+//! tombstone removes the version its key names.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -14,7 +22,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 
-use crate::core::{Currency, FxTable, Rate};
+use crate::core::{parse_time, Currency, FxTable, FxUpdate, Rate, FROM_START};
 use crate::kafka::Clients;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,27 +37,62 @@ pub enum FxError {
     Timeout(String),
 }
 
-/// Parses one `fx-rates` record. `Ok((c, None))` is a tombstone.
-pub fn parse_record(
-    key: Option<&[u8]>,
-    payload: Option<&[u8]>,
-) -> Result<(Currency, Option<Rate>), String> {
+/// Parses one `fx-rates` record into the version it sets or removes.
+pub fn parse_record(key: Option<&[u8]>, payload: Option<&[u8]>) -> Result<FxUpdate, String> {
     let key = key.ok_or("no key")?;
-    let code = std::str::from_utf8(key).map_err(|_| "key is not UTF-8".to_string())?;
+    let key = std::str::from_utf8(key).map_err(|_| "key is not UTF-8".to_string())?;
+    let (code, key_time) = match key.split_once('@') {
+        Some((c, t)) => (
+            c,
+            Some(parse_time(t).ok_or_else(|| {
+                format!("{t:?} (after the key's @) is neither RFC 3339 nor an epoch number")
+            })?),
+        ),
+        None => (key, None),
+    };
     let currency =
         Currency::parse(code.trim()).ok_or_else(|| format!("{code:?} is not a currency"))?;
     let Some(payload) = payload else {
-        return Ok((currency, None));
+        return Ok(FxUpdate::Remove {
+            currency,
+            from_ms: key_time.unwrap_or(FROM_START),
+        });
     };
     let v: Value = serde_json::from_slice(payload).map_err(|e| format!("not JSON: {e}"))?;
-    let x = match &v {
-        Value::Number(n) => n.as_f64(),
-        Value::Object(o) => o.get("rate").and_then(Value::as_f64),
-        _ => None,
-    }
-    .ok_or("no numeric rate")?;
+    let (x, value_time) = match &v {
+        Value::Number(n) => (n.as_f64(), None),
+        Value::Object(o) => {
+            let t = match o.get("valid_from") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(parse_time(s).ok_or_else(|| {
+                    format!("valid_from {s:?} is neither RFC 3339 nor an epoch number")
+                })?),
+                Some(Value::Number(n)) => Some(
+                    n.as_f64()
+                        .and_then(|x| parse_time(&x.to_string()))
+                        .ok_or_else(|| format!("valid_from {n} is not a time"))?,
+                ),
+                Some(other) => return Err(format!("valid_from {other} is not a time")),
+            };
+            (o.get("rate").and_then(Value::as_f64), t)
+        }
+        _ => (None, None),
+    };
+    let x = x.ok_or("no numeric rate")?;
     let rate = Rate::from_f64(x).ok_or_else(|| format!("{x} is not a positive rate"))?;
-    Ok((currency, Some(rate)))
+    let from_ms = match (key_time, value_time) {
+        (Some(k), Some(v)) if k != v => {
+            return Err(format!(
+                "the key's time ({k} ms) and valid_from ({v} ms) disagree"
+            ))
+        }
+        (k, v) => k.or(v).unwrap_or(FROM_START),
+    };
+    Ok(FxUpdate::Set {
+        currency,
+        from_ms,
+        rate,
+    })
 }
 
 /// The default table: built in, or from a TOML file of `CUR = rate` lines.
@@ -148,10 +191,17 @@ fn seed(
     timeout: Duration,
 ) -> Result<(), FxError> {
     let producer: BaseProducer = Clients::new(brokers, extra).producer().create()?;
-    for (cur, rate) in fx.entries() {
-        let payload =
-            serde_json::json!({ "currency": cur.to_string(), "rate": rate.as_f64() }).to_string();
-        let key = cur.to_string();
+    for (cur, from_ms, rate) in fx.versions() {
+        let key = if from_ms == FROM_START {
+            cur.to_string()
+        } else {
+            format!("{cur}@{from_ms}")
+        };
+        let mut v = serde_json::json!({ "currency": cur.to_string(), "rate": rate.as_f64() });
+        if from_ms != FROM_START {
+            v["valid_from"] = from_ms.into();
+        }
+        let payload = v.to_string();
         producer
             .send(BaseRecord::to(topic).key(&key).payload(&payload))
             .map_err(|(e, _)| e)?;
@@ -161,29 +211,34 @@ fn seed(
 }
 
 impl FxFollower {
-    fn apply(&mut self, key: Option<&[u8]>, payload: Option<&[u8]>, fx: &mut FxTable) {
+    fn parse(&mut self, key: Option<&[u8]>, payload: Option<&[u8]>) -> Option<FxUpdate> {
         match parse_record(key, payload) {
-            Ok((c, Some(r))) => fx.set(c, r),
-            Ok((c, None)) => fx.remove(c),
+            Ok(u) => Some(u),
             Err(e) => {
                 self.invalid += 1;
                 tracing::warn!(error = %e, "ignoring an unusable fx-rates record");
+                None
             }
         }
     }
 
-    /// Applies every update available now, without waiting.
-    pub fn poll_updates(&mut self, fx: &mut FxTable) -> usize {
-        let mut n = 0;
+    fn apply(&mut self, key: Option<&[u8]>, payload: Option<&[u8]>, fx: &mut FxTable) {
+        if let Some(u) = self.parse(key, payload) {
+            fx.apply(u);
+        }
+    }
+
+    /// Every update available now, without waiting, in the topic's order.
+    pub fn poll_updates(&mut self) -> Vec<FxUpdate> {
+        let mut out = Vec::new();
         while let Some(r) = self.consumer.poll(Duration::ZERO) {
             if let Ok(m) = r {
                 let (k, p) = (m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec));
                 drop(m);
-                self.apply(k.as_deref(), p.as_deref(), fx);
-                n += 1;
+                out.extend(self.parse(k.as_deref(), p.as_deref()));
             }
         }
-        n
+        out
     }
 }
 
@@ -193,15 +248,79 @@ mod tests {
 
     #[test]
     fn records_parse_as_number_object_or_tombstone() {
-        let (c, r) = parse_record(Some(b"eur"), Some(b"1.1")).unwrap();
-        assert_eq!((c.as_str(), r), ("EUR", Rate::from_f64(1.1)));
-        let (_, r) =
-            parse_record(Some(b"GBP"), Some(br#"{"currency":"GBP","rate":1.25}"#)).unwrap();
-        assert_eq!(r, Rate::from_f64(1.25));
-        assert_eq!(parse_record(Some(b"JPY"), None).unwrap().1, None);
+        let eur = Currency::parse("EUR").unwrap();
+        let set = |from_ms, x| FxUpdate::Set {
+            currency: eur,
+            from_ms,
+            rate: Rate::from_f64(x).unwrap(),
+        };
+        assert_eq!(
+            parse_record(Some(b"eur"), Some(b"1.1")).unwrap(),
+            set(FROM_START, 1.1)
+        );
+        let u = parse_record(Some(b"GBP"), Some(br#"{"currency":"GBP","rate":1.25}"#)).unwrap();
+        assert!(
+            matches!(u, FxUpdate::Set { from_ms: FROM_START, rate, .. } if rate == Rate::from_f64(1.25).unwrap())
+        );
+        assert!(matches!(
+            parse_record(Some(b"JPY"), None).unwrap(),
+            FxUpdate::Remove {
+                from_ms: FROM_START,
+                ..
+            }
+        ));
         assert!(parse_record(None, Some(b"1")).is_err());
         assert!(parse_record(Some(b"EUR"), Some(b"-1")).is_err());
         assert!(parse_record(Some(b"EURO"), Some(b"1")).is_err());
+    }
+
+    /// A version's time comes from the key (what compaction keeps apart)
+    /// or from `valid_from`; both must agree; a tombstone names its version.
+    #[test]
+    fn versions_are_keyed_by_their_time() {
+        let t = 1_714_564_800_000; // 2024-05-01T12:00:00Z
+        let eur = Currency::parse("EUR").unwrap();
+        let want = FxUpdate::Set {
+            currency: eur,
+            from_ms: t,
+            rate: Rate::from_f64(1.1).unwrap(),
+        };
+        assert_eq!(
+            parse_record(Some(b"EUR@2024-05-01T12:00:00Z"), Some(b"1.1")).unwrap(),
+            want
+        );
+        assert_eq!(
+            parse_record(
+                Some(b"EUR"),
+                Some(br#"{"rate":1.1,"valid_from":"2024-05-01T12:00:00Z"}"#)
+            )
+            .unwrap(),
+            want
+        );
+        assert_eq!(
+            parse_record(
+                Some(b"EUR@1714564800000"),
+                Some(br#"{"rate":1.1,"valid_from":1714564800}"#)
+            )
+            .unwrap(),
+            want
+        );
+        let e = parse_record(
+            Some(b"EUR@2024-05-02T00:00:00Z"),
+            Some(br#"{"rate":1.1,"valid_from":"2024-05-01T12:00:00Z"}"#),
+        )
+        .unwrap_err();
+        assert!(e.contains("disagree"), "{e}");
+        assert!(parse_record(Some(b"EUR@yesterday"), Some(b"1.1"))
+            .unwrap_err()
+            .contains("yesterday"));
+        assert_eq!(
+            parse_record(Some(b"EUR@1714564800000"), None).unwrap(),
+            FxUpdate::Remove {
+                currency: eur,
+                from_ms: t
+            }
+        );
     }
 
     #[test]

@@ -182,7 +182,11 @@ fn every_fault_at_once_keeps_totals_exact() {
     let records = run.finish_input();
     let mut running = live(&mut pods);
     run.wait_caught_up(&mut running);
-    assert_totals_equal(&run.published(), &truth_totals(&records));
+    let (got, want) = (run.published(), truth_totals(&records));
+    if got != want {
+        eprintln!("{}", explain_missing(&run.brokers, &records));
+    }
+    assert_totals_equal(&got, &want);
     for p in running.iter_mut() {
         p.stop();
     }

@@ -4,8 +4,9 @@
 //! Kafka's group tells a pod when it loses a partition, but a pod that does
 //! not know (paused past its session timeout) can still have records on
 //! the wire after the new owner restored. Each owner of a partition
-//! therefore writes under an epoch one above every epoch it has seen on the
-//! partition's changelog, and announces it with a **claim** record on that
+//! therefore writes under an epoch above every epoch it has seen on the
+//! partition's changelog (and not below the wall clock, in case the log
+//! lost claims: [`next_epoch`]), and announces it with a **claim** record on that
 //! changelog partition, acknowledged before it processes anything. Every
 //! changelog record carries its writer's epoch and the input offset it
 //! reflects (one header, `tally-writer: <epoch>/<next offset>`: one header
@@ -30,6 +31,18 @@ pub(super) const CLAIM_KEY: &[u8] = b"\xff\xfftally-claim";
 /// partition's next offset as of the flush that wrote the record, as
 /// decimal text (a claim has the epoch alone).
 pub(super) const WRITER_HEADER: &str = "tally-writer";
+
+/// The epoch a new owner claims: above every epoch it has read on the
+/// partition's changelog, and never below the wall clock in milliseconds.
+/// The log is what orders owners; the clock is only a floor, for a log
+/// that lost claims (records deleted by retention or a broker's size
+/// limit, which restore refuses to build state from, but a claim still has
+/// to beat the lost ones). Clock skew between pods only matters when both
+/// the log lost the claims and the skew exceeds the time between two
+/// owners' claims.
+pub(super) fn next_epoch(max_read: u64, now_ms: i64) -> u64 {
+    (max_read + 1).max(u64::try_from(now_ms).unwrap_or(0))
+}
 
 /// The header value of a record written under `epoch` at input offset
 /// `next_offset`.
@@ -145,5 +158,20 @@ impl Claims {
                 return Err(PodError::ProduceTimeout(timeout));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_epoch_beats_every_epoch_read_and_the_clock() {
+        assert_eq!(next_epoch(0, 1_700_000_000_000), 1_700_000_000_000);
+        assert_eq!(
+            next_epoch(1_700_000_000_005, 1_700_000_000_000),
+            1_700_000_000_006
+        );
+        assert_eq!(next_epoch(4, -1), 5);
     }
 }

@@ -121,6 +121,17 @@ pub enum PodError {
     Cycle(String),
     #[error("start-up interrupted by a shutdown request")]
     Interrupted,
+    #[error(
+        "changelog {topic} partition {partition} starts at offset {low}, after offset {needed} \
+         where this restore has to begin: records were deleted (retention or delete-records on \
+         a topic that must only be compacted), so the partition's state cannot be restored from it"
+    )]
+    ChangelogTruncated {
+        topic: String,
+        partition: Partition,
+        needed: i64,
+        low: i64,
+    },
 }
 
 /// What the pod's readiness and its callers ask of it. The counts are

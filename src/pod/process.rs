@@ -195,11 +195,28 @@ impl Processor {
     pub(super) fn tick(&mut self) {
         self.engine.tick(now_ms(), &mut self.effects);
         self.emit_engine();
-        if let Some(f) = self.fx_follower.as_mut() {
-            let n = f.poll_updates(self.engine.fx_mut());
-            if n > 0 {
-                info!(updates = n, "applied FX rate updates");
+        let updates = match self.fx_follower.as_mut() {
+            Some(f) => f.poll_updates(),
+            None => Vec::new(),
+        };
+        if !updates.is_empty() {
+            info!(updates = updates.len(), "applying FX rate updates");
+        }
+        let any = !updates.is_empty();
+        for u in updates {
+            if self.engine.apply_fx(u) {
+                // In force from a time this pod has already processed
+                // orders of: those stay converted at the version before
+                // (and closed windows never change). Counted, since a
+                // replay, which knows every version, may differ there.
+                self.metrics.fx_late_rates.inc();
+                warn!(update = ?u, "an FX rate arrived after orders it would have applied to; it applies from now on");
             }
+        }
+        if any {
+            self.metrics
+                .fx_versions
+                .set(self.engine.fx().version_count() as i64);
         }
     }
 

@@ -68,7 +68,7 @@ impl Processor {
             }
             Err(e) => {
                 // A real inconsistency (a record of another format, a
-                // store error). A partial restore must not mix with a
+                // store error, a changelog that lost records). A partial restore must not mix with a
                 // rebuild: start the partition over from an empty store.
                 error!(partition = p, error = %e, "cannot restore the partition's state; rebuilding it from the log");
                 if let Err(e) = self.store.clear_partition(p) {
@@ -106,7 +106,7 @@ impl Processor {
         // Announce this pod's ownership epoch before processing anything:
         // one above every epoch the changelog has shown, so any later
         // record of an earlier owner is recognisably stale.
-        let epoch = self.restoring.get(&p).map_or(0, |r| r.max_epoch) + 1;
+        let epoch = claim::next_epoch(self.restoring.get(&p).map_or(0, |r| r.max_epoch), now_ms());
         match self.claims.claim(p, epoch, Duration::from_secs(5)) {
             Ok(offset) => {
                 if let Err(e) = self.store.set_epoch(p, epoch) {
@@ -134,6 +134,7 @@ impl Processor {
             .with_label_values(&[&p.to_string()])
             .set(0);
         let next = if r.failed {
+            self.metrics.rebuilds.inc();
             self.engine.assign(p, now_ms());
             None
         } else {
@@ -288,13 +289,29 @@ impl Processor {
                 self.store.clear_partition(p)?;
                 checkpoint = None;
             }
+            // The changelog must hold every record after the local state
+            // (all of it, for a full restore). Compaction never moves a
+            // log's start; only deletion does (retention, delete-records,
+            // a broker's size limit), and then rows whose last version
+            // was deleted are gone, and so may be the claims that keep
+            // epochs increasing. Neither the local tail nor a full read
+            // is exact then: rebuild from the input log (or refuse).
+            let needed = checkpoint.map_or(0, |c| c + 1);
+            if low > needed {
+                return Err(PodError::ChangelogTruncated {
+                    topic,
+                    partition: p,
+                    needed,
+                    low,
+                });
+            }
             // A tail continues from the epoch the local rows have seen; a
             // full read starts from nothing.
             r.max_epoch = match checkpoint {
                 Some(_) => self.store.epoch(p)?.unwrap_or(0),
                 None => 0,
             };
-            let from = checkpoint.map_or(low, |c| (c + 1).max(low));
+            let from = needed;
             r.high = high;
             r.last = from - 1;
             if from < high {

@@ -187,7 +187,12 @@ pub fn start_with_stats(cfg: PodConfig, stats: Arc<Stats>) -> Result<PodHandle, 
             Duration::from_secs(30),
         )?)
     })?;
-    info!(currencies = fx_table.len(), "FX table loaded");
+    info!(
+        currencies = fx_table.len(),
+        versions = fx_table.version_count(),
+        "FX table loaded"
+    );
+    metrics.fx_versions.set(fx_table.version_count() as i64);
 
     std::fs::create_dir_all(&cfg.resources.state_dir).map_err(|source| PodError::StateDir {
         dir: cfg.resources.state_dir.display().to_string(),

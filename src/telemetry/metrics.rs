@@ -33,6 +33,9 @@ pub struct Metrics {
     pub restore_retries: IntCounter,
     pub restore_stale_records: IntCounter,
     pub rebuilds_refused: IntCounter,
+    pub rebuilds: IntCounter,
+    pub fx_late_rates: IntCounter,
+    pub fx_versions: IntGauge,
     pub restore_duration: Histogram,
     pub restoring_partitions: IntGauge,
     pub restore_remaining: IntGaugeVec,
@@ -65,6 +68,9 @@ pub const NAMES: &[&str] = &[
     "tally_restore_retries_total",
     "tally_restore_stale_records_total",
     "tally_rebuilds_refused_total",
+    "tally_rebuilds_total",
+    "tally_fx_late_rates_total",
+    "tally_fx_versions",
     "tally_restore_duration_seconds",
     "tally_restoring_partitions",
     "tally_restore_remaining_records",
@@ -270,6 +276,30 @@ impl Metrics {
                 IntCounter::new(
                     "tally_rebuilds_refused_total",
                     "Partitions whose rebuild from the input log was refused because the log no longer starts at offset 0 (orders would be lost)",
+                )
+                .expect("valid metric"),
+            ),
+            rebuilds: reg(
+                &r,
+                IntCounter::new(
+                    "tally_rebuilds_total",
+                    "Partitions rebuilt from the input log because their state could not be restored (a record of another format, a changelog that lost records)",
+                )
+                .expect("valid metric"),
+            ),
+            fx_late_rates: reg(
+                &r,
+                IntCounter::new(
+                    "tally_fx_late_rates_total",
+                    "FX rate versions that arrived in force from a time the pod had already processed orders of (they apply from then on; closed windows never change)",
+                )
+                .expect("valid metric"),
+            ),
+            fx_versions: reg(
+                &r,
+                IntGauge::new(
+                    "tally_fx_versions",
+                    "FX rate versions in the pod's table, over every currency (each in force from its time)",
                 )
                 .expect("valid metric"),
             ),

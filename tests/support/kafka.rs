@@ -312,6 +312,19 @@ pub fn end_offsets(brokers: &str, name: &str) -> BTreeMap<i32, i64> {
         .collect()
 }
 
+/// Low watermark (log start) of every partition of `topic`.
+pub fn start_offsets(brokers: &str, name: &str) -> BTreeMap<i32, i64> {
+    let topic = &topic(name);
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    partitions(&consumer, topic)
+        .into_iter()
+        .map(|p| (p, watermarks(&consumer, brokers, topic, p).0))
+        .collect()
+}
+
 /// The group's committed offsets for `topic`.
 pub fn committed(brokers: &str, group_name: &str, name: &str) -> BTreeMap<i32, i64> {
     let (topic, group) = (&topic(name), &group(group_name));
@@ -590,4 +603,60 @@ fn totals_of(rows: impl Iterator<Item = (Vec<u8>, Option<Vec<u8>>)>) -> Totals {
         e.1 += w.revenue_usd_micros;
     }
     t
+}
+
+/// Where the valid orders of `records` that never reached `enriched-orders`
+/// went instead (where it is in `raw-orders`, `orders-late`, `orders-dlq`),
+/// one line each
+/// (at most 20): what a failed exactness check needs first.
+pub fn explain_missing(brokers: &str, records: &[GenRecord]) -> String {
+    let order_id = |payload: &Option<Vec<u8>>| -> Option<String> {
+        let v: serde_json::Value = serde_json::from_slice(payload.as_deref()?).ok()?;
+        let v = v.get("order").unwrap_or(&v);
+        Some(v.get("order_id")?.as_str()?.to_string())
+    };
+    let enriched: std::collections::HashSet<String> = read_all(brokers, "enriched-orders")
+        .iter()
+        .filter_map(|r| order_id(&r.payload))
+        .collect();
+    let mut elsewhere: HashMap<String, Vec<String>> = HashMap::new();
+    for name in ["raw-orders", "orders-late", "orders-dlq"] {
+        for r in read_all(brokers, name) {
+            let id = order_id(&r.payload).or_else(|| {
+                r.key
+                    .as_deref()
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+            });
+            if let Some(id) = id {
+                elsewhere.entry(id).or_default().push(format!(
+                    "{name}/{}@{} {:?}",
+                    r.partition, r.offset, r.headers
+                ));
+            }
+        }
+    }
+    let mut lines = Vec::new();
+    for r in records {
+        let Expect::Valid {
+            order_id: id,
+            created_at_ms,
+            ..
+        } = &r.expect
+        else {
+            continue;
+        };
+        if enriched.contains(id) {
+            continue;
+        }
+        let went = elsewhere
+            .get(id)
+            .map_or("not even in raw-orders".to_string(), |v| v.join("; "));
+        lines.push(format!("{id} (created_at {created_at_ms}): {went}"));
+    }
+    let n = lines.len();
+    lines.truncate(20);
+    format!(
+        "{n} valid orders never reached enriched-orders:\n{}",
+        lines.join("\n")
+    )
 }

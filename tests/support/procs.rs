@@ -43,6 +43,18 @@ pub fn sigterm_and_wait(child: &mut Child, name: &str) -> std::process::ExitStat
 
 /// `tally run` as a child process, logging to `log`.
 pub fn spawn_pod(name: &str, brokers: &str, group: &str, state: &Path, log: &Path) -> Pod {
+    spawn_pod_env(name, brokers, group, state, log, &[])
+}
+
+/// [`spawn_pod`] with more environment (`TALLY_*` settings).
+pub fn spawn_pod_env(
+    name: &str,
+    brokers: &str,
+    group: &str,
+    state: &Path,
+    log: &Path,
+    env: &[(&str, &str)],
+) -> Pod {
     let port = free_port();
     // One log per pod name, beside `log`.
     let log = log.with_extension(format!("{name}.log"));
@@ -74,6 +86,7 @@ pub fn spawn_pod(name: &str, brokers: &str, group: &str, state: &Path, log: &Pat
         .arg("--state-dir")
         .arg(state)
         .env("TALLY_LOG", "warn,tally=debug,tally::pod=debug")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -132,4 +145,22 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, serde_json::Value)> {
         status,
         serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
     ))
+}
+
+/// A blocking HTTP/1.0 GET on loopback: the body as text.
+pub fn http_get_text(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    Some(text.split("\r\n\r\n").nth(1)?.to_string())
+}
+
+/// The value of an unlabelled metric on a pod's `/metrics`.
+pub fn metric(port: u16, name: &str) -> Option<f64> {
+    http_get_text(port, "/metrics")?
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }

@@ -28,7 +28,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use super::aggregate::{customer_hash, Aggregate};
-use super::order::{validate, EnrichedOrder, FxTable, Limits, Rejection};
+use super::order::{validate, EnrichedOrder, FxTable, FxUpdate, Limits, Rejection};
 use super::window::{assign, GroupBy, WindowKind, WindowSpec};
 
 pub type Partition = i32;
@@ -561,6 +561,25 @@ impl Engine {
     /// FX changes apply to records processed after them.
     pub fn fx_mut(&mut self) -> &mut FxTable {
         &mut self.fx
+    }
+
+    /// Applies one `fx-rates` record: a version set or removed. Returns
+    /// whether it came late ([`FxTable::is_late`]): in force from a time at
+    /// or before the largest event time any held partition has processed,
+    /// so orders it would have applied to may already be converted at the
+    /// version before. It applies from now on all the same; closed windows
+    /// never change (a final is final), and the shell counts and logs it.
+    pub fn apply_fx(&mut self, update: FxUpdate) -> bool {
+        let max_event = self.parts.values().filter_map(|p| p.max_event_ms).max();
+        let (currency, from_ms) = match update {
+            FxUpdate::Set {
+                currency, from_ms, ..
+            }
+            | FxUpdate::Remove { currency, from_ms } => (currency, from_ms),
+        };
+        let before = self.fx.version(currency, from_ms);
+        self.fx.apply(update);
+        before != self.fx.version(currency, from_ms) && FxTable::is_late(from_ms, max_event)
     }
 
     /// Starts a partition with empty state (no-op if already held).

@@ -36,7 +36,7 @@ pub use engine::{
     WindowKey, WindowRow, WindowUpdate, CHANGE_GROUPS,
 };
 pub use order::{
-    enrich, parse_order, validate, Currency, EnrichedOrder, FxTable, Limits, Order, Rate, Reason,
-    Rejection,
+    enrich, parse_order, parse_time, validate, Currency, EnrichedOrder, FxTable, FxUpdate, Limits,
+    Order, Rate, Reason, Rejection, FROM_START,
 };
 pub use window::{GroupBy, WindowKind, WindowSpec};

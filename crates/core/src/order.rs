@@ -413,6 +413,12 @@ fn epoch_to_ms(x: f64) -> Option<i64> {
     Some(ms.round() as i64)
 }
 
+/// An RFC 3339 time or an epoch number (seconds or milliseconds, as for
+/// `created_at`), in ms since the epoch.
+pub fn parse_time(s: &str) -> Option<i64> {
+    parse_time_str(s).flatten()
+}
+
 fn parse_time_str(s: &str) -> Option<Option<i64>> {
     let t = s.trim();
     if let Ok(dt) = chrono::DateTime::parse_from_rfc3339(t) {
@@ -460,12 +466,39 @@ pub fn usd_micros(amount_micros: i64, rate: Rate) -> i64 {
     ((p + scale / 2) / scale) as i64
 }
 
-/// The currency → USD table used for enrichment. The pod keeps it current
-/// from the compacted `fx-rates` topic; the core only reads it.
+/// The currency → USD table used for enrichment, versioned by event time:
+/// each currency has rates, each in force from a time on (ms since the
+/// epoch; [`FROM_START`] for a rate with no time). An order converts at the
+/// rate in force at its `created_at`, as in Flink's event-time temporal
+/// join, so its USD value is a function of the input alone (orders and
+/// `fx-rates`): processing it again after a crash, or in `tally replay`,
+/// gives the same cent whatever rates arrived in between, as long as no
+/// rate arrived *late* (in force from a time the pod had already processed
+/// orders of; [`FxTable::is_late`]). The pod keeps it current from the
+/// compacted `fx-rates` topic; the core only reads it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct FxTable {
-    rates: HashMap<Currency, Rate>,
+    /// Per currency, its versions sorted by the time they are in force from.
+    rates: HashMap<Currency, Vec<(i64, Rate)>>,
 }
+
+/// One `fx-rates` record, parsed: a version of a currency's rate set, or
+/// removed (a tombstone).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FxUpdate {
+    Set {
+        currency: Currency,
+        from_ms: i64,
+        rate: Rate,
+    },
+    Remove {
+        currency: Currency,
+        from_ms: i64,
+    },
+}
+
+/// The time a rate with no time of its own is in force from: the start.
+pub const FROM_START: i64 = i64::MIN;
 
 /// Rates used when `fx-rates` is empty.
 pub const DEFAULT_RATES: [(&str, f64); 10] = [
@@ -496,18 +529,86 @@ impl FxTable {
         t
     }
 
+    /// Sets the rate in force from the start (a rate with no time).
     pub fn set(&mut self, currency: Currency, rate: Rate) {
-        self.rates.insert(currency, rate);
+        self.set_from(currency, FROM_START, rate);
     }
 
+    /// Sets the rate in force from `from_ms` on (until the next version's
+    /// time), replacing a version of the same time.
+    pub fn set_from(&mut self, currency: Currency, from_ms: i64, rate: Rate) {
+        let v = self.rates.entry(currency).or_default();
+        match v.binary_search_by_key(&from_ms, |(t, _)| *t) {
+            Ok(i) => v[i].1 = rate,
+            Err(i) => v.insert(i, (from_ms, rate)),
+        }
+    }
+
+    /// Removes the version in force from `from_ms` (a tombstone of it);
+    /// the version before it, if any, stays in force after that time.
+    pub fn remove_from(&mut self, currency: Currency, from_ms: i64) {
+        if let Some(v) = self.rates.get_mut(&currency) {
+            v.retain(|(t, _)| *t != from_ms);
+            if v.is_empty() {
+                self.rates.remove(&currency);
+            }
+        }
+    }
+
+    /// Applies one `fx-rates` record.
+    pub fn apply(&mut self, update: FxUpdate) {
+        match update {
+            FxUpdate::Set {
+                currency,
+                from_ms,
+                rate,
+            } => self.set_from(currency, from_ms, rate),
+            FxUpdate::Remove { currency, from_ms } => self.remove_from(currency, from_ms),
+        }
+    }
+
+    /// Removes the rate with no time (a tombstone of the old format).
     pub fn remove(&mut self, currency: Currency) {
-        self.rates.remove(&currency);
+        self.remove_from(currency, FROM_START);
     }
 
+    /// The rate in force at event time `at_ms`: the version with the
+    /// latest time at or before it. None before the first version.
+    pub fn rate_at(&self, currency: Currency, at_ms: i64) -> Option<Rate> {
+        let v = self.rates.get(&currency)?;
+        let i = v.partition_point(|(t, _)| *t <= at_ms);
+        i.checked_sub(1).map(|i| v[i].1)
+    }
+
+    /// The version in force from exactly `from_ms`, if there is one.
+    pub fn version(&self, currency: Currency, from_ms: i64) -> Option<Rate> {
+        let v = self.rates.get(&currency)?;
+        let i = v.binary_search_by_key(&from_ms, |(t, _)| *t).ok()?;
+        Some(v[i].1)
+    }
+
+    /// The rate in force now and from then on: the latest version.
     pub fn get(&self, currency: Currency) -> Option<Rate> {
-        self.rates.get(&currency).copied()
+        self.rate_at(currency, i64::MAX)
     }
 
+    /// Whether a version in force from `from_ms` arrives late for a
+    /// stream whose largest event time processed so far is
+    /// `max_event_ms`: orders it would have applied to may already have
+    /// been converted at the version before it. It applies to the orders
+    /// processed from now on; what was converted (and windows closed)
+    /// stays as it is, and `tally replay`, which knows every version from
+    /// the start, may differ on those orders.
+    pub fn is_late(from_ms: i64, max_event_ms: Option<i64>) -> bool {
+        max_event_ms.is_some_and(|m| from_ms <= m)
+    }
+
+    /// Number of versions, over every currency.
+    pub fn version_count(&self) -> usize {
+        self.rates.values().map(Vec::len).sum()
+    }
+
+    /// Number of currencies.
     pub fn len(&self) -> usize {
         self.rates.len()
     }
@@ -516,9 +617,24 @@ impl FxTable {
         self.rates.is_empty()
     }
 
-    /// The rates, sorted by currency.
+    /// Every version, sorted by currency then time.
+    pub fn versions(&self) -> Vec<(Currency, i64, Rate)> {
+        let mut v: Vec<_> = self
+            .rates
+            .iter()
+            .flat_map(|(c, vs)| vs.iter().map(|(t, r)| (*c, *t, *r)))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The latest rate of each currency, sorted by currency.
     pub fn entries(&self) -> Vec<(Currency, Rate)> {
-        let mut v: Vec<_> = self.rates.iter().map(|(c, r)| (*c, *r)).collect();
+        let mut v: Vec<_> = self
+            .rates
+            .keys()
+            .filter_map(|c| Some((*c, self.get(*c)?)))
+            .collect();
         v.sort();
         v
     }
@@ -553,13 +669,18 @@ pub fn enrich(
     fx: &FxTable,
     processed_at_ms: i64,
 ) -> Result<EnrichedOrder, Rejection> {
-    let rate = fx.get(order.currency).ok_or_else(|| {
-        Rejection::new(
-            Reason::UnknownCurrency,
-            Some("currency"),
-            format!("{} is not in the FX table", order.currency),
-        )
-    })?;
+    let rate = fx
+        .rate_at(order.currency, order.created_at_ms)
+        .ok_or_else(|| {
+            Rejection::new(
+                Reason::UnknownCurrency,
+                Some("currency"),
+                format!(
+                    "{} has no FX rate in force at the order's created_at",
+                    order.currency
+                ),
+            )
+        })?;
     Ok(EnrichedOrder {
         amount_usd_micros: usd_micros(order.amount_micros, rate),
         rate,
