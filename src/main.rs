@@ -245,6 +245,8 @@ async fn start_http(
     let mut view = tally::core::view::View::new(core.grace_ms);
     // Queries that name no definition are answered from the configured ones.
     view.set_definitions(core.windows.clone());
+    // Windows past their retention are dropped: the view stays bounded.
+    view.set_retention(core.window_retention_ms);
     let view = Arc::new(std::sync::RwLock::new(view));
     let caught_up = Arc::new(AtomicBool::new(false));
     let pc = tally::kafka::Clients::new(&cfg.kafka.brokers, &extra).producer();

@@ -665,7 +665,13 @@ fn a_rebuild_is_refused_when_the_input_log_no_longer_starts_at_zero() {
     run_to_the_end(&brokers, group_name, &cfg_a, "the orders");
 
     // A changelog record of an unknown state format on partition 0, from
-    // the partition's current owner (its epoch: 1, the first claim).
+    // the partition's current owner (the epoch of its claim).
+    let epoch = read_all(&brokers, "tally-changelog")
+        .into_iter()
+        .filter(|r| r.partition == 0 && r.key.as_deref() == Some(b"\xff\xfftally-claim"))
+        .filter_map(|r| r.headers.get("tally-writer").cloned())
+        .last()
+        .expect("partition 0 was claimed");
     produce_raw(
         &brokers,
         "tally-changelog",
@@ -673,7 +679,7 @@ fn a_rebuild_is_refused_when_the_input_log_no_longer_starts_at_zero() {
             0,
             b"\x01bad".to_vec(),
             Some(vec![99, 1, 2, 3]),
-            vec![("tally-writer".into(), "1/0".into())],
+            vec![("tally-writer".into(), format!("{epoch}/0"))],
         )],
     );
     // More than the mock keeps of a partition (about 5 MiB): the log's

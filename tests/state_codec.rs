@@ -87,7 +87,11 @@ fn rows() -> Vec<(&'static str, StateRow)> {
                 watermark: None,
             }),
         ),
-        ("members", StateRow::Members(key, 3, vec![1, u64::MAX])),
+        (
+            "members",
+            StateRow::Members(key.clone(), 3, vec![1, u64::MAX]),
+        ),
+        ("expiry", StateRow::Expiry(key, 1_714_651_260_000)),
     ]
 }
 
@@ -129,7 +133,7 @@ fn every_pinned_row_decodes_to_itself() {
     }
     // Every variant has a row here. The match has no wildcard, so a new
     // variant does not compile until it is added (and pinned) above.
-    let mut seen = [false; 5];
+    let mut seen = [false; 6];
     for (_, row) in rows() {
         let i = match row.key() {
             RowKey::Window(_) => 0,
@@ -137,8 +141,9 @@ fn every_pinned_row_decodes_to_itself() {
             RowKey::Dedup(_) => 2,
             RowKey::Meta => 3,
             RowKey::Members(..) => 4,
+            RowKey::Expiry(_) => 5,
         };
         seen[i] = true;
     }
-    assert_eq!(seen, [true; 5]);
+    assert_eq!(seen, [true; 6]);
 }

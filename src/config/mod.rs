@@ -173,6 +173,12 @@ pub struct JobConfig {
     /// Event-time span within which a repeated order_id is a duplicate, ms.
     #[arg(long, env = "TALLY_DEDUP_HORIZON_MS", default_value_t = 3_600_000)]
     pub dedup_horizon_ms: i64,
+    /// How long a closed window or session stays served, in event time
+    /// after its end, ms; then it is tombstoned on the windows topic and
+    /// dropped by every view (one day by default, like Kafka Streams'
+    /// windowed stores).
+    #[arg(long, env = "TALLY_WINDOW_RETENTION_MS", default_value_t = crate::core::engine::DEFAULT_WINDOW_RETENTION_MS)]
+    pub window_retention_ms: i64,
     /// What to do with orders late for every window.
     #[arg(long, env = "TALLY_LATE_POLICY", value_enum, default_value_t = LatePolicy::Topic)]
     pub late_policy: LatePolicy,
@@ -528,6 +534,7 @@ impl PodConfig {
             alert_threshold_usd_micros: (self.job.alert_threshold_usd * MICROS as f64).round()
                 as i64,
             hash_seed: random_seed(),
+            window_retention_ms: self.job.window_retention_ms,
         };
         core.validate().map_err(|e| invalid(&e.field, e.message))?;
         Ok(core)

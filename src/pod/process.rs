@@ -49,7 +49,7 @@ impl Processor {
             cfg: &self.cfg,
             windows_partitions: self.windows_partitions,
         };
-        let (mut valid, mut late, mut dup) = (0, 0, 0);
+        let (mut valid, mut late, mut dup, mut expired) = (0, 0, 0, 0);
         let payload = original.map(|o| o.0).unwrap_or_default();
         let mut effects = std::mem::take(&mut self.effects);
         for e in effects.drain(..) {
@@ -59,7 +59,8 @@ impl Processor {
                 | Effect::Late { partition, .. }
                 | Effect::Rejected { partition, .. }
                 | Effect::Duplicate { partition, .. }
-                | Effect::Retracted { partition, .. } => *partition,
+                | Effect::Retracted { partition, .. }
+                | Effect::Expired { partition, .. } => *partition,
                 Effect::Window(w) => w.partition,
             };
             match e {
@@ -135,7 +136,15 @@ impl Processor {
                     partition,
                     spec_name,
                     key,
-                } => outputs.retracted(partition, &spec_name, &key, &mut self.out),
+                } => outputs.tombstone(partition, &spec_name, &key, &mut self.out),
+                Effect::Expired {
+                    partition,
+                    spec_name,
+                    key,
+                } => {
+                    expired += 1;
+                    outputs.tombstone(partition, &spec_name, &key, &mut self.out)
+                }
             }
             register(&mut self.cycle, &mut self.out, from, start);
         }
@@ -143,6 +152,7 @@ impl Processor {
         self.unreported.valid += valid;
         self.unreported.late += late;
         self.unreported.duplicate += dup;
+        self.metrics.windows_expired.inc_by(expired);
     }
 
     /// Outputs of effects that no input record carries (ticks, flushes,

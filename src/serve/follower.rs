@@ -64,6 +64,7 @@ pub fn follow(
 ) -> Result<ViewFollower, ServingError> {
     let mut view = View::new(core.grace_ms);
     view.set_definitions(core.windows.clone());
+    view.set_retention(core.window_retention_ms);
     let view = Arc::new(RwLock::new(view));
     follow_into(
         brokers,

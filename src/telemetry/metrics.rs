@@ -36,6 +36,7 @@ pub struct Metrics {
     pub rebuilds: IntCounter,
     pub fx_late_rates: IntCounter,
     pub fx_versions: IntGauge,
+    pub windows_expired: IntCounter,
     pub restore_duration: Histogram,
     pub restoring_partitions: IntGauge,
     pub restore_remaining: IntGaugeVec,
@@ -71,6 +72,7 @@ pub const NAMES: &[&str] = &[
     "tally_rebuilds_total",
     "tally_fx_late_rates_total",
     "tally_fx_versions",
+    "tally_windows_expired_total",
     "tally_restore_duration_seconds",
     "tally_restoring_partitions",
     "tally_restore_remaining_records",
@@ -300,6 +302,14 @@ impl Metrics {
                 IntGauge::new(
                     "tally_fx_versions",
                     "FX rate versions in the pod's table, over every currency (each in force from its time)",
+                )
+                .expect("valid metric"),
+            ),
+            windows_expired: reg(
+                &r,
+                IntCounter::new(
+                    "tally_windows_expired_total",
+                    "Window and session partials tombstoned on revenue-windows because their retention (event time after their end) passed",
                 )
                 .expect("valid metric"),
             ),

@@ -321,7 +321,9 @@ impl Outputs<'_> {
         });
     }
 
-    pub fn retracted(
+    /// The tombstone of one partition's partial of a window or session:
+    /// a retracted session, or one past its retention.
+    pub fn tombstone(
         &self,
         partition: Partition,
         spec_name: &str,

@@ -87,6 +87,17 @@ pub fn render(e: &Effect) -> String {
                 rel(key.start)
             )
         }
+        Effect::Expired {
+            partition,
+            spec_name,
+            key,
+        } => {
+            format!(
+                "expire p{partition} {spec_name}|{}|{}",
+                key.group,
+                rel(key.start)
+            )
+        }
         Effect::Window(w) => {
             let a = &w.row.agg;
             format!(

@@ -99,6 +99,16 @@ pub fn spawn_pod_env(
     }
 }
 
+/// A pod outlives no test: a test that fails (panics) kills its pods on
+/// the way out, or they would go on retrying a broker that is gone, using
+/// the CPU of every test after it.
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Pod {
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -14,6 +14,8 @@
 //! - [`restore`]: one partition of N state rows restored from the changelog.
 //! - [`latency`]: produce → window update visible, at a fixed rate.
 //! - [`rss`]: peak RSS of a `tally run` child holding N open sessions.
+//! - [`view`]: the serving view's memory per window, and a new view's
+//!   catch-up time on `revenue-windows`.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -967,4 +969,153 @@ pub fn rss(
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&state_dir);
     result
+}
+
+/// `view`: the serving view's memory per window, and how long a new pod's
+/// view takes to catch up with a `revenue-windows` topic.
+///
+/// The windows are real: `events` generated orders (over `customers`
+/// customers, so most windows are sessions, as in production) go through
+/// the core's engine with the default definitions, and every window
+/// result it emits becomes the `revenue-windows` record a pod would
+/// publish. Memory: the process's RSS before and after a view has applied
+/// them all, per window held. Catch-up: the records produced to the
+/// embedded broker's topic (its ~5 MiB a partition caps how many), then
+/// the time from `follow` to caught up. With a retention of a day the
+/// topic holds one day of windows, so the day's figure follows from the
+/// rate.
+pub fn view(
+    topics: &[TopicSpec],
+    base: &PodConfig,
+    events: u64,
+    customers: u64,
+) -> Result<serde_json::Value, BenchError> {
+    use tally::core::{Effect, Engine, FxTable};
+    let core = base.core()?;
+    let records = gen::generate(&GenSpec {
+        count: events,
+        customers,
+        ..GenSpec::default()
+    });
+    let mut engine = Engine::new(core.clone(), FxTable::with_defaults())
+        .map_err(|e| BenchError::Invalid(e.to_string()))?;
+    let partitions = partitions_of(topics, &base.topics.windows_topic);
+    for p in 0..partitions {
+        engine.assign(p, 0);
+    }
+    // Latest record per key, as compaction leaves it.
+    let mut latest: std::collections::HashMap<String, Vec<u8>> = std::collections::HashMap::new();
+    let (mut out, mut changes) = (Vec::new(), Vec::new());
+    for (i, r) in records.iter().enumerate() {
+        let p = (i % partitions as usize) as i32;
+        engine.on_record(p, i as i64, &r.payload, 0, &mut out);
+        if i % 1_000 == 999 || i + 1 == records.len() {
+            engine.flush(&mut out, &mut changes);
+            changes.clear();
+            for e in out.drain(..) {
+                if let Effect::Window(w) = e {
+                    let rec = tally::wire::windows::WindowRecord::from_update(&w);
+                    let key =
+                        tally::wire::windows::WindowRecord::record_key(&rec.window_id, w.partition);
+                    latest.insert(key, serde_json::to_vec(&rec).unwrap_or_default());
+                }
+            }
+        }
+    }
+    drop(records);
+    let rss = || -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                let l = s.lines().find(|l| l.starts_with("VmRSS:"))?.to_string();
+                l.split_whitespace().nth(1)?.parse::<u64>().ok()
+            })
+            .unwrap_or(0)
+            * 1024
+    };
+    // Memory: one view applying every record.
+    let rows: Vec<(Vec<u8>, Vec<u8>)> = latest
+        .into_iter()
+        .map(|(k, v)| (k.into_bytes(), v))
+        .collect();
+    let before = rss();
+    let mut view = tally::core::view::View::new(core.grace_ms);
+    view.set_input_partitions(partitions as usize);
+    for (k, v) in &rows {
+        if let Ok(u) = tally::wire::windows::decode(k, Some(v)) {
+            view.apply(u);
+        }
+    }
+    let after = rss();
+    let held = view.len();
+    drop(view);
+
+    // Catch-up: as many of the records as the embedded broker keeps.
+    let broker = EmbeddedBroker::start(1, topics)?;
+    let brokers = broker.bootstrap_servers();
+    let producer: rdkafka::producer::BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("linger.ms", "5")
+        .create()?;
+    let cap_bytes = 4 << 20;
+    let mut per_partition = vec![0usize; partitions as usize];
+    let mut produced = 0u64;
+    for (k, v) in &rows {
+        let p = (produced % partitions as u64) as usize;
+        if per_partition[p] + v.len() > cap_bytes {
+            continue;
+        }
+        per_partition[p] += v.len() + k.len();
+        loop {
+            let rec = rdkafka::producer::BaseRecord::<[u8], [u8]>::to(&base.topics.windows_topic)
+                .partition(p as i32)
+                .key(k)
+                .payload(v);
+            match producer.send(rec) {
+                Ok(()) => break,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    _,
+                )) => {
+                    producer.poll(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+        produced += 1;
+    }
+    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(60))?;
+    let metrics = std::sync::Arc::new(tally::telemetry::metrics::Metrics::new());
+    let started = Instant::now();
+    let follower = tally::serve::follower::follow(
+        &brokers,
+        &[],
+        &base.topics.windows_topic,
+        &base.topics.input_topic,
+        &core,
+        metrics,
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !follower.caught_up.load(std::sync::atomic::Ordering::SeqCst) {
+        if Instant::now() > deadline {
+            return Err(BenchError::Timeout("the view did not catch up".into()));
+        }
+        std::thread::park_timeout(Duration::from_millis(5));
+    }
+    let catch_up = started.elapsed().as_secs_f64();
+    follower.stop();
+    let bytes = after.saturating_sub(before);
+    Ok(json!({
+        "scenario": "view",
+        "events": events,
+        "customers": customers,
+        "windows_held": held,
+        "view_rss_bytes": bytes,
+        "bytes_per_window": bytes as f64 / held.max(1) as f64,
+        "catch_up_records": produced,
+        "catch_up_seconds": catch_up,
+        "catch_up_records_per_sec": produced as f64 / catch_up,
+    }))
 }

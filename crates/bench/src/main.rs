@@ -22,6 +22,8 @@ enum Scenario {
     Latency,
     /// Peak memory of a `tally run` child holding `--customers` open sessions.
     Rss,
+    /// The serving view's memory per window, and a new view's catch-up time.
+    View,
 }
 
 /// tally's benchmark scenarios on the embedded broker.
@@ -48,7 +50,7 @@ struct Args {
     /// restore: state rows in the partition.
     #[arg(long, default_value_t = 1_000_000)]
     rows: u64,
-    /// rss: distinct customers, each with an open session.
+    /// rss: distinct customers, each with an open session; view: customers of the generated orders.
     #[arg(long, default_value_t = 1_000_000)]
     customers: u64,
     /// restore: an external broker (the embedded one keeps ~5 MiB per partition).
@@ -89,6 +91,12 @@ fn main() -> anyhow::Result<()> {
                 None => tally_bench::sibling_tally_binary()?,
             };
             println!("{}", tally_bench::rss(&specs, &base, args.customers, &exe)?);
+        }
+        Scenario::View => {
+            println!(
+                "{}",
+                tally_bench::view(&specs, &base, args.events, args.customers)?
+            );
         }
     }
     Ok(())

@@ -58,7 +58,15 @@ pub struct CoreConfig {
     /// Nothing depends on it but speed: no output, state row or iteration
     /// order that matters is derived from a map's order.
     pub hash_seed: u64,
+    /// How long, in event time after its end, a closed window or session
+    /// stays served: then it is tombstoned on `revenue-windows` (one
+    /// [`Effect::Expired`] per partial), so the topic and every view stay
+    /// bounded.
+    pub window_retention_ms: i64,
 }
+
+/// One day, like Kafka Streams' default retention of windowed stores.
+pub const DEFAULT_WINDOW_RETENTION_MS: i64 = 86_400_000;
 
 impl Default for CoreConfig {
     fn default() -> Self {
@@ -71,6 +79,7 @@ impl Default for CoreConfig {
             limits: Limits::default(),
             alert_threshold_usd_micros: 5_000 * 1_000_000,
             hash_seed: 0,
+            window_retention_ms: DEFAULT_WINDOW_RETENTION_MS,
         }
     }
 }
@@ -135,6 +144,16 @@ impl CoreConfig {
                 format!(
                     "must be ≥ the longest window extent plus grace ({need} ms), got {}",
                     self.dedup_horizon_ms
+                ),
+            ));
+        }
+        // A window must still be served once it closes (end + grace).
+        if self.window_retention_ms <= self.grace_ms {
+            return Err(cfg_err(
+                "window_retention_ms",
+                format!(
+                    "must be > grace_ms ({} ms): a window closes at its end plus grace, and is served until its end plus retention; got {}",
+                    self.grace_ms, self.window_retention_ms
                 ),
             ));
         }
@@ -258,6 +277,11 @@ pub enum StateRow {
     /// missing customers). A set is a union, so a chunk holding customers
     /// of records that are replayed anyway changes nothing.
     Members(WindowKey, u64, Vec<u64>),
+    /// A closed window or session whose partial is still served: when
+    /// its expiry (event time) is durable it is tombstoned downstream and
+    /// this row deleted. Kept apart from the window's row, which leaves
+    /// the state at close; a few bytes a window.
+    Expiry(WindowKey, i64),
 }
 
 /// The key of a [`StateRow`].
@@ -268,6 +292,7 @@ pub enum RowKey {
     Dedup(String),
     Meta,
     Members(WindowKey, u64),
+    Expiry(WindowKey),
 }
 
 impl StateRow {
@@ -278,6 +303,7 @@ impl StateRow {
             StateRow::Dedup(id, _) => RowKey::Dedup(id.clone()),
             StateRow::Meta(_) => RowKey::Meta,
             StateRow::Members(k, n, _) => RowKey::Members(k.clone(), *n),
+            StateRow::Expiry(k, _) => RowKey::Expiry(k.clone()),
         }
     }
 }
@@ -389,6 +415,13 @@ pub enum Effect {
         spec_name: String,
         key: WindowKey,
     },
+    /// A closed window or session past its retention: its partial must be
+    /// tombstoned downstream (once; idempotent if repeated after a crash).
+    Expired {
+        partition: Partition,
+        spec_name: String,
+        key: WindowKey,
+    },
 }
 
 /// Observable progress of one partition.
@@ -464,6 +497,12 @@ struct Part {
     flushed_wm: VecDeque<(FlushId, Option<i64>)>,
     /// The highest watermark known to be durable.
     durable_wm: Option<i64>,
+    /// Closed windows and sessions still served, by expiry time.
+    expiring: BTreeSet<(i64, WindowKey)>,
+    /// Expiry rows to write with the next flush.
+    expiry_new: Vec<(WindowKey, i64)>,
+    /// Expired under a durable watermark: tombstoned by the next flush.
+    expired: Vec<WindowKey>,
 }
 
 impl Part {
@@ -659,6 +698,11 @@ impl Engine {
         for row in rows {
             match row {
                 StateRow::Members(key, n, m) => members.push((key, n, m)),
+                StateRow::Expiry(key, at) => {
+                    if self.cfg.windows.get(usize::from(key.spec)).is_some() {
+                        part.expiring.insert((at, key));
+                    }
+                }
                 StateRow::Meta(m) => {
                     part.next_offset = m.next_offset;
                     part.max_event_ms = m.max_event_ms;
@@ -997,6 +1041,9 @@ impl Engine {
                 };
                 s.closed = true;
                 let row = session_row(s);
+                let at = row.end.saturating_add(self.cfg.window_retention_ms);
+                part.expiring.insert((at, key.clone()));
+                part.expiry_new.push((key.clone(), at));
                 part.sessions_touched.insert(skey);
                 part.pending_purge
                     .push(Purge::Session(close_at, key.clone()));
@@ -1006,6 +1053,9 @@ impl Engine {
                     continue;
                 };
                 row.closed = true;
+                let at = row.end.saturating_add(self.cfg.window_retention_ms);
+                part.expiring.insert((at, key.clone()));
+                part.expiry_new.push((key.clone(), at));
                 part.touched.insert(key.clone());
                 part.pending_purge
                     .push(Purge::Window(close_at, key.clone()));
@@ -1114,6 +1164,17 @@ impl Engine {
             let Some(part) = self.parts.get_mut(&p) else {
                 continue;
             };
+            for (key, at) in std::mem::take(&mut part.expiry_new) {
+                changes.push(StateChange::Put(p, StateRow::Expiry(key, at)));
+            }
+            for key in std::mem::take(&mut part.expired) {
+                effects.push(Effect::Expired {
+                    partition: p,
+                    spec_name: self.cfg.windows[usize::from(key.spec)].name.clone(),
+                    key: key.clone(),
+                });
+                changes.push(StateChange::Delete(p, RowKey::Expiry(key)));
+            }
             part.chunks = chunks;
             if part.meta_dirty {
                 part.meta_dirty = false;
@@ -1141,6 +1202,15 @@ impl Engine {
             }
             let covered = |t: i64, w: Option<i64>| w.is_some_and(|w| t <= w);
             let durable_wm = part.durable_wm;
+            while part
+                .expiring
+                .first()
+                .is_some_and(|(at, _)| covered(*at, durable_wm))
+            {
+                if let Some((_, key)) = part.expiring.pop_first() {
+                    part.expired.push(key);
+                }
+            }
             let pending = std::mem::take(&mut part.pending_purge);
             for item in pending {
                 match item {

@@ -233,6 +233,17 @@ pub struct View {
     /// The configured window definitions (`None`: not told; every
     /// definition in the topic is served).
     definitions: Option<Vec<crate::window::WindowSpec>>,
+    /// Retention of served windows (event time after their end); `None`:
+    /// every window is kept.
+    retention_ms: Option<i64>,
+    /// Windows ending at or before this are gone for good: dropped whole,
+    /// and a late row of one is not applied. Only grows.
+    expired_before: Option<i64>,
+    /// Where the last sweep of sessions stopped (they are swept less often:
+    /// a sweep visits every customer).
+    sessions_swept_at: Option<i64>,
+    /// Windows and sessions dropped for their retention.
+    expired: u64,
 }
 
 /// Where a customer's session `(spec, start)` is, or would go, in its list.
@@ -300,6 +311,7 @@ impl View {
                     self.stale += 1;
                 } else {
                     self.progress.insert(rec.partition, rec);
+                    self.expire();
                 }
                 return;
             }
@@ -321,6 +333,11 @@ impl View {
             epoch,
             agg,
         } = rec;
+        if self.expired_before.is_some_and(|h| end <= h) {
+            // Past its retention: a row of a window already dropped (read
+            // late, or a topic not yet compacted) does not bring it back.
+            return;
+        }
         let partial = Partial {
             is_final,
             epoch,
@@ -405,15 +422,73 @@ impl View {
                 return;
             }
         }
-        let fk = (start, spec.to_string(), key.to_string());
+        // A tumbling or sliding window is never retracted: its tombstone
+        // is its retention passing on one input partition. The view drops
+        // such a window whole, by its own horizon ([`View::set_retention`]),
+        // never one partial at a time: a window must not be served with
+        // some partitions' partials gone (its total would shrink).
+    }
+
+    /// Serves windows and sessions until `retention_ms` of event time
+    /// after their end (by the global watermark), then drops them whole:
+    /// what keeps every pod's view bounded, as the pods' tombstones keep
+    /// the compacted topic bounded.
+    pub fn set_retention(&mut self, retention_ms: i64) {
+        self.retention_ms = Some(retention_ms);
+        self.expire();
+    }
+
+    /// Windows and sessions dropped for their retention so far.
+    pub fn expired(&self) -> u64 {
+        self.expired
+    }
+
+    /// Windows held (fixed windows and sessions).
+    pub fn len(&self) -> usize {
+        self.fixed.values().map(BTreeMap::len).sum::<usize>()
+            + self.sessions.values().map(Vec::len).sum::<usize>()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops what the global watermark has taken past its retention.
+    fn expire(&mut self) {
+        let (Some(r), Some(wm)) = (self.retention_ms, self.global_watermark()) else {
+            return;
+        };
+        let h = wm.saturating_sub(r);
+        if self.expired_before.is_some_and(|old| h <= old) {
+            return;
+        }
+        self.expired_before = Some(h);
         for m in self.fixed.values_mut() {
-            if let Some(e) = m.get_mut(&fk) {
-                if e.remove(partition) {
-                    m.remove(&fk);
-                }
-                return;
+            // Keyed by start: every window ending by `h` starts before it.
+            let gone: Vec<FixedKey> = m
+                .range(..(h, String::new(), String::new()))
+                .filter(|(_, e)| e.head.end <= h)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in gone {
+                m.remove(&k);
+                self.expired += 1;
             }
         }
+        // Sessions are tombstoned by their pods; this sweep, at most once a
+        // minute of event time, only catches what a tombstone missed.
+        if self.sessions_swept_at.is_some_and(|t| h < t + 60_000) {
+            return;
+        }
+        self.sessions_swept_at = Some(h);
+        let mut expired = 0;
+        self.sessions.retain(|_, list| {
+            let before = list.len();
+            list.retain(|e| e.head.end > h);
+            expired += (before - list.len()) as u64;
+            !list.is_empty()
+        });
+        self.expired += expired;
     }
 
     /// The window definitions the pods are configured with: a query that
