@@ -670,7 +670,7 @@ fn a_rebuild_is_refused_when_the_input_log_no_longer_starts_at_zero() {
         .into_iter()
         .filter(|r| r.partition == 0 && r.key.as_deref() == Some(b"\xff\xfftally-claim"))
         .filter_map(|r| r.headers.get("tally-writer").cloned())
-        .last()
+        .next_back()
         .expect("partition 0 was claimed");
     produce_raw(
         &brokers,

@@ -130,7 +130,7 @@ fn the_view_merges_every_partition_to_the_exact_truth() {
 /// windows within it are still there and exact, and a view following the
 /// topic holds only those. Checked to fail with the engine's `Expired`
 /// effects switched off (the shell's part): the wait for the tombstones
-/// timed out with all 12 minutes' windows still on the topic.
+/// timed out ("timed out waiting for the expired windows' tombstones").
 #[test]
 fn windows_past_their_retention_are_tombstoned_and_dropped() {
     let broker = TestBroker::start(1, &declared_topics());

@@ -86,6 +86,10 @@ pub fn is_transient(e: &rdkafka::error::KafkaError) -> bool {
                 | C::CoordinatorNotAvailable
                 | C::CoordinatorLoadInProgress
                 | C::Resolve
+                // A broker's handle torn down with a request in flight (a
+                // broker leaving and coming back): the soak saw it on a
+                // metadata request while a broker was down.
+                | C::DestroyBroker
         )
     )
 }

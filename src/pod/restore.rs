@@ -58,18 +58,23 @@ impl Processor {
         let deadline = Instant::now() + budget;
         let done = match self.catch_up_from_changelog(p, deadline) {
             Ok(done) => done,
-            Err(e) if e.is_transient() => {
+            Err(e) if e.is_transient() || matches!(e, PodError::Kafka(_)) => {
                 // A leader moving, a timeout, brokers down: the state is
                 // fine, the broker is not. Try again later from where the
                 // store is (rows and checkpoint advance together); never
-                // throw the state away for it.
+                // throw the state away for it. Any error of the Kafka
+                // client is the broker's or the network's, never a sign
+                // that the state is inconsistent: even one not known to be
+                // transient is retried (with back-off, a log line and
+                // `tally_restore_retries_total`), not answered by a rebuild.
                 self.restore_stalled(p, "reading the changelog", &e);
                 false
             }
             Err(e) => {
                 // A real inconsistency (a record of another format, a
-                // store error, a changelog that lost records). A partial restore must not mix with a
-                // rebuild: start the partition over from an empty store.
+                // store error, a changelog that lost records). A partial
+                // restore must not mix with a rebuild: start the
+                // partition over from an empty store.
                 error!(partition = p, error = %e, "cannot restore the partition's state; rebuilding it from the log");
                 if let Err(e) = self.store.clear_partition(p) {
                     error!(partition = p, error = %e, "cannot clear the partition's local state");
@@ -104,8 +109,9 @@ impl Processor {
             }
         }
         // Announce this pod's ownership epoch before processing anything:
-        // one above every epoch the changelog has shown, so any later
-        // record of an earlier owner is recognisably stale.
+        // above every epoch the changelog has shown (and not below the
+        // clock), so any later record of an earlier owner is recognisably
+        // stale.
         let epoch = claim::next_epoch(self.restoring.get(&p).map_or(0, |r| r.max_epoch), now_ms());
         match self.claims.claim(p, epoch, Duration::from_secs(5)) {
             Ok(offset) => {

@@ -419,7 +419,6 @@ impl View {
                 if list.is_empty() {
                     self.sessions.remove(key);
                 }
-                return;
             }
         }
         // A tumbling or sliding window is never retracted: its tombstone
