@@ -346,6 +346,7 @@ async fn run(cfg: PodConfig, _matches: &ArgMatches) -> anyhow::Result<()> {
         _ = stop.changed() => {
             // Start-up gives up at its next retry; a pod that did start
             // is stopped as usual (final flush, commit, leave the group).
+            arm_shutdown_watchdog(&cfg);
             stats.interrupt();
             match start.await? {
                 Ok(h) => tokio::task::spawn_blocking(move || h.join()).await??,
@@ -372,11 +373,42 @@ async fn run(cfg: PodConfig, _matches: &ArgMatches) -> anyhow::Result<()> {
             }
         }
     }
+    if *stop.borrow() {
+        arm_shutdown_watchdog(&cfg);
+    }
     tokio::task::spawn_blocking(move || handle.join()).await??;
     if let Some(f) = follower {
         f.stop();
     }
     Ok(())
+}
+
+/// Bounds a shutdown: once asked to stop, the process exits after the
+/// final flush's budget (`--shutdown-timeout-ms`) plus 5 s, whatever is
+/// still waiting. Closing a Kafka client can block well past that: a
+/// broker that came back from down with requests in flight holds them
+/// until librdkafka's request timeout, and a consumer leaving a group
+/// whose coordinator is unreachable waits on it (the soak saw pods miss a
+/// 30 s stop). Exiting then is as safe as a SIGKILL, which tally is built
+/// for: rows and offsets are durable together in RocksDB, and the next
+/// owner redoes whatever was not; and it beats being killed at the end of
+/// the grace period (45 s in `deploy/`) without a word.
+fn arm_shutdown_watchdog(cfg: &tally::config::PodConfig) {
+    let budget = Duration::from_millis(cfg.flush.shutdown_timeout_ms) + Duration::from_secs(5);
+    let spawned = std::thread::Builder::new()
+        .name("shutdown-watchdog".into())
+        .spawn(move || {
+            std::thread::sleep(budget);
+            tracing::warn!(
+                budget_ms = budget.as_millis() as u64,
+                "shutdown is taking longer than its budget (a Kafka client still closing); exiting now: \
+                 the state is durable, and the next owner redoes what was not committed"
+            );
+            std::process::exit(0);
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot bound the shutdown's time");
+    }
 }
 
 /// SIGTERM or Ctrl-C, from the moment this is called (the SIGTERM handler

@@ -198,11 +198,25 @@ fn every_fault_at_once_keeps_totals_exact() {
     let records = run.finish_input();
     let mut running = live(&mut pods);
     run.wait_caught_up(&mut running);
-    let (got, want) = (run.published(), truth_totals(&records));
-    if got != want {
+    let published = run.published_both();
+    let want = truth_totals(&records);
+    eprintln!(
+        "soak: {} rows of a stale writer (a pod that lost its partitions without knowing), \
+         {} of them still the latest of their key",
+        published.stale_rows, published.stale_latest
+    );
+    if published.newest_epoch != want {
         eprintln!("{}", explain_missing(&run.brokers, &records));
     }
-    assert_totals_equal(&got, &want);
+    // What the view serves (it ignores a stale writer's rows) is exact.
+    assert_totals_equal(&published.newest_epoch, &want);
+    // What compaction leaves is exact too, unless a stale writer's row is
+    // the latest of its key: the risk ARCHITECTURE.md names ("The risk
+    // that remains"), which only Kafka transactions would close. Then the
+    // epoch-aware read above is the exact one, and the count says so.
+    if published.stale_latest == 0 {
+        assert_totals_equal(&published.latest, &want);
+    }
     for p in running.iter_mut() {
         p.stop();
     }

@@ -89,6 +89,14 @@ impl Run {
             .finish()
     }
 
+    /// [`Run::published`], as compaction leaves it and as the view serves it.
+    pub fn published_both(&mut self) -> Published {
+        self.follower
+            .take()
+            .expect("published() is called once")
+            .finish_both()
+    }
+
     pub fn finish_input(&mut self) -> Vec<GenRecord> {
         self.stop.store(true, Ordering::SeqCst);
         let sent = self.producer.take().unwrap().join().unwrap() as usize;

@@ -508,9 +508,26 @@ pub fn assert_totals_equal(got: &Totals, want: &Totals) {
 /// deletes the oldest records (it does not compact).
 /// Latest value per key (`None`: a tombstone).
 type Latest = std::sync::Arc<std::sync::Mutex<BTreeMap<Vec<u8>, Option<Vec<u8>>>>>;
+/// Per key, the row of the newest writer epoch (as the view keeps it), and
+/// how many rows of an older epoch came after a newer one.
+type ByEpoch = std::sync::Arc<std::sync::Mutex<(BTreeMap<Vec<u8>, (u64, Option<Vec<u8>>)>, u64)>>;
+
+/// What [`WindowsFollower::finish_both`] read.
+pub struct Published {
+    /// The latest row of every key: what compaction leaves.
+    pub latest: Totals,
+    /// The row of the newest writer epoch of every key: what the view
+    /// serves (it ignores a stale writer's row).
+    pub newest_epoch: Totals,
+    /// Rows of an older epoch written after a newer one's (a zombie's).
+    pub stale_rows: u64,
+    /// Keys whose latest row is such a stale row.
+    pub stale_latest: usize,
+}
 
 pub struct WindowsFollower {
     latest: Latest,
+    by_epoch: ByEpoch,
     positions: std::sync::Arc<std::sync::Mutex<HashMap<i32, i64>>>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -537,10 +554,16 @@ impl WindowsFollower {
         }
         consumer.assign(&tpl).unwrap();
         let latest = Arc::new(Mutex::new(BTreeMap::new()));
+        let by_epoch: ByEpoch = Arc::new(Mutex::new((BTreeMap::new(), 0)));
         let positions = Arc::new(Mutex::new(HashMap::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (latest, positions, stop) = (latest.clone(), positions.clone(), stop.clone());
+            let (latest, by_epoch, positions, stop) = (
+                latest.clone(),
+                by_epoch.clone(),
+                positions.clone(),
+                stop.clone(),
+            );
             std::thread::spawn(move || {
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                     if let Some(Ok(m)) = consumer.poll(Duration::from_millis(20)) {
@@ -549,10 +572,27 @@ impl WindowsFollower {
                             .unwrap()
                             .insert(m.partition(), m.offset() + 1);
                         if let Some(k) = m.key() {
-                            latest
-                                .lock()
-                                .unwrap()
-                                .insert(k.to_vec(), m.payload().map(<[u8]>::to_vec));
+                            let v = m.payload().map(<[u8]>::to_vec);
+                            latest.lock().unwrap().insert(k.to_vec(), v.clone());
+                            let mut b = by_epoch.lock().unwrap();
+                            let old = b.0.get(k).map_or(0, |(e, _)| *e);
+                            match &v {
+                                // A tombstone has no epoch: applied, as the view does.
+                                None => {
+                                    b.0.insert(k.to_vec(), (old, None));
+                                }
+                                Some(bytes) => {
+                                    let e = serde_json::from_slice::<serde_json::Value>(bytes)
+                                        .ok()
+                                        .and_then(|j| j.get("epoch")?.as_u64())
+                                        .unwrap_or(0);
+                                    if e < old {
+                                        b.1 += 1;
+                                    } else {
+                                        b.0.insert(k.to_vec(), (e, v));
+                                    }
+                                }
+                            }
                         }
                     }
                 }
@@ -560,6 +600,7 @@ impl WindowsFollower {
         };
         WindowsFollower {
             latest,
+            by_epoch,
             positions,
             stop,
             thread: Some(thread),
@@ -567,8 +608,15 @@ impl WindowsFollower {
         }
     }
 
-    /// Waits until every row written so far has been read, then stops.
-    pub fn finish(mut self) -> Totals {
+    /// Waits until every row written so far has been read, then stops:
+    /// the totals of the latest row of every key.
+    pub fn finish(self) -> Totals {
+        self.finish_both().latest
+    }
+
+    /// [`WindowsFollower::finish`], with the totals a reader that ignores
+    /// a stale writer's rows sees (the view), and how many such rows came.
+    pub fn finish_both(mut self) -> Published {
         let ends = end_offsets(&self.brokers, "revenue-windows");
         wait_until(
             "the follower to read revenue-windows to its end",
@@ -584,7 +632,17 @@ impl WindowsFollower {
             t.join().unwrap();
         }
         let latest = self.latest.lock().unwrap();
-        totals_of(latest.iter().map(|(k, v)| (k.clone(), v.clone())))
+        let by_epoch = self.by_epoch.lock().unwrap();
+        let stale_latest = latest
+            .iter()
+            .filter(|(k, v)| by_epoch.0.get(*k).is_some_and(|(_, nv)| nv != *v))
+            .count();
+        Published {
+            latest: totals_of(latest.iter().map(|(k, v)| (k.clone(), v.clone()))),
+            newest_epoch: totals_of(by_epoch.0.iter().map(|(k, (_, v))| (k.clone(), v.clone()))),
+            stale_rows: by_epoch.1,
+            stale_latest,
+        }
     }
 }
 
