@@ -55,14 +55,33 @@ impl ConsumerContext for PodContext {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let mut proc = lock(&self.proc);
-                proc.metrics.rebalances.with_label_values(&["revoke"]).inc();
-                // Bounded, so a rebalance never outlives max.poll.interval.ms.
-                // If outputs cannot be acknowledged in time, the partition is
-                // released without a commit: its next owner resumes from the
-                // last committed (durable) offsets, so nothing is lost. The
-                // drained changes stay pending and are written once their
-                // outputs are acknowledged, keeping RocksDB consistent.
-                if let Err(e) = proc.flush_all(consumer, self.callback_budget) {
+                // Lost, not revoked: the group went on without this pod (a
+                // session timeout while it waited on a slow broker), so
+                // the partitions have had other owners, and whatever this
+                // pod wrote meanwhile was a stale writer's.
+                let lost = consumer.assignment_lost();
+                proc.metrics
+                    .rebalances
+                    .with_label_values(&[if lost { "lost" } else { "revoke" }])
+                    .inc();
+                if lost {
+                    // No flush: it would only write more stale records. And
+                    // the local state goes: it holds this pod's writes made
+                    // after another owner claimed the partition, and its
+                    // checkpoint would make the next restore skip that
+                    // owner's records (the soak lost orders that way).
+                    warn!(partitions = ?partitions, "partitions lost (this pod was out of the group); dropping its pending work and its local state of them");
+                    for p in &partitions {
+                        if let Err(e) = proc.store.clear_partition(*p) {
+                            error!(partition = p, error = %e, "cannot clear the lost partition's local state");
+                        }
+                    }
+                } else if let Err(e) = proc.flush_all(consumer, self.callback_budget) {
+                    // Bounded, so a rebalance never outlives
+                    // max.poll.interval.ms. If outputs cannot be
+                    // acknowledged in time, the partition is released
+                    // without a commit: its next owner resumes from the
+                    // last committed (durable) offsets, so nothing is lost.
                     warn!(error = %e, "flush on revoke did not finish in time; releasing without a commit");
                 }
                 // Whatever is still pending for them is dropped: nothing
