@@ -132,6 +132,16 @@ pub enum PodError {
         needed: i64,
         low: i64,
     },
+    #[error(
+        "partition {partition}: the changelog after the local checkpoint holds records of \
+         ownership epoch {found} whose claim comes before it (the local state's epoch is \
+         {stored}): this pod wrote on after it was replaced"
+    )]
+    LocalStateStale {
+        partition: Partition,
+        stored: u64,
+        found: u64,
+    },
 }
 
 /// What the pod's readiness and its callers ask of it. The counts are

@@ -22,6 +22,8 @@ pub(super) struct Restoring {
     /// The highest writer epoch applied so far (restore ignores records
     /// of an older epoch after it: a stale writer's).
     pub(super) max_epoch: u64,
+    /// Reading only the tail after the local state's checkpoint.
+    pub(super) tail: bool,
 }
 
 impl Restoring {
@@ -36,6 +38,7 @@ impl Restoring {
             retry_at: None,
             backoff: crate::kafka::Backoff::default(),
             max_epoch: 0,
+            tail: false,
         }
     }
 }
@@ -58,6 +61,20 @@ impl Processor {
         let deadline = Instant::now() + budget;
         let done = match self.catch_up_from_changelog(p, deadline) {
             Ok(done) => done,
+            Err(PodError::LocalStateStale {
+                partition,
+                stored,
+                found,
+            }) => {
+                warn!(partition, stored_epoch = stored, found_epoch = found, "the local state was written after another owner claimed the partition; restoring it in full from the changelog");
+                if let Err(e) = self.store.clear_partition(p) {
+                    error!(partition = p, error = %e, "cannot clear the partition's local state");
+                }
+                if let Some(r) = self.restoring.get_mut(&p) {
+                    r.reader = None;
+                }
+                false
+            }
             Err(e) if e.is_transient() || matches!(e, PodError::Kafka(_)) => {
                 // A leader moving, a timeout, brokers down: the state is
                 // fine, the broker is not. Try again later from where the
@@ -317,6 +334,7 @@ impl Processor {
                 Some(_) => self.store.epoch(p)?.unwrap_or(0),
                 None => 0,
             };
+            r.tail = checkpoint.is_some();
             let from = needed;
             r.high = high;
             r.last = from - 1;
@@ -327,7 +345,7 @@ impl Processor {
             }
             r.reader = Some(reader);
         }
-        let (high, mut last, mut max_epoch) = (r.high, r.last, r.max_epoch);
+        let (high, mut last, mut max_epoch, tail) = (r.high, r.last, r.max_epoch, r.tail);
         let Some(reader) = r.reader.as_ref() else {
             return Ok(true);
         };
@@ -355,11 +373,24 @@ impl Processor {
                 caught_up = last + 1 >= high;
                 continue;
             }
-            max_epoch = epoch;
             if m.key() == Some(claim::CLAIM_KEY) {
+                max_epoch = epoch;
                 caught_up = last + 1 >= high;
                 continue;
             }
+            if tail && epoch > max_epoch {
+                // A newer owner's record whose claim is not in this tail:
+                // it claimed before our checkpoint, so this pod wrote on
+                // after it was replaced (a stale writer that never learnt
+                // it, killed or stopped since), and its local rows and
+                // checkpoint skip that owner's records. Start over in full.
+                return Err(PodError::LocalStateStale {
+                    partition: p,
+                    stored: r.max_epoch,
+                    found: epoch,
+                });
+            }
+            max_epoch = epoch;
             if let Some(k) = m.key() {
                 if let Some(v) = m.payload() {
                     // Refuse a record of another format before it is stored.
