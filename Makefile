@@ -38,8 +38,8 @@ test-long-kill: deps
 	$(CARGO) test --test long_kill -- --ignored
 
 ## Every fault at once (SIGKILLs, brokers down, error bursts, rebalances
-## during slow flushes) across three pods, about two minutes. Not in CI yet:
-## it still fails (see tests/soak.rs and BENCHMARKS.md, "Soak").
+## during slow flushes) across three pods, about three minutes
+## (TALLY_SOAK_SEED=<n> replays a run; see BENCHMARKS.md, "Soak").
 test-soak: deps
 	$(CARGO) test --test soak -- --ignored --nocapture
 

@@ -27,6 +27,14 @@ use super::*;
 /// The claim's changelog key. State keys are postcard-encoded `RowKey`s,
 /// whose first byte (the variant) is below 0x80, so no row has this key.
 pub(super) const CLAIM_KEY: &[u8] = b"\xff\xfftally-claim";
+/// The reset's changelog key: written by an owner that rebuilds the
+/// partition from the input log, after its claim and before any row.
+/// Restore discards every row before it: the old rows still in the
+/// compacted changelog belong to another lineage of the state, and mixed
+/// with the rebuild's (an old dedup entry beside a re-created window) they
+/// drop orders. A key of its own, so compaction keeps the latest reset
+/// whatever claims come after it.
+pub(super) const RESET_KEY: &[u8] = b"\xff\xfftally-reset";
 /// The writer: its ownership epoch, then (after a `/`) the input
 /// partition's next offset as of the flush that wrote the record, as
 /// decimal text (a claim has the epoch alone).
@@ -123,13 +131,33 @@ impl Claims {
         epoch: u64,
         timeout: Duration,
     ) -> Result<i64, PodError> {
+        self.write(p, CLAIM_KEY, epoch, timeout)
+    }
+
+    /// Writes the reset of a rebuild ([`RESET_KEY`]) and waits for it.
+    pub(super) fn reset(
+        &mut self,
+        p: Partition,
+        epoch: u64,
+        timeout: Duration,
+    ) -> Result<i64, PodError> {
+        self.write(p, RESET_KEY, epoch, timeout)
+    }
+
+    fn write(
+        &mut self,
+        p: Partition,
+        key: &[u8],
+        epoch: u64,
+        timeout: Duration,
+    ) -> Result<i64, PodError> {
         self.seq += 1;
         let seq = self.seq;
         let value = claim_value(epoch);
         let text = epoch.to_string();
         let rec = BaseRecord::with_opaque_to(&self.topic, seq)
             .partition(p)
-            .key(CLAIM_KEY)
+            .key(key)
             .payload(value.as_slice())
             .headers(OwnedHeaders::new().insert(Header {
                 key: WRITER_HEADER,

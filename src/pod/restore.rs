@@ -130,7 +130,18 @@ impl Processor {
         // clock), so any later record of an earlier owner is recognisably
         // stale.
         let epoch = claim::next_epoch(self.restoring.get(&p).map_or(0, |r| r.max_epoch), now_ms());
-        match self.claims.claim(p, epoch, Duration::from_secs(5)) {
+        let rebuild = self.restoring.get(&p).is_some_and(|r| r.failed);
+        let claimed = self.claims.claim(p, epoch, Duration::from_secs(5));
+        // A rebuild starts a new lineage of the state: the reset tells
+        // every later restore to discard the rows before it.
+        let claimed = match claimed {
+            Ok(offset) if rebuild => self
+                .claims
+                .reset(p, epoch, Duration::from_secs(5))
+                .map(|_| offset),
+            other => other,
+        };
+        match claimed {
             Ok(offset) => {
                 if let Err(e) = self.store.set_epoch(p, epoch) {
                     error!(partition = p, error = %e, "cannot record the ownership epoch");
@@ -352,6 +363,7 @@ impl Processor {
         let mut batch: Vec<Encoded> = Vec::with_capacity(10_000);
         let mut count = 0u64;
         let mut stale = 0u64;
+        let mut resets = 0u64;
         let mut caught_up = last + 1 >= high;
         while !caught_up && Instant::now() < deadline {
             let Some(msg) = reader.poll(Duration::from_millis(10)) else {
@@ -375,6 +387,16 @@ impl Processor {
             }
             if m.key() == Some(claim::CLAIM_KEY) {
                 max_epoch = epoch;
+                caught_up = last + 1 >= high;
+                continue;
+            }
+            if m.key() == Some(claim::RESET_KEY) {
+                // An owner rebuilt the partition from the input log here:
+                // nothing before belongs to the state any more.
+                max_epoch = epoch;
+                batch.clear();
+                self.store.clear_partition(p)?;
+                resets += 1;
                 caught_up = last + 1 >= high;
                 continue;
             }
@@ -406,8 +428,15 @@ impl Processor {
                 batch.clear();
             }
         }
+        if resets > 0 {
+            info!(
+                partition = p,
+                at = last,
+                "the changelog holds a rebuild's reset; the rows before it were discarded"
+            );
+        }
         let checkpoint = if caught_up { high - 1 } else { last };
-        if checkpoint >= 0 && (caught_up || !batch.is_empty() || stale > 0) {
+        if checkpoint >= 0 && (caught_up || !batch.is_empty() || stale > 0 || resets > 0) {
             self.store
                 .write_restored(&batch, p, checkpoint, max_epoch, now_ms())?;
         }
