@@ -133,6 +133,15 @@ pub enum PodError {
         low: i64,
     },
     #[error(
+        "partition {partition}: the changelog seems to start at offset {low}, after offset \
+         {needed} where this restore has to begin; asking again before believing it"
+    )]
+    ChangelogStartUnconfirmed {
+        partition: Partition,
+        needed: i64,
+        low: i64,
+    },
+    #[error(
         "partition {partition}: the changelog after the local checkpoint holds records of \
          ownership epoch {found} whose claim comes before it (the local state's epoch is \
          {stored}): this pod wrote on after it was replaced"
@@ -246,6 +255,7 @@ impl PodError {
             PodError::Kafka(e) | PodError::Fx(fx::FxError::Kafka(e)) => {
                 crate::kafka::is_transient(e)
             }
+            PodError::ChangelogStartUnconfirmed { .. } => true,
             _ => false,
         }
     }

@@ -24,6 +24,10 @@ pub(super) struct Restoring {
     pub(super) max_epoch: u64,
     /// Reading only the tail after the local state's checkpoint.
     pub(super) tail: bool,
+    /// How many times the changelog was seen to start too late: a log
+    /// start is asked for again before it is believed (the soak saw a
+    /// start equal to the end once, and the partition was rebuilt).
+    pub(super) truncated_seen: u32,
 }
 
 impl Restoring {
@@ -39,6 +43,7 @@ impl Restoring {
             backoff: crate::kafka::Backoff::default(),
             max_epoch: 0,
             tail: false,
+            truncated_seen: 0,
         }
     }
 }
@@ -331,6 +336,15 @@ impl Processor {
             // epochs increasing. Neither the local tail nor a full read
             // is exact then: rebuild from the input log (or refuse).
             let needed = checkpoint.map_or(0, |c| c + 1);
+            if low > needed && r.truncated_seen == 0 {
+                // Asked again after a back-off before it is believed.
+                r.truncated_seen += 1;
+                return Err(PodError::ChangelogStartUnconfirmed {
+                    partition: p,
+                    needed,
+                    low,
+                });
+            }
             if low > needed {
                 return Err(PodError::ChangelogTruncated {
                     topic,
