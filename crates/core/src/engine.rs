@@ -988,7 +988,15 @@ impl Engine {
     }
 
     fn release_idle(&mut self, out: &mut Vec<Effect>) {
-        let Some(combined) = self.combined_watermark() else {
+        // With every partition idle, the lowest watermark any of them
+        // reached: a partition that never had a record must still vouch
+        // for what the others closed (otherwise the view, which needs
+        // every partition's watermark, never serves a final once the
+        // input runs dry before the empty partition turned idle).
+        let Some(combined) = self
+            .combined_watermark()
+            .or_else(|| self.parts.values().filter_map(|p| p.watermark).min())
+        else {
             return;
         };
         let idle: Vec<Partition> = self
