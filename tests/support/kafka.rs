@@ -299,8 +299,8 @@ fn partitions(consumer: &BaseConsumer, topic: &str) -> Vec<i32> {
     md.topics()[0].partitions().iter().map(|p| p.id()).collect()
 }
 
-/// High watermark of every partition of `topic`.
-pub fn end_offsets(brokers: &str, name: &str) -> BTreeMap<i32, i64> {
+/// (low, high) watermarks of every partition of `topic`.
+fn all_watermarks(brokers: &str, name: &str) -> BTreeMap<i32, (i64, i64)> {
     let topic = &topic(name);
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -308,20 +308,23 @@ pub fn end_offsets(brokers: &str, name: &str) -> BTreeMap<i32, i64> {
         .unwrap();
     partitions(&consumer, topic)
         .into_iter()
-        .map(|p| (p, watermarks(&consumer, brokers, topic, p).1))
+        .map(|p| (p, watermarks(&consumer, brokers, topic, p)))
+        .collect()
+}
+
+/// High watermark of every partition of `topic`.
+pub fn end_offsets(brokers: &str, name: &str) -> BTreeMap<i32, i64> {
+    all_watermarks(brokers, name)
+        .into_iter()
+        .map(|(p, (_, hi))| (p, hi))
         .collect()
 }
 
 /// Low watermark (log start) of every partition of `topic`.
 pub fn start_offsets(brokers: &str, name: &str) -> BTreeMap<i32, i64> {
-    let topic = &topic(name);
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .unwrap();
-    partitions(&consumer, topic)
+    all_watermarks(brokers, name)
         .into_iter()
-        .map(|p| (p, watermarks(&consumer, brokers, topic, p).0))
+        .map(|(p, (lo, _))| (p, lo))
         .collect()
 }
 

@@ -141,8 +141,8 @@ impl Pod {
     }
 }
 
-/// A blocking HTTP/1.0 GET on loopback: (status, JSON body).
-pub fn http_get(port: u16, path: &str) -> Option<(u16, serde_json::Value)> {
+/// A blocking HTTP/1.0 GET on loopback: (status, body text).
+fn get_raw(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").ok()?;
@@ -150,22 +150,21 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, serde_json::Value)> {
     s.read_to_end(&mut buf).ok()?;
     let text = String::from_utf8_lossy(&buf);
     let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split("\r\n\r\n").nth(1)?;
+    Some((status, text.split("\r\n\r\n").nth(1)?.to_string()))
+}
+
+/// A blocking HTTP/1.0 GET on loopback: (status, JSON body).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, serde_json::Value)> {
+    let (status, body) = get_raw(port, path)?;
     Some((
         status,
-        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
     ))
 }
 
 /// A blocking HTTP/1.0 GET on loopback: the body as text.
 pub fn http_get_text(port: u16, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).ok()?;
-    let text = String::from_utf8_lossy(&buf);
-    Some(text.split("\r\n\r\n").nth(1)?.to_string())
+    get_raw(port, path).map(|(_, body)| body)
 }
 
 /// The value of an unlabelled metric on a pod's `/metrics`.
