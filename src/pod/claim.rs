@@ -76,11 +76,30 @@ pub(super) fn epoch_of(m: &BorrowedMessage<'_>) -> u64 {
 }
 
 /// The claim's value: the state format version (restore checks it like
-/// any row's), then the epoch, big-endian.
-fn claim_value(epoch: u64) -> Vec<u8> {
+/// any row's), then the epoch, then the highest epoch the claimant had
+/// read before it (its predecessor), both big-endian.
+///
+/// Why the predecessor: a pod back on local state reads only the
+/// changelog after its checkpoint. If it wrote on after another owner
+/// claimed the partition (a stale writer), that claim and the records
+/// after it lie *before* its checkpoint, and the tail may still show a
+/// later claim, which alone looks like an ordinary handover. Its
+/// predecessor, newer than anything the local state has seen, gives
+/// the gap away ([`predecessor_of`]).
+fn claim_value(epoch: u64, predecessor: u64) -> Vec<u8> {
     let mut v = vec![crate::state::codec::FORMAT_VERSION];
     v.extend_from_slice(&epoch.to_be_bytes());
+    v.extend_from_slice(&predecessor.to_be_bytes());
     v
+}
+
+/// The predecessor a claim's (or reset's) value names; `None` for a claim
+/// written before claims named one.
+pub(super) fn predecessor_of(value: &[u8]) -> Option<u64> {
+    value
+        .get(9..17)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
 }
 
 /// Keeps the delivery result of the latest claim, by its sequence number
@@ -123,15 +142,17 @@ impl Claims {
         })
     }
 
-    /// Writes the claim of `epoch` on changelog partition `p` and waits for
-    /// its acknowledgement, at most `timeout`. Returns its offset.
+    /// Writes the claim of `epoch` on changelog partition `p`, naming the
+    /// highest epoch read before it, and waits for its acknowledgement, at
+    /// most `timeout`. Returns its offset.
     pub(super) fn claim(
         &mut self,
         p: Partition,
         epoch: u64,
+        predecessor: u64,
         timeout: Duration,
     ) -> Result<i64, PodError> {
-        self.write(p, CLAIM_KEY, epoch, timeout)
+        self.write(p, CLAIM_KEY, epoch, predecessor, timeout)
     }
 
     /// Writes the reset of a rebuild ([`RESET_KEY`]) and waits for it.
@@ -139,9 +160,10 @@ impl Claims {
         &mut self,
         p: Partition,
         epoch: u64,
+        predecessor: u64,
         timeout: Duration,
     ) -> Result<i64, PodError> {
-        self.write(p, RESET_KEY, epoch, timeout)
+        self.write(p, RESET_KEY, epoch, predecessor, timeout)
     }
 
     fn write(
@@ -149,11 +171,12 @@ impl Claims {
         p: Partition,
         key: &[u8],
         epoch: u64,
+        predecessor: u64,
         timeout: Duration,
     ) -> Result<i64, PodError> {
         self.seq += 1;
         let seq = self.seq;
-        let value = claim_value(epoch);
+        let value = claim_value(epoch, predecessor);
         let text = epoch.to_string();
         let rec = BaseRecord::with_opaque_to(&self.topic, seq)
             .partition(p)
@@ -201,5 +224,14 @@ mod tests {
             1_700_000_000_006
         );
         assert_eq!(next_epoch(4, -1), 5);
+    }
+
+    #[test]
+    fn a_claim_names_its_predecessor() {
+        let v = claim_value(9, 7);
+        assert_eq!(v[0], crate::state::codec::FORMAT_VERSION);
+        assert_eq!(predecessor_of(&v), Some(7));
+        // A claim of before predecessors were named.
+        assert_eq!(predecessor_of(&v[..9]), None);
     }
 }

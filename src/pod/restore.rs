@@ -72,6 +72,10 @@ impl Processor {
                 found,
             }) => {
                 warn!(partition, stored_epoch = stored, found_epoch = found, "the local state was written after another owner claimed the partition; restoring it in full from the changelog");
+                self.metrics
+                    .local_state_discarded
+                    .with_label_values(&["stale_writer"])
+                    .inc();
                 if let Err(e) = self.store.clear_partition(p) {
                     error!(partition = p, error = %e, "cannot clear the partition's local state");
                 }
@@ -134,15 +138,18 @@ impl Processor {
         // above every epoch the changelog has shown (and not below the
         // clock), so any later record of an earlier owner is recognisably
         // stale.
-        let epoch = claim::next_epoch(self.restoring.get(&p).map_or(0, |r| r.max_epoch), now_ms());
+        let predecessor = self.restoring.get(&p).map_or(0, |r| r.max_epoch);
+        let epoch = claim::next_epoch(predecessor, now_ms());
         let rebuild = self.restoring.get(&p).is_some_and(|r| r.failed);
-        let claimed = self.claims.claim(p, epoch, Duration::from_secs(5));
+        let claimed = self
+            .claims
+            .claim(p, epoch, predecessor, Duration::from_secs(5));
         // A rebuild starts a new lineage of the state: the reset tells
         // every later restore to discard the rows before it.
         let claimed = match claimed {
             Ok(offset) if rebuild => self
                 .claims
-                .reset(p, epoch, Duration::from_secs(5))
+                .reset(p, epoch, predecessor, Duration::from_secs(5))
                 .map(|_| offset),
             other => other,
         };
@@ -318,6 +325,10 @@ impl Processor {
                 && age.is_none_or(|a| a > self.cfg.topics.changelog_delete_retention_ms)
             {
                 warn!(partition = p, age_ms = ?age, delete_retention_ms = self.cfg.topics.changelog_delete_retention_ms, "local state is older than the changelog's tombstone retention; restoring the partition in full");
+                self.metrics
+                    .local_state_discarded
+                    .with_label_values(&["long_absence"])
+                    .inc();
                 self.store.clear_partition(p)?;
                 checkpoint = None;
             }
@@ -325,6 +336,10 @@ impl Processor {
                 // The local rows claim records the changelog never had: it
                 // was recreated. Local state cannot be trusted; rebuild from it.
                 warn!(partition = p, checkpoint = ?checkpoint, high, "local state is ahead of the changelog; discarding it");
+                self.metrics
+                    .local_state_discarded
+                    .with_label_values(&["ahead_of_changelog"])
+                    .inc();
                 self.store.clear_partition(p)?;
                 checkpoint = None;
             }
@@ -400,6 +415,18 @@ impl Processor {
                 continue;
             }
             if m.key() == Some(claim::CLAIM_KEY) {
+                let predecessor = m.payload().and_then(claim::predecessor_of);
+                if let Some(found) = predecessor.filter(|e| tail && *e > max_epoch) {
+                    // The claimant had read an epoch this local state has
+                    // never seen: an owner came between, whose claim lies
+                    // before our checkpoint (we wrote on after it, a stale
+                    // writer), and the tail skips its records. In full.
+                    return Err(PodError::LocalStateStale {
+                        partition: p,
+                        stored: r.max_epoch,
+                        found,
+                    });
+                }
                 max_epoch = epoch;
                 caught_up = last + 1 >= high;
                 continue;

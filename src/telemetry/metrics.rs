@@ -34,6 +34,7 @@ pub struct Metrics {
     pub restore_stale_records: IntCounter,
     pub rebuilds_refused: IntCounter,
     pub rebuilds: IntCounter,
+    pub local_state_discarded: IntCounterVec,
     pub fx_late_rates: IntCounter,
     pub fx_versions: IntGauge,
     pub windows_expired: IntCounter,
@@ -70,6 +71,7 @@ pub const NAMES: &[&str] = &[
     "tally_restore_stale_records_total",
     "tally_rebuilds_refused_total",
     "tally_rebuilds_total",
+    "tally_local_state_discarded_total",
     "tally_fx_late_rates_total",
     "tally_fx_versions",
     "tally_windows_expired_total",
@@ -289,6 +291,17 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            local_state_discarded: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tally_local_state_discarded_total",
+                        "Partitions whose local state was not trusted and restored in full from the changelog, by reason",
+                    ),
+                    &["reason"],
+                )
+                .expect("valid metric"),
+            ),
             fx_late_rates: reg(
                 &r,
                 IntCounter::new(
@@ -398,6 +411,14 @@ impl Metrics {
         }
         for kind in ["assign", "revoke"] {
             m.rebalances.with_label_values(&[kind]);
+        }
+        for reason in [
+            "stale_writer",
+            "long_absence",
+            "ahead_of_changelog",
+            "lost_assignment",
+        ] {
+            m.local_state_discarded.with_label_values(&[reason]);
         }
         for result in [
             "accepted",

@@ -63,7 +63,7 @@ pub fn spawn_pod_env(
         .append(true)
         .open(log)
         .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_tally"))
+    let child = Command::new(tally_bin())
         .args([
             "run",
             "--brokers",
@@ -172,4 +172,10 @@ pub fn metric(port: u16, name: &str) -> Option<f64> {
     http_get_text(port, "/metrics")?
         .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The `tally` binary the tests start: this build's, or `TALLY_TEST_BIN`
+/// (a copy, so a long soak can run while the tree is rebuilt).
+pub fn tally_bin() -> String {
+    std::env::var("TALLY_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tally").to_string())
 }
