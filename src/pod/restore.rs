@@ -28,6 +28,10 @@ pub(super) struct Restoring {
     /// start is asked for again before it is believed (the soak saw a
     /// start equal to the end once, and the partition was rebuilt).
     pub(super) truncated_seen: u32,
+    /// A record of another format was read: nothing after it is applied,
+    /// and unless a rebuild's reset follows it (the rows before a reset
+    /// do not count), the partition is rebuilt once the end is reached.
+    pub(super) poisoned: Option<CodecError>,
 }
 
 impl Restoring {
@@ -44,6 +48,7 @@ impl Restoring {
             max_epoch: 0,
             tail: false,
             truncated_seen: 0,
+            poisoned: None,
         }
     }
 }
@@ -394,6 +399,7 @@ impl Processor {
         let mut stale = 0u64;
         let mut resets = 0u64;
         let mut caught_up = last + 1 >= high;
+        let mut poisoned = r.poisoned.take();
         while !caught_up && Instant::now() < deadline {
             let Some(msg) = reader.poll(Duration::from_millis(10)) else {
                 // Compaction may have removed the last offsets.
@@ -411,6 +417,12 @@ impl Processor {
                 // Written by an earlier owner after a later one had
                 // claimed the partition: a stale writer's. Not applied.
                 stale += 1;
+                caught_up = last + 1 >= high;
+                continue;
+            }
+            if poisoned.is_some() && m.key() != Some(claim::RESET_KEY) {
+                // Only a reset can make up for the record of another
+                // format: look for one, applying nothing.
                 caught_up = last + 1 >= high;
                 continue;
             }
@@ -433,8 +445,11 @@ impl Processor {
             }
             if m.key() == Some(claim::RESET_KEY) {
                 // An owner rebuilt the partition from the input log here:
-                // nothing before belongs to the state any more.
+                // nothing before belongs to the state any more, not even
+                // a record of another format (the likely cause of that
+                // rebuild; without this every later owner rebuilt again).
                 max_epoch = epoch;
+                poisoned = None;
                 batch.clear();
                 self.store.clear_partition(p)?;
                 resets += 1;
@@ -455,9 +470,15 @@ impl Processor {
             }
             max_epoch = epoch;
             if let Some(k) = m.key() {
-                if let Some(v) = m.payload() {
-                    // Refuse a record of another format before it is stored.
-                    crate::state::codec::check_version(v)?;
+                if let Some(Err(e)) = m.payload().map(crate::state::codec::check_version) {
+                    // Refuse a record of another format before it is
+                    // stored, and everything after it, until a reset.
+                    // The checkpoint stays before it.
+                    warn!(partition = p, offset = last, error = %e, "a changelog record of another format; looking for a rebuild's reset after it");
+                    write_restored_upto(&self.store, &mut batch, p, last - 1, max_epoch)?;
+                    poisoned = Some(e);
+                    caught_up = last + 1 >= high;
+                    continue;
                 }
                 batch.push((p, k.to_vec(), m.payload().map(<[u8]>::to_vec)));
                 count += 1;
@@ -477,7 +498,10 @@ impl Processor {
             );
         }
         let checkpoint = if caught_up { high - 1 } else { last };
-        if checkpoint >= 0 && (caught_up || !batch.is_empty() || stale > 0 || resets > 0) {
+        if poisoned.is_none()
+            && checkpoint >= 0
+            && (caught_up || !batch.is_empty() || stale > 0 || resets > 0)
+        {
             self.store
                 .write_restored(&batch, p, checkpoint, max_epoch, now_ms())?;
         }
@@ -498,7 +522,14 @@ impl Processor {
             .restore_remaining
             .with_label_values(&[&p.to_string()])
             .set((high - 1 - last).max(0));
-        Ok(caught_up)
+        match poisoned {
+            Some(e) if caught_up => Err(e.into()),
+            Some(e) => {
+                r.poisoned = Some(e);
+                Ok(false)
+            }
+            None => Ok(caught_up),
+        }
     }
 
     /// Publishes the set of restoring partitions to metrics and readiness.
@@ -520,6 +551,22 @@ impl Processor {
 /// ahead of the changelog and be thrown away. Reading the batch that
 /// starts at `reported - 1` is the positive evidence either way: on a
 /// correct broker it is that one record, and the answer is `reported`.
+/// Stores the records read so far with the checkpoint `upto` (the offset
+/// before a record of another format), and empties the batch.
+fn write_restored_upto(
+    store: &Store,
+    batch: &mut Vec<Encoded>,
+    p: Partition,
+    upto: i64,
+    max_epoch: u64,
+) -> Result<(), PodError> {
+    if upto >= 0 {
+        store.write_restored(batch, p, upto, max_epoch, now_ms())?;
+    }
+    batch.clear();
+    Ok(())
+}
+
 fn true_end(
     reader: &BaseConsumer,
     topic: &str,
