@@ -241,6 +241,12 @@ pub struct ResourceConfig {
     /// container's cgroup limit, or 1 GiB without one (see `memory.rs`).
     #[arg(long, env = "TALLY_MEMORY_LIMIT_BYTES")]
     pub memory_limit_bytes: Option<u64>,
+    /// Dedup entries held in memory besides the ones not yet durable; the
+    /// others are read from RocksDB when an order id comes again. Default:
+    /// a quarter of the memory limit at about 400 bytes an entry (335,544
+    /// for 512 MiB). 0 reads every lookup from RocksDB.
+    #[arg(long, env = "TALLY_DEDUP_CACHE_ENTRIES")]
+    pub dedup_cache_entries: Option<u64>,
     /// Share of the memory limit given to RocksDB (block cache + memtables).
     #[arg(long, env = "TALLY_ROCKSDB_MEMORY_FRACTION", default_value_t = 0.25)]
     pub rocksdb_memory_fraction: f64,

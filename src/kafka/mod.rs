@@ -90,8 +90,30 @@ pub fn is_transient(e: &rdkafka::error::KafkaError) -> bool {
                 // broker leaving and coming back): the soak saw it on a
                 // metadata request while a broker was down.
                 | C::DestroyBroker
+                // A metadata request while the partition's leader is down
+                // (the soak, seed 11: the view's start exited on it). A
+                // topic that truly lacks a partition is refused by the
+                // partition-count check at start, and every retry here
+                // has a deadline.
+                | C::UnknownPartition
         )
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaErrorCode as C;
+
+    #[test]
+    fn a_partition_whose_leader_is_down_is_transient() {
+        assert!(super::is_transient(&KafkaError::MetadataFetch(
+            C::UnknownPartition
+        )));
+        assert!(!super::is_transient(&KafkaError::MetadataFetch(
+            C::TopicAuthorizationFailed
+        )));
+    }
 }
 
 /// Back-off for retried start-up and restore steps: 100 ms doubling to

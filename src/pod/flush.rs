@@ -248,7 +248,11 @@ impl Processor {
                     }
                     self.cycle.committed(id);
                 }
-                Action::Durable(flush) => self.engine.on_durable(flush),
+                Action::Durable(flush) => {
+                    let mut reader = StoreReader::new(&self.store);
+                    self.engine.on_durable_in(flush, &mut reader);
+                    reader.result()?;
+                }
                 Action::Purge => {
                     // Queued records only: purging in-flight ones would void
                     // their acks, and they are ignored by the cycle anyway.

@@ -63,7 +63,7 @@ use crate::core::{Currency, Effect, Engine, Partition, Readable, Reason, StateCh
 use crate::fx::{self, FxFollower};
 use crate::kafka::Clients;
 use crate::state::codec::{encode, CodecError, Encoded};
-use crate::state::store::{Store, StoreError};
+use crate::state::store::{Store, StoreError, StoreReader};
 use crate::telemetry::memory::RocksSizing;
 use crate::telemetry::metrics::Metrics;
 use crate::wire::{OutRecord, Outputs, Source};
@@ -293,6 +293,8 @@ pub struct Processor {
     metrics: Arc<Metrics>,
     /// Counts not yet added to the Prometheus counters (updated per flush).
     unreported: Counts,
+    /// The dedup cache's counters as last exported.
+    reported_cache: crate::core::CacheStats,
     /// The progress last published per partition.
     published: HashMap<Partition, (i64, Option<i64>, bool)>,
     /// Assigned partitions whose state is being restored, in order; their

@@ -175,17 +175,22 @@ impl Processor {
         offset: i64,
         key: Option<&[u8]>,
         payload: &[u8],
-    ) {
+    ) -> Result<(), PodError> {
         if !self.restoring.is_empty() && self.restoring.contains_key(&p) {
             // Fetched before the pause took effect: the seek after the
             // restore reads it again.
-            return;
+            return Ok(());
         }
         // An Arc: lending the topic to `emit` must not cost an allocation per record.
         let topic = self.input_topic.clone();
         let _span = trace_span!("record", topic = %topic, partition = p, offset).entered();
+        // Dedup entries beyond the engine's cache are read from RocksDB. A
+        // read error stops the pod before anything the engine decided
+        // after it is written: the record is processed again on restart.
+        let mut reader = StoreReader::new(&self.store);
         self.engine
-            .on_record(p, offset, payload, now_ms(), &mut self.effects);
+            .on_record_in(p, offset, payload, now_ms(), &mut self.effects, &mut reader);
+        reader.result()?;
         self.emit(
             Some((payload, key)),
             Source {
@@ -200,6 +205,7 @@ impl Processor {
         }
         self.pending += 1;
         self.unreported.records += 1;
+        Ok(())
     }
 
     pub(super) fn tick(&mut self) {
@@ -306,6 +312,24 @@ impl Processor {
                 .with_label_values(&[currency.as_str()])
                 .inc_by(*micros as f64 / MICROS as f64);
         }
+        let cache = self.engine.cache_stats();
+        let before = std::mem::replace(&mut self.reported_cache, cache);
+        m.state_cache_entries.set(cache.entries as i64);
+        m.state_cache_lookups
+            .with_label_values(&["hit"])
+            .inc_by(cache.hits - before.hits);
+        m.state_cache_lookups
+            .with_label_values(&["miss"])
+            .inc_by(cache.misses - before.misses);
+        m.state_cache_evictions
+            .inc_by(cache.evicted - before.evicted);
+        let (block_cache, memtables) = self.store.memory();
+        m.rocksdb_memory
+            .with_label_values(&["block_cache"])
+            .set(block_cache as i64);
+        m.rocksdb_memory
+            .with_label_values(&["memtables"])
+            .set(memtables as i64);
         for (kind, n) in self.engine.open_windows() {
             m.open_windows.with_label_values(&[kind]).set(n as i64);
         }

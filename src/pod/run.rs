@@ -215,11 +215,20 @@ pub fn start_with_stats(cfg: PodConfig, stats: Arc<Stats>) -> Result<PodHandle, 
         core_cfg.state_fingerprint(),
         &sizing,
     )?;
-    let engine =
+    let mut engine =
         Engine::new(core_cfg, fx_table).map_err(|e| crate::config::ConfigError::Invalid {
             field: e.field,
             message: e.message,
         })?;
+    let dedup_cache = cfg
+        .resources
+        .dedup_cache_entries
+        .unwrap_or(sizing.dedup_cache_entries);
+    engine.set_dedup_cache(usize::try_from(dedup_cache).unwrap_or(usize::MAX));
+    info!(
+        entries = dedup_cache,
+        "dedup cache: entries beyond it are read from RocksDB"
+    );
     let producer: BaseProducer<AckContext> = producer_config(&cfg)?
         .create_with_context(AckContext::new(cfg.topics.changelog_topic.clone()))?;
     let processor = Arc::new(Mutex::new(Processor {
@@ -241,6 +250,7 @@ pub fn start_with_stats(cfg: PodConfig, stats: Arc<Stats>) -> Result<PodHandle, 
         fx_follower: Some(follower),
         metrics: metrics.clone(),
         unreported: Counts::default(),
+        reported_cache: Default::default(),
         published: HashMap::new(),
         restoring: BTreeMap::new(),
         fetch_paused: false,
@@ -293,12 +303,15 @@ pub(super) fn run_loop(
             match consumer.poll(wait) {
                 Some(Ok(m)) => {
                     let mut proc = lock(&processor);
-                    proc.on_message(
+                    if let Err(e) = proc.on_message(
                         m.partition(),
                         m.offset(),
                         m.key(),
                         m.payload().unwrap_or_default(),
-                    );
+                    ) {
+                        error!(error = %e, "reading the state store failed");
+                        return Err(e);
+                    }
                     if proc.pending >= cfg.flush.flush_max_events {
                         break;
                     }

@@ -14,7 +14,7 @@ use rocksdb::{
 };
 
 use super::codec::{self, CodecError, Encoded};
-use crate::core::{Partition, RowKey, StateChange, StateRow};
+use crate::core::{DedupRow, Partition, RowKey, StateChange, StateReader, StateRow};
 use crate::telemetry::memory::RocksSizing;
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +61,38 @@ fn checkpoint_key(p: Partition) -> [u8; 5] {
     [CHECKPOINT_PREFIX, b[0], b[1], b[2], b[3]]
 }
 
+/// The engine's view of the store's rows ([`StateReader`]). A read error
+/// is kept, not turned into an answer: the caller must stop before it
+/// writes anything the engine decided after it (the engine took the entry
+/// for absent), so the record is processed again after a restart.
+pub struct StoreReader<'a> {
+    store: &'a Store,
+    pub error: Option<StoreError>,
+}
+
+impl<'a> StoreReader<'a> {
+    pub fn new(store: &'a Store) -> StoreReader<'a> {
+        StoreReader { store, error: None }
+    }
+
+    /// The first read error, if any.
+    pub fn result(self) -> Result<(), StoreError> {
+        self.error.map_or(Ok(()), Err)
+    }
+}
+
+impl StateReader for StoreReader<'_> {
+    fn dedup(&mut self, p: Partition, order_id: &str) -> Option<DedupRow> {
+        match self.store.dedup(p, order_id) {
+            Ok(d) => d,
+            Err(e) => {
+                self.error.get_or_insert(e);
+                None
+            }
+        }
+    }
+}
+
 pub struct Store {
     db: DB,
 }
@@ -100,6 +132,9 @@ impl Store {
         // outside it with the number of SST files.
         table.set_cache_index_and_filter_blocks(true);
         table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        // Dedup lookups mostly miss (a new order): a bloom filter answers
+        // most misses without reading a data block.
+        table.set_bloom_filter(10.0, false);
         opts.set_block_based_table_factory(&table);
         let db = DB::open(&opts, dir)?;
         match db.get(FINGERPRINT_KEY)? {
@@ -120,6 +155,30 @@ impl Store {
             }
         }
         Ok(Store { db })
+    }
+
+    /// The stored dedup entry of `order_id` in partition `p`, if any: the
+    /// durable version, which the engine reads when the entry is not in
+    /// its cache.
+    pub fn dedup(&self, p: Partition, order_id: &str) -> Result<Option<DedupRow>, StoreError> {
+        let mut k = partition_prefix(p).to_vec();
+        k.extend_from_slice(&codec::encode_key(&RowKey::Dedup(order_id.to_string()))?);
+        Ok(match self.db.get_pinned(k)? {
+            Some(v) => match codec::decode_row(&v)? {
+                StateRow::Dedup(_, d) => Some(d),
+                _ => None,
+            },
+            None => None,
+        })
+    }
+
+    /// RocksDB's own memory, bytes: (block cache, memtables).
+    pub fn memory(&self) -> (u64, u64) {
+        let prop = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
+        (
+            prop("rocksdb.block-cache-usage"),
+            prop("rocksdb.cur-size-all-mem-tables"),
+        )
     }
 
     /// Every stored row of one partition (empty if the partition is unknown).

@@ -45,7 +45,14 @@ pub struct RocksSizing {
     pub block_cache_bytes: u64,
     pub write_buffer_bytes: u64,
     pub max_write_buffers: i32,
+    /// Dedup entries the engine keeps in memory (besides those not yet
+    /// durable): a quarter of the limit at [`DEDUP_ENTRY_BYTES`] each.
+    pub dedup_cache_entries: u64,
 }
+
+/// What a dedup entry costs in the engine's memory, measured (issue 16:
+/// about 400 bytes with its expiry index).
+pub const DEDUP_ENTRY_BYTES: u64 = 400;
 
 impl RocksSizing {
     /// The settings for a limit (`fraction` in (0, 1], checked by the config).
@@ -58,6 +65,7 @@ impl RocksSizing {
             block_cache_bytes: budget / 2,
             write_buffer_bytes: budget / 4 / MAX_WRITE_BUFFERS as u64,
             max_write_buffers: MAX_WRITE_BUFFERS,
+            dedup_cache_entries: limit_bytes / 4 / DEDUP_ENTRY_BYTES,
         }
     }
 

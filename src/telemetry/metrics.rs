@@ -35,6 +35,10 @@ pub struct Metrics {
     pub rebuilds_refused: IntCounter,
     pub rebuilds: IntCounter,
     pub local_state_discarded: IntCounterVec,
+    pub state_cache_entries: IntGauge,
+    pub state_cache_lookups: IntCounterVec,
+    pub state_cache_evictions: IntCounter,
+    pub rocksdb_memory: IntGaugeVec,
     pub fx_late_rates: IntCounter,
     pub fx_versions: IntGauge,
     pub windows_expired: IntCounter,
@@ -72,6 +76,10 @@ pub const NAMES: &[&str] = &[
     "tally_rebuilds_refused_total",
     "tally_rebuilds_total",
     "tally_local_state_discarded_total",
+    "tally_state_cache_entries",
+    "tally_state_cache_lookups_total",
+    "tally_state_cache_evictions_total",
+    "tally_rocksdb_memory_bytes",
     "tally_fx_late_rates_total",
     "tally_fx_versions",
     "tally_windows_expired_total",
@@ -291,6 +299,44 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            state_cache_entries: reg(
+                &r,
+                IntGauge::new(
+                    "tally_state_cache_entries",
+                    "Dedup entries held in memory (the rest are in RocksDB)",
+                )
+                .expect("valid metric"),
+            ),
+            state_cache_lookups: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tally_state_cache_lookups_total",
+                        "Dedup lookups by result: hit (in memory) or miss (read from RocksDB)",
+                    ),
+                    &["result"],
+                )
+                .expect("valid metric"),
+            ),
+            state_cache_evictions: reg(
+                &r,
+                IntCounter::new(
+                    "tally_state_cache_evictions_total",
+                    "Dedup entries dropped from memory once durable (over the cache limit)",
+                )
+                .expect("valid metric"),
+            ),
+            rocksdb_memory: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "tally_rocksdb_memory_bytes",
+                        "RocksDB's own memory by kind: block_cache, memtables",
+                    ),
+                    &["kind"],
+                )
+                .expect("valid metric"),
+            ),
             local_state_discarded: reg(
                 &r,
                 IntCounterVec::new(
@@ -411,6 +457,12 @@ impl Metrics {
         }
         for kind in ["assign", "revoke"] {
             m.rebalances.with_label_values(&[kind]);
+        }
+        for result in ["hit", "miss"] {
+            m.state_cache_lookups.with_label_values(&[result]);
+        }
+        for kind in ["block_cache", "memtables"] {
+            m.rocksdb_memory.with_label_values(&[kind]);
         }
         for reason in [
             "stale_writer",

@@ -464,6 +464,43 @@ pub enum Readable {
     Paused,
 }
 
+/// Dedup entries the engine does not hold in memory, read on demand.
+///
+/// Why: with a bounded cache ([`Engine::set_dedup_cache`]) the durable
+/// copy of every flushed entry (the shell's RocksDB) is the source of
+/// truth, and the engine keeps only the entries it may still need soon
+/// or has not yet made durable. A reader is a value interface: the core
+/// does no IO, and what it decides depends only on what the reader
+/// returns. The entry returned must be the durable one (the engine never
+/// evicts an entry whose latest version is not yet durable, so the
+/// durable version is the current one).
+pub trait StateReader {
+    fn dedup(&mut self, p: Partition, order_id: &str) -> Option<DedupRow>;
+}
+
+/// Every entry in memory: nothing to read (the engine's default, with no
+/// cache limit; replay and tests).
+pub struct InMemory;
+
+impl StateReader for InMemory {
+    fn dedup(&mut self, _p: Partition, _order_id: &str) -> Option<DedupRow> {
+        None
+    }
+}
+
+/// The dedup cache's counters, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Lookups answered from memory.
+    pub hits: u64,
+    /// Lookups that went to the reader.
+    pub misses: u64,
+    /// Entries dropped from memory (clean: durable).
+    pub evicted: u64,
+    /// Entries held now.
+    pub entries: u64,
+}
+
 #[derive(Default)]
 struct Part {
     next_offset: Offset,
@@ -491,6 +528,9 @@ struct Part {
     orphan_chunks: Vec<(WindowKey, u64)>,
     sessions_touched: FastSet<(u16, String)>,
     dedup_touched: FastSet<String>,
+    /// Dedup entries written by flushes not yet durable (kept with a
+    /// cache limit only): they may not be evicted before.
+    dedup_inflight: VecDeque<(FlushId, Vec<String>)>,
     meta_dirty: bool,
     pending_purge: Vec<Purge>,
     /// The watermark each flush carried, until that flush is durable.
@@ -571,6 +611,9 @@ pub struct Engine {
     flush_seq: FlushId,
     /// A window key reused by `on_record`, so lookups do not allocate.
     scratch: WindowKey,
+    /// At most this many dedup entries in memory; `None`: all of them.
+    dedup_limit: Option<usize>,
+    cache: CacheStats,
 }
 
 impl Engine {
@@ -586,7 +629,26 @@ impl Engine {
                 group: String::new(),
                 start: 0,
             },
+            dedup_limit: None,
+            cache: CacheStats::default(),
         })
+    }
+
+    /// Holds at most `entries` dedup entries in memory (beyond the ones
+    /// not yet durable), reading the others through the [`StateReader`]
+    /// given to [`Engine::on_record_in`] and [`Engine::on_durable_in`].
+    /// Restore then keeps none of them in memory. Without it, every entry
+    /// stays in memory and no reader is needed.
+    pub fn set_dedup_cache(&mut self, entries: usize) {
+        self.dedup_limit = Some(entries);
+    }
+
+    /// The dedup cache's counters.
+    pub fn cache_stats(&self) -> CacheStats {
+        CacheStats {
+            entries: self.parts.values().map(|p| p.dedup.len() as u64).sum(),
+            ..self.cache
+        }
     }
 
     pub fn config(&self) -> &CoreConfig {
@@ -710,7 +772,9 @@ impl Engine {
                 }
                 StateRow::Dedup(id, d) => {
                     part.dedup_expiry.insert((d.event_ms + horizon, id.clone()));
-                    part.dedup.insert(id, d);
+                    if self.dedup_limit.is_none() {
+                        part.dedup.insert(id, d);
+                    }
                 }
                 StateRow::Window(key, row) => {
                     if self.cfg.windows.get(usize::from(key.spec)).is_none() {
@@ -797,6 +861,21 @@ impl Engine {
         wall_ms: i64,
         out: &mut Vec<Effect>,
     ) {
+        debug_assert!(self.dedup_limit.is_none(), "a cache limit needs a reader");
+        self.on_record_in(p, offset, payload, wall_ms, out, &mut InMemory);
+    }
+
+    /// [`Engine::on_record`], reading dedup entries not in memory through
+    /// `reader`.
+    pub fn on_record_in(
+        &mut self,
+        p: Partition,
+        offset: Offset,
+        payload: &[u8],
+        wall_ms: i64,
+        out: &mut Vec<Effect>,
+        reader: &mut dyn StateReader,
+    ) {
         let next_flush = self.flush_seq + 1;
         let part = self
             .parts
@@ -824,6 +903,16 @@ impl Engine {
         // An expired entry waiting for its purge counts as absent, so the
         // outcome never depends on when flushes happened.
         let horizon = self.cfg.dedup_horizon_ms;
+        if self.dedup_limit.is_some() {
+            if part.dedup.contains_key(&order.order.order_id) {
+                self.cache.hits += 1;
+            } else {
+                self.cache.misses += 1;
+                if let Some(row) = reader.dedup(p, &order.order.order_id) {
+                    part.dedup.insert(order.order.order_id.clone(), row);
+                }
+            }
+        }
         let live = part
             .dedup
             .get(&order.order.order_id)
@@ -1104,6 +1193,9 @@ impl Engine {
             stouched.sort();
             let mut ids: Vec<String> = part.dedup_touched.drain().collect();
             ids.sort();
+            if self.dedup_limit.is_some() && !ids.is_empty() {
+                part.dedup_inflight.push_back((self.flush_seq, ids.clone()));
+            }
             let mut new_members = std::mem::take(&mut part.new_members);
             let mut chunks = std::mem::take(&mut part.chunks);
             for (key, n) in std::mem::take(&mut part.orphan_chunks) {
@@ -1197,8 +1289,16 @@ impl Engine {
     /// retractions and expired dedup entries it covered can now be removed.
     /// Their deletes go out with the next flush.
     pub fn on_durable(&mut self, id: FlushId) {
+        debug_assert!(self.dedup_limit.is_none(), "a cache limit needs a reader");
+        self.on_durable_in(id, &mut InMemory);
+    }
+
+    /// [`Engine::on_durable`], reading dedup entries not in memory through
+    /// `reader`; then evicts clean entries beyond the cache limit.
+    pub fn on_durable_in(&mut self, id: FlushId, reader: &mut dyn StateReader) {
         let horizon = self.cfg.dedup_horizon_ms;
-        for part in self.parts.values_mut() {
+        let limited = self.dedup_limit.is_some();
+        for (&p, part) in self.parts.iter_mut() {
             while let Some((fid, wm)) = part.flushed_wm.front().copied() {
                 if fid > id {
                     break;
@@ -1249,6 +1349,11 @@ impl Engine {
                         }
                     }
                     Purge::Dedup(t, d) if covered(t, durable_wm) => {
+                        if limited && !part.dedup.contains_key(&d) {
+                            if let Some(row) = reader.dedup(p, &d) {
+                                part.dedup.insert(d.clone(), row);
+                            }
+                        }
                         // The id may have been seen again since it expired.
                         let expired = part
                             .dedup
@@ -1262,6 +1367,39 @@ impl Engine {
                     other => part.pending_purge.push(other),
                 }
             }
+            while part
+                .dedup_inflight
+                .front()
+                .is_some_and(|(fid, _)| *fid <= id)
+            {
+                part.dedup_inflight.pop_front();
+            }
+        }
+        self.evict_dedup();
+    }
+
+    /// Beyond the cache limit, drops every clean dedup entry: neither
+    /// changed since the last flush nor in a flush not yet durable, so
+    /// the reader returns it as it is. Dropping all of them at once (not
+    /// the least recently used) because an entry is read again only for a
+    /// duplicate, which is rare, and a sweep costs one pass a limit's worth.
+    fn evict_dedup(&mut self) {
+        let Some(limit) = self.dedup_limit else {
+            return;
+        };
+        let held: usize = self.parts.values().map(|p| p.dedup.len()).sum();
+        if held <= limit {
+            return;
+        }
+        for part in self.parts.values_mut() {
+            let mut keep: FastSet<&str> = FastSet::with_hasher(Seeded::with_seed(0));
+            keep.extend(part.dedup_touched.iter().map(String::as_str));
+            for (_, ids) in &part.dedup_inflight {
+                keep.extend(ids.iter().map(String::as_str));
+            }
+            let before = part.dedup.len();
+            part.dedup.retain(|id, _| keep.contains(id.as_str()));
+            self.cache.evicted += (before - part.dedup.len()) as u64;
         }
     }
 
