@@ -243,10 +243,14 @@ impl Processor {
                     self.cycle.written(id);
                 }
                 Action::Commit(id, parts) => {
-                    if let Some(s) = self.sealed.as_ref().filter(|s| s.id == id) {
-                        self.commit(consumer, &parts, &s.offsets);
-                    }
+                    let fenced = match self.sealed.as_ref().filter(|s| s.id == id) {
+                        Some(s) => self.commit(consumer, &parts, &s.offsets),
+                        None => false,
+                    };
                     self.cycle.committed(id);
+                    if fenced {
+                        self.fenced_out(consumer, &parts);
+                    }
                 }
                 Action::Durable(flush) => {
                     let mut reader = StoreReader::new(&self.store);
@@ -310,12 +314,16 @@ impl Processor {
         }
     }
 
+    /// Commits the batch's offsets. Returns whether the group refused the
+    /// commit because it went on without this pod (unknown member, an
+    /// older generation): then the partitions may have had other owners
+    /// meanwhile ([`Processor::fenced_out`]).
     pub(super) fn commit(
         &self,
         consumer: &BaseConsumer<PodContext>,
         parts: &[Partition],
         offsets: &BTreeMap<Partition, i64>,
-    ) {
+    ) -> bool {
         let mut tpl = TopicPartitionList::new();
         for p in parts {
             if let Some(&next) = offsets.get(p).filter(|o| **o > 0) {
@@ -327,12 +335,56 @@ impl Processor {
             }
         }
         if tpl.count() == 0 {
-            return;
+            return false;
         }
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-            // Not fatal: RocksDB holds the offsets and wins on restart.
-            self.metrics.commit_failures.inc();
-            warn!(error = %e, "offset commit failed; will commit again after the next flush");
+        match consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => false,
+            Err(e) => {
+                // Not fatal: RocksDB holds the offsets and wins on restart.
+                self.metrics.commit_failures.inc();
+                warn!(error = %e, "offset commit failed; will commit again after the next flush");
+                matches!(
+                    e.rdkafka_error_code(),
+                    Some(
+                        RDKafkaErrorCode::UnknownMemberId
+                            | RDKafkaErrorCode::IllegalGeneration
+                            | RDKafkaErrorCode::FencedInstanceId
+                    )
+                )
+            }
+        }
+    }
+
+    /// The group refused a commit because it went on without this pod: the
+    /// partitions may have had other owners since, and what this batch
+    /// just wrote to RocksDB (its checkpoint too) may lie after a newer
+    /// owner's claim, where no later tail restore looks (the soak, seed
+    /// 16: a pod out of the group for five seconds behind a slow broker
+    /// flushed once more, its checkpoint became the changelog's end, and
+    /// its next restore read nothing; sessions lost orders). Handled like
+    /// a lost assignment, before the group says so: pending work dropped,
+    /// the partitions released and paused, their local state cleared, so
+    /// the next assignment restores them in full. Kafka Streams likewise
+    /// closes such tasks dirty.
+    pub(super) fn fenced_out(&mut self, consumer: &BaseConsumer<PodContext>, parts: &[Partition]) {
+        warn!(partitions = ?parts, "commit refused: the group went on without this pod; releasing the partitions and clearing their local state");
+        let mut tpl = TopicPartitionList::new();
+        for p in parts {
+            tpl.add_partition(&self.cfg.topics.input_topic, *p);
+        }
+        if let Err(e) = consumer.pause(&tpl) {
+            warn!(error = %e, "pausing the fenced partitions failed");
+        }
+        self.cycle.revoke(parts);
+        for p in parts {
+            self.metrics
+                .local_state_discarded
+                .with_label_values(&["fenced_commit"])
+                .inc();
+            if let Err(e) = self.store.clear_partition(*p) {
+                error!(partition = p, error = %e, "cannot clear the fenced partition's local state");
+            }
+            self.release_partition(*p);
         }
     }
 }

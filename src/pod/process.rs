@@ -176,9 +176,10 @@ impl Processor {
         key: Option<&[u8]>,
         payload: &[u8],
     ) -> Result<(), PodError> {
-        if !self.restoring.is_empty() && self.restoring.contains_key(&p) {
-            // Fetched before the pause took effect: the seek after the
-            // restore reads it again.
+        if !self.held.contains(&p) {
+            // Restoring (fetched before the pause took effect: the seek
+            // after the restore reads it again) or released after a
+            // refused commit (its next owner reads it).
             return Ok(());
         }
         // An Arc: lending the topic to `emit` must not cost an allocation per record.

@@ -91,6 +91,16 @@ impl StateReader for StoreReader<'_> {
             }
         }
     }
+
+    fn dedup_expiring(&mut self, p: Partition, upto_event_ms: i64) -> Vec<String> {
+        match self.store.dedup_expiring(p, upto_event_ms) {
+            Ok(ids) => ids,
+            Err(e) => {
+                self.error.get_or_insert(e);
+                Vec::new()
+            }
+        }
+    }
 }
 
 pub struct Store {
@@ -105,11 +115,44 @@ fn changes_batch(changes: &[Encoded]) -> WriteBatch {
         let mut k = partition_prefix(*p).to_vec();
         k.extend_from_slice(key);
         match value {
-            Some(v) => batch.put(k, v),
+            Some(v) => {
+                if key.first() == Some(&DEDUP_KEY_TAG) {
+                    // The expiry index, in the same batch as the row. An
+                    // entry it outlives (the id seen again, or deleted) is
+                    // skipped by the engine when it comes up.
+                    if let Ok(StateRow::Dedup(id, d)) = codec::decode_row(v) {
+                        batch.put(dedup_index_key(*p, d.event_ms, id.as_bytes()), []);
+                    }
+                }
+                batch.put(k, v)
+            }
             None => batch.delete(k),
         }
     }
     batch
+}
+
+/// The first byte of every encoded dedup key (`RowKey::Dedup`'s variant
+/// index in postcard; pinned by a test).
+const DEDUP_KEY_TAG: u8 = 2;
+
+/// The dedup expiry index: `b'x' ++ partition ++ event time ++ id`, empty
+/// values, so the entries a watermark expired are one range of keys
+/// (`Store::dedup_expiring`), and the engine needs no index in memory.
+const DEDUP_INDEX_PREFIX: u8 = b'x';
+
+fn dedup_index_prefix(p: Partition) -> [u8; 5] {
+    let b = p.to_be_bytes();
+    [DEDUP_INDEX_PREFIX, b[0], b[1], b[2], b[3]]
+}
+
+/// The event time with its sign bit flipped, big-endian: byte order is
+/// time order, negative times included.
+fn dedup_index_key(p: Partition, event_ms: i64, id: &[u8]) -> Vec<u8> {
+    let mut k = dedup_index_prefix(p).to_vec();
+    k.extend_from_slice(&((event_ms as u64) ^ (1 << 63)).to_be_bytes());
+    k.extend_from_slice(id);
+    k
 }
 
 fn partition_prefix(p: Partition) -> [u8; 5] {
@@ -170,6 +213,39 @@ impl Store {
             },
             None => None,
         })
+    }
+
+    /// The ids of partition `p`'s dedup entries stored with an event time
+    /// at most `upto_event_ms`, from the expiry index, which then forgets
+    /// them (not synced: an index entry lost in a crash only leaves its
+    /// row in place, which every lookup takes for expired; a full
+    /// restore indexes it again).
+    pub fn dedup_expiring(
+        &self,
+        p: Partition,
+        upto_event_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let from = dedup_index_prefix(p).to_vec();
+        let to = dedup_index_key(p, upto_event_ms.saturating_add(1), b"");
+        let mut ids = Vec::new();
+        let iter = self
+            .db
+            .iterator(IteratorMode::From(&from, Direction::Forward));
+        for item in iter {
+            let (k, _) = item?;
+            if k.as_ref() >= to.as_slice() {
+                break;
+            }
+            if let Some(id) = k.get(13..).and_then(|b| std::str::from_utf8(b).ok()) {
+                ids.push(id.to_string());
+            }
+        }
+        if !ids.is_empty() {
+            let mut batch = WriteBatch::default();
+            batch.delete_range(from, to);
+            self.db.write(batch)?;
+        }
+        Ok(ids)
     }
 
     /// RocksDB's own memory, bytes: (block cache, memtables).
@@ -322,6 +398,12 @@ impl Store {
             None => vec![ROW_PREFIX + 1],
         };
         batch.delete_range(from.to_vec(), to);
+        let index = dedup_index_prefix(p);
+        let index_end = match p.checked_add(1) {
+            Some(next) => dedup_index_prefix(next).to_vec(),
+            None => vec![DEDUP_INDEX_PREFIX + 1],
+        };
+        batch.delete_range(index.to_vec(), index_end);
         batch.delete(checkpoint_key(p));
         batch.delete(written_key(p));
         batch.delete(epoch_key(p));
@@ -346,6 +428,54 @@ mod tests {
         let d = std::env::temp_dir().join(format!("tally-store-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         d
+    }
+
+    #[test]
+    fn the_dedup_expiry_index_returns_what_a_time_expired_once() {
+        assert_eq!(
+            codec::encode_key(&RowKey::Dedup("o1".into())).unwrap()[0],
+            DEDUP_KEY_TAG,
+            "the dedup key's tag"
+        );
+        let dir = tmp("index");
+        let s = Store::open(&dir, 7, &sizing()).unwrap();
+        let dedup = |id: &str, t: i64| {
+            StateChange::Put(
+                3,
+                StateRow::Dedup(
+                    id.into(),
+                    DedupRow {
+                        event_ms: t,
+                        offset: 1,
+                    },
+                ),
+            )
+        };
+        s.write(&[dedup("a", -5), dedup("b", 10), dedup("c", 20)])
+            .unwrap();
+        s.write(&[dedup("z", 10)]).unwrap();
+        // Another partition's entries are not this one's.
+        s.write(&[StateChange::Put(
+            4,
+            StateRow::Dedup(
+                "d".into(),
+                DedupRow {
+                    event_ms: 0,
+                    offset: 1,
+                },
+            ),
+        )])
+        .unwrap();
+        let mut due = s.dedup_expiring(3, 10).unwrap();
+        due.sort();
+        assert_eq!(due, vec!["a", "b", "z"]);
+        assert!(s.dedup_expiring(3, 10).unwrap().is_empty(), "once");
+        assert_eq!(s.dedup_expiring(3, 100).unwrap(), vec!["c"]);
+        assert_eq!(s.dedup(4, "d").unwrap().map(|d| d.event_ms), Some(0));
+        s.clear_partition(4).unwrap();
+        assert!(s.dedup_expiring(4, 100).unwrap().is_empty());
+        drop(s);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

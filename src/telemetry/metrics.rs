@@ -469,6 +469,7 @@ impl Metrics {
             "long_absence",
             "ahead_of_changelog",
             "lost_assignment",
+            "fenced_commit",
         ] {
             m.local_state_discarded.with_label_values(&[reason]);
         }

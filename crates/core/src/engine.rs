@@ -476,6 +476,11 @@ pub enum Readable {
 /// durable version is the current one).
 pub trait StateReader {
     fn dedup(&mut self, p: Partition, order_id: &str) -> Option<DedupRow>;
+    /// The ids of the stored dedup entries of partition `p` whose event
+    /// time is at most `upto_event_ms`, each once: the store keeps them
+    /// ordered by event time and forgets what it returned. It may return
+    /// ids whose entry has since changed or gone (the engine checks each).
+    fn dedup_expiring(&mut self, p: Partition, upto_event_ms: i64) -> Vec<String>;
 }
 
 /// Every entry in memory: nothing to read (the engine's default, with no
@@ -485,6 +490,10 @@ pub struct InMemory;
 impl StateReader for InMemory {
     fn dedup(&mut self, _p: Partition, _order_id: &str) -> Option<DedupRow> {
         None
+    }
+
+    fn dedup_expiring(&mut self, _p: Partition, _upto_event_ms: i64) -> Vec<String> {
+        Vec::new()
     }
 }
 
@@ -531,6 +540,9 @@ struct Part {
     /// Dedup entries written by flushes not yet durable (kept with a
     /// cache limit only): they may not be evicted before.
     dedup_inflight: VecDeque<(FlushId, Vec<String>)>,
+    /// With a cache limit: the event time up to which the store was asked
+    /// for expiring entries (the expiry index lives in the store then).
+    dedup_scanned: Option<i64>,
     meta_dirty: bool,
     pending_purge: Vec<Purge>,
     /// The watermark each flush carried, until that flush is durable.
@@ -771,8 +783,10 @@ impl Engine {
                     part.watermark = m.watermark;
                 }
                 StateRow::Dedup(id, d) => {
-                    part.dedup_expiry.insert((d.event_ms + horizon, id.clone()));
+                    // With a cache limit the store holds them, and their
+                    // expiry index too.
                     if self.dedup_limit.is_none() {
+                        part.dedup_expiry.insert((d.event_ms + horizon, id.clone()));
                         part.dedup.insert(id, d);
                     }
                 }
@@ -988,8 +1002,10 @@ impl Engine {
                         offset,
                     },
                 );
-                part.dedup_expiry
-                    .insert((expire, order.order.order_id.clone()));
+                if self.dedup_limit.is_none() {
+                    part.dedup_expiry
+                        .insert((expire, order.order.order_id.clone()));
+                }
                 part.dedup_touched.insert(order.order.order_id.clone());
             }
         }
@@ -1373,6 +1389,34 @@ impl Engine {
                 .is_some_and(|(fid, _)| *fid <= id)
             {
                 part.dedup_inflight.pop_front();
+            }
+            // With a cache limit the expiry index is the store's: ask it
+            // what a newly durable watermark expired, as the purges above
+            // do for the in-memory index (same flush, same deletes).
+            let due = durable_wm
+                .filter(|_| limited)
+                .map(|w| w.saturating_sub(horizon));
+            if let Some(upto) = due.filter(|u| part.dedup_scanned.is_none_or(|s| *u > s)) {
+                part.dedup_scanned = Some(upto);
+                for d in reader.dedup_expiring(p, upto) {
+                    if !part.dedup.contains_key(&d) {
+                        match reader.dedup(p, &d) {
+                            Some(row) => {
+                                part.dedup.insert(d.clone(), row);
+                            }
+                            None => continue,
+                        }
+                    }
+                    // The id may have been seen again since.
+                    if part
+                        .dedup
+                        .get(&d)
+                        .is_some_and(|r| covered(r.event_ms + horizon, durable_wm))
+                    {
+                        part.dedup.remove(&d);
+                        part.dedup_touched.insert(d);
+                    }
+                }
             }
         }
         self.evict_dedup();

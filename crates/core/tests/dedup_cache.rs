@@ -7,14 +7,17 @@
 //! the store), the flush schedule, and whether a flush becomes durable
 //! before or after the next one is sealed, the engine emits exactly what
 //! an engine with every entry in memory emits: the same duplicates, the
-//! same windows, the same finals. 1,000 cases.
+//! same windows, the same finals; and its store ends with the same dedup
+//! entries (expired ones deleted in the same flushes, though the expiry
+//! index is the store's then). 1,000 cases.
 //!
 //! How it was checked to fail: with eviction ignoring the flushes not yet
 //! durable (`dedup_inflight` not consulted), the delayed-durability cases
-//! counted a duplicate twice; with restore keeping nothing and the reader
-//! unused, every duplicate after an eviction was counted.
+//! counted a duplicate twice; with the reader unused on a miss, every
+//! duplicate after an eviction was counted; with the store's expiry index
+//! not asked, expired entries stayed in the store.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use proptest::prelude::*;
 use tally_core::{
@@ -52,6 +55,8 @@ fn order(id: u8, customer: u8, t_ms: i64) -> Vec<u8> {
 #[derive(Default)]
 struct Durable {
     dedup: HashMap<(Partition, String), DedupRow>,
+    /// The expiry index: (partition, event time, id) of every entry put.
+    index: BTreeSet<(Partition, i64, String)>,
 }
 
 impl Durable {
@@ -60,6 +65,7 @@ impl Durable {
             match c {
                 StateChange::Put(p, StateRow::Dedup(id, row)) => {
                     self.dedup.insert((*p, id.clone()), *row);
+                    self.index.insert((*p, row.event_ms, id.clone()));
                 }
                 StateChange::Delete(p, RowKey::Dedup(id)) => {
                     self.dedup.remove(&(*p, id.clone()));
@@ -73,6 +79,21 @@ impl Durable {
 impl StateReader for Durable {
     fn dedup(&mut self, p: Partition, order_id: &str) -> Option<DedupRow> {
         self.dedup.get(&(p, order_id.to_string())).copied()
+    }
+
+    fn dedup_expiring(&mut self, p: Partition, upto_event_ms: i64) -> Vec<String> {
+        let due: Vec<_> = self
+            .index
+            .iter()
+            .filter(|(q, t, _)| *q == p && *t <= upto_event_ms)
+            .cloned()
+            .collect();
+        due.into_iter()
+            .map(|k| {
+                self.index.remove(&k);
+                k.2
+            })
+            .collect()
     }
 }
 
@@ -94,7 +115,7 @@ fn steps() -> impl Strategy<Value = Vec<Step>> {
 
 /// Runs the steps over two partitions; time moves forward about a
 /// minute every ten records, so windows close and entries expire.
-fn run(steps: &[Step], cache: Option<usize>) -> Vec<Effect> {
+fn run(steps: &[Step], cache: Option<usize>) -> (Vec<Effect>, Vec<(Partition, String, DedupRow)>) {
     let mut engine = Engine::new(config(), FxTable::with_defaults()).unwrap();
     if let Some(n) = cache {
         engine.set_dedup_cache(n);
@@ -151,7 +172,13 @@ fn run(steps: &[Step], cache: Option<usize>) -> Vec<Effect> {
     for p in 0..2 {
         engine.finish(p, &mut out);
     }
-    out
+    let mut stored: Vec<_> = store
+        .dedup
+        .into_iter()
+        .map(|((p, id), row)| (p, id, row))
+        .collect();
+    stored.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    (out, stored)
 }
 
 proptest! {
@@ -175,7 +202,7 @@ fn a_duplicate_of_an_evicted_entry_is_recognised() {
         Step::Flush { durable_now: true },
         Step::Record(1, 0, 20),
     ];
-    let out = run(&steps, Some(0));
+    let (out, _) = run(&steps, Some(0));
     let dups = out
         .iter()
         .filter(|e| matches!(e, Effect::Duplicate { .. }))
