@@ -854,10 +854,11 @@ pub fn latency(
 }
 
 /// `rss`: the peak resident memory of a pod holding `customers` open
-/// sessions. One order per distinct customer, event times spread over ten
-/// minutes (less than the 30-minute session gap, so no session closes), so
-/// the pod ends up holding one open session and one dedup entry per
-/// customer. The pod is a `tally run` child process, so its memory is
+/// sessions and `orders` live dedup entries. The orders go round the
+/// customers, event times spread over ten minutes (less than the 30-minute
+/// session gap and the hour of dedup horizon, so no session closes and no
+/// entry expires): one order a customer measures sessions, many orders
+/// over few customers measures dedup. The pod is a `tally run` child process, so its memory is
 /// measured alone (`VmHWM` from `/proc/<pid>/status`), with its memory
 /// limit set to 512 MiB as a container would give it (RocksDB sizes its
 /// caches from that). Input is produced in chunks the pod has nearly
@@ -869,6 +870,7 @@ pub fn rss(
     topics: &[TopicSpec],
     base: &PodConfig,
     customers: u64,
+    orders: u64,
     tally: &std::path::Path,
 ) -> Result<serde_json::Value, BenchError> {
     const CHUNK: u64 = 50_000;
@@ -878,8 +880,10 @@ pub fn rss(
     let group = format!("bench-rss-{}", pod::now_ms());
     let state_dir = std::env::temp_dir().join(format!("tally-bench-{group}"));
     let partitions = partitions_of(topics, &base.topics.input_topic);
-    if customers == 0 {
-        return Err(BenchError::Invalid("--customers must be > 0".into()));
+    if customers == 0 || orders < customers {
+        return Err(BenchError::Invalid(
+            "--customers must be > 0, and --orders at least --customers".into(),
+        ));
     }
     let mut child = std::process::Command::new(tally)
         .arg("run")
@@ -909,15 +913,16 @@ pub fn rss(
         let t0 = pod::now_ms() - 600_000;
         let started = Instant::now();
         let mut sent = 0u64;
-        while sent < customers {
-            let n = CHUNK.min(customers - sent);
+        while sent < orders {
+            let n = CHUNK.min(orders - sent);
             for i in sent..sent + n {
+                let c = i % customers;
                 let payload = format!(
-                    r#"{{"order_id":"o{i}","customer_id":"c{i}","amount":"{}.25","currency":"EUR","created_at":{},"region":"eu"}}"#,
+                    r#"{{"order_id":"o{i}","customer_id":"c{c}","amount":"{}.25","currency":"EUR","created_at":{},"region":"eu"}}"#,
                     1 + i % 500,
-                    t0 + (i * 600_000 / customers) as i64
+                    t0 + (i * 600_000 / orders) as i64
                 );
-                let key = format!("c{i}");
+                let key = format!("c{c}");
                 gen::send_waiting(
                     &producer,
                     &base.topics.input_topic,
@@ -943,8 +948,7 @@ pub fn rss(
             }
         }
         let deadline = Instant::now() + Duration::from_secs(300);
-        while committed_sum(&brokers, &group, &base.topics.input_topic, partitions)?
-            < customers as i64
+        while committed_sum(&brokers, &group, &base.topics.input_topic, partitions)? < orders as i64
         {
             if Instant::now() > deadline {
                 return Err(BenchError::Timeout("the pod did not catch up".into()));
@@ -958,6 +962,8 @@ pub fn rss(
             "scenario": "rss",
             "customers": customers,
             "open_sessions": customers,
+            "orders": orders,
+            "dedup_entries": orders,
             "memory_limit_bytes": LIMIT,
             "peak_rss_bytes": hwm,
             "peak_rss_mib": hwm as f64 / f64::from(1 << 20),

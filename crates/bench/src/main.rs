@@ -53,6 +53,10 @@ struct Args {
     /// rss: distinct customers, each with an open session; view: customers of the generated orders.
     #[arg(long, default_value_t = 1_000_000)]
     customers: u64,
+    /// rss: orders (each a live dedup entry), spread over the customers;
+    /// by default one a customer.
+    #[arg(long)]
+    orders: Option<u64>,
     /// restore: an external broker (the embedded one keeps ~5 MiB per partition).
     #[arg(long = "brokers")]
     external_brokers: Option<String>,
@@ -90,7 +94,11 @@ fn main() -> anyhow::Result<()> {
                 Some(p) => p,
                 None => tally_bench::sibling_tally_binary()?,
             };
-            println!("{}", tally_bench::rss(&specs, &base, args.customers, &exe)?);
+            let orders = args.orders.unwrap_or(args.customers);
+            println!(
+                "{}",
+                tally_bench::rss(&specs, &base, args.customers, orders, &exe)?
+            );
         }
         Scenario::View => {
             println!(
