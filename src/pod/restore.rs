@@ -189,7 +189,10 @@ impl Processor {
             self.engine.assign(p, now_ms());
             None
         } else {
-            match self.store.load_partition(p) {
+            match self
+                .store
+                .load_partition_rows(p, !self.engine.dedup_cached())
+            {
                 Ok(rows) => {
                     let next = rows.iter().find_map(|r| match r {
                         StateRow::Meta(m) => Some(m.next_offset),

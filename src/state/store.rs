@@ -268,6 +268,19 @@ impl Store {
 
     /// Every stored row of one partition (empty if the partition is unknown).
     pub fn load_partition(&self, p: Partition) -> Result<Vec<StateRow>, StoreError> {
+        self.load_partition_rows(p, true)
+    }
+
+    /// [`Store::load_partition`], without the dedup entries when
+    /// `with_dedup` is false: an engine with a bounded dedup cache reads
+    /// them from here when it needs them, so a restore does not hold them
+    /// all in memory even for a moment (36 million entries an hour at
+    /// 10k orders/s).
+    pub fn load_partition_rows(
+        &self,
+        p: Partition,
+        with_dedup: bool,
+    ) -> Result<Vec<StateRow>, StoreError> {
         let prefix = partition_prefix(p);
         let mut rows = Vec::new();
         for item in self
@@ -277,6 +290,9 @@ impl Store {
             let (k, v) = item?;
             if !k.starts_with(&prefix) {
                 break;
+            }
+            if !with_dedup && k.get(prefix.len()) == Some(&DEDUP_KEY_TAG) {
+                continue;
             }
             rows.push(codec::decode_row(&v)?);
         }
@@ -481,6 +497,8 @@ mod tests {
         assert!(s.dedup_expiring(3, 10).unwrap().is_empty(), "once");
         assert_eq!(s.dedup_expiring(3, 100).unwrap(), vec!["c"]);
         assert_eq!(s.dedup(4, "d").unwrap().map(|d| d.event_ms), Some(0));
+        assert_eq!(s.load_partition(4).unwrap().len(), 1);
+        assert!(s.load_partition_rows(4, false).unwrap().is_empty());
         s.clear_partition(4).unwrap();
         assert!(s.dedup_expiring(4, 100).unwrap().is_empty());
         drop(s);

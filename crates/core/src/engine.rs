@@ -655,6 +655,12 @@ impl Engine {
         self.dedup_limit = Some(entries);
     }
 
+    /// Whether dedup entries are read through a [`StateReader`] (a cache
+    /// limit is set): a restore then need not be given them.
+    pub fn dedup_cached(&self) -> bool {
+        self.dedup_limit.is_some()
+    }
+
     /// The dedup cache's counters.
     pub fn cache_stats(&self) -> CacheStats {
         CacheStats {
