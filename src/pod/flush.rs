@@ -377,11 +377,7 @@ impl Processor {
         }
         self.cycle.revoke(parts);
         for p in parts {
-            self.metrics
-                .local_state_discarded
-                .with_label_values(&["fenced_commit"])
-                .inc();
-            if let Err(e) = self.store.clear_partition(*p) {
+            if let Err(e) = discard_local_state(&self.metrics, &self.store, *p, "fenced_commit") {
                 error!(partition = p, error = %e, "cannot clear the fenced partition's local state");
             }
             self.release_partition(*p);

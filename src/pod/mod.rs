@@ -343,3 +343,20 @@ fn lock(p: &Mutex<Processor>) -> MutexGuard<'_, Processor> {
     // restart would not redo, so a poisoned lock is still usable.
     p.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// Drops a partition's local state that cannot be trusted, counting why
+/// (`tally_local_state_discarded_total{reason}`): its next restore reads
+/// the changelog in full. A function of the two fields, not a method, so
+/// restore can call it while it holds the partition's restore entry.
+pub(super) fn discard_local_state(
+    metrics: &Metrics,
+    store: &Store,
+    p: Partition,
+    reason: &str,
+) -> Result<(), StoreError> {
+    metrics
+        .local_state_discarded
+        .with_label_values(&[reason])
+        .inc();
+    store.clear_partition(p)
+}

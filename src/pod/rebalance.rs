@@ -72,11 +72,9 @@ impl ConsumerContext for PodContext {
                     // owner's records (the soak lost orders that way).
                     warn!(partitions = ?partitions, "partitions lost (this pod was out of the group); dropping its pending work and its local state of them");
                     for p in &partitions {
-                        proc.metrics
-                            .local_state_discarded
-                            .with_label_values(&["lost_assignment"])
-                            .inc();
-                        if let Err(e) = proc.store.clear_partition(*p) {
+                        if let Err(e) =
+                            discard_local_state(&proc.metrics, &proc.store, *p, "lost_assignment")
+                        {
                             error!(partition = p, error = %e, "cannot clear the lost partition's local state");
                         }
                     }

@@ -77,11 +77,7 @@ impl Processor {
                 found,
             }) => {
                 warn!(partition, stored_epoch = stored, found_epoch = found, "the local state was written after another owner claimed the partition; restoring it in full from the changelog");
-                self.metrics
-                    .local_state_discarded
-                    .with_label_values(&["stale_writer"])
-                    .inc();
-                if let Err(e) = self.store.clear_partition(p) {
+                if let Err(e) = discard_local_state(&self.metrics, &self.store, p, "stale_writer") {
                     error!(partition = p, error = %e, "cannot clear the partition's local state");
                 }
                 if let Some(r) = self.restoring.get_mut(&p) {
@@ -333,22 +329,14 @@ impl Processor {
                 && age.is_none_or(|a| a > self.cfg.topics.changelog_delete_retention_ms)
             {
                 warn!(partition = p, age_ms = ?age, delete_retention_ms = self.cfg.topics.changelog_delete_retention_ms, "local state is older than the changelog's tombstone retention; restoring the partition in full");
-                self.metrics
-                    .local_state_discarded
-                    .with_label_values(&["long_absence"])
-                    .inc();
-                self.store.clear_partition(p)?;
+                discard_local_state(&self.metrics, &self.store, p, "long_absence")?;
                 checkpoint = None;
             }
             if checkpoint.is_some_and(|c| c >= high) {
                 // The local rows claim records the changelog never had: it
                 // was recreated. Local state cannot be trusted; rebuild from it.
                 warn!(partition = p, checkpoint = ?checkpoint, high, "local state is ahead of the changelog; discarding it");
-                self.metrics
-                    .local_state_discarded
-                    .with_label_values(&["ahead_of_changelog"])
-                    .inc();
-                self.store.clear_partition(p)?;
+                discard_local_state(&self.metrics, &self.store, p, "ahead_of_changelog")?;
                 checkpoint = None;
             }
             // The changelog must hold every record after the local state
