@@ -19,6 +19,10 @@ use tally::serve::http;
 use tally::telemetry::metrics::Metrics;
 use tally::telemetry::{init_logging, log_format_from_env};
 
+/// The serving view's session store, under the state directory (RocksDB
+/// ignores a directory it did not make among its files).
+const VIEW_SESSIONS_DIR: &str = "view-sessions";
+
 /// tally: live, exact order revenue from Kafka.
 #[derive(Parser, Debug)]
 #[command(name = "tally", version, about)]
@@ -247,6 +251,15 @@ async fn start_http(
     view.set_definitions(core.windows.clone());
     // Windows past their retention are dropped: the view stays bounded.
     view.set_retention(core.window_retention_ms);
+    // Sessions (millions: one a customer) on disk, not in memory.
+    if cfg.serving.view_sessions == tally::config::ViewSessions::Rocksdb {
+        let dir = cfg.resources.state_dir.join(VIEW_SESSIONS_DIR);
+        std::fs::create_dir_all(&cfg.resources.state_dir)
+            .with_context(|| format!("cannot create {}", cfg.resources.state_dir.display()))?;
+        let shelf =
+            tally::serve::shelf::RocksShelf::open_fresh(&dir, metrics.view_shelf_errors.clone())?;
+        view.set_session_shelf(Box::new(shelf));
+    }
     let view = Arc::new(std::sync::RwLock::new(view));
     let caught_up = Arc::new(AtomicBool::new(false));
     let pc = tally::kafka::Clients::new(&cfg.kafka.brokers, &extra).producer();

@@ -74,7 +74,15 @@ fn record(
 }
 
 fn view() -> View {
+    view_on(None)
+}
+
+/// The test view; its sessions on `shelf` if given.
+fn view_on(shelf: Option<Box<dyn tally::core::view::SessionShelf>>) -> View {
     let mut v = View::new(10_000);
+    if let Some(s) = shelf {
+        v.set_session_shelf(s);
+    }
     v.set_input_partitions(2);
     v.set_definitions(tally::core::WindowSpec::defaults());
     let t = WindowKind::Tumbling { size_ms: 60_000 };
@@ -311,6 +319,34 @@ async fn windows_and_sessions_carry_every_aggregate() {
     assert_eq!(v["sessions"][0]["revenue_usd"], 3.0);
     let (_, v) = get(&st, "/revenue/windows?kind=session&key=c7").await;
     assert_eq!(v["count"], 1);
+}
+
+/// The same answers with the view's sessions in RocksDB (`--view-sessions
+/// rocksdb`, the pod's default), through the HTTP layer.
+#[tokio::test]
+async fn sessions_are_served_from_the_rocksdb_shelf() {
+    let dir = std::env::temp_dir().join(format!("tally-http-shelf-{}", std::process::id()));
+    let errors = prometheus::IntCounter::new("e", "e").unwrap();
+    let shelf = tally::serve::shelf::RocksShelf::open_fresh(&dir, errors.clone()).unwrap();
+    let v = view_on(Some(Box::new(shelf)));
+    assert!(v.shelved());
+    let st = AppState {
+        view: Arc::new(RwLock::new(v)),
+        ..state(true, None)
+    };
+    let (s, v) = get(&st, "/revenue/sessions/c7").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["sessions"][0]["revenue_usd"], 3.0);
+    assert_eq!(v["sessions"][0]["start"], 100);
+    let (_, v) = get(&st, "/revenue/windows?kind=session&key=c7").await;
+    assert_eq!(v["count"], 1);
+    let (_, v) = get(&st, "/revenue/windows?kind=session").await;
+    assert_eq!(v["count"], 1);
+    let (_, v) = get(&st, "/revenue/sessions/c8").await;
+    assert_eq!(v["sessions"].as_array().map(Vec::len), Some(0));
+    assert_eq!(errors.get(), 0);
+    drop(st);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test]

@@ -229,6 +229,22 @@ pub struct ServingConfig {
     /// Consumer lag (records) at or below which the pod reports ready.
     #[arg(long, env = "TALLY_READY_MAX_LAG", default_value_t = 20_000)]
     pub ready_max_lag: u64,
+    /// Where the serving view keeps sessions: `rocksdb` (a local store
+    /// under the state directory, rebuilt from `revenue-windows` at each
+    /// start; memory stays bounded with millions of sessions) or
+    /// `memory` (faster answers, memory grows with the sessions).
+    #[arg(long, env = "TALLY_VIEW_SESSIONS", value_enum, default_value_t = ViewSessions::Rocksdb)]
+    #[serde(default)]
+    pub view_sessions: ViewSessions,
+}
+
+/// Where the serving view keeps sessions ([`ServingConfig::view_sessions`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ViewSessions {
+    #[default]
+    Rocksdb,
+    Memory,
 }
 
 /// Local state, memory and logs.
@@ -247,6 +263,14 @@ pub struct ResourceConfig {
     /// for 512 MiB). 0 reads every lookup from RocksDB.
     #[arg(long, env = "TALLY_DEDUP_CACHE_ENTRIES")]
     pub dedup_cache_entries: Option<u64>,
+    /// Session sets (one customer's sessions of one definition) held in
+    /// memory besides the ones not yet durable or awaiting a purge; the
+    /// others are read from RocksDB when the customer orders again or a
+    /// watermark closes them. Default: an eighth of the memory limit at
+    /// about 600 bytes a set (111,848 for 512 MiB). 0 reads every fold
+    /// from RocksDB.
+    #[arg(long, env = "TALLY_SESSION_CACHE_SETS")]
+    pub session_cache_sets: Option<u64>,
     /// Share of the memory limit given to RocksDB (block cache + memtables).
     #[arg(long, env = "TALLY_ROCKSDB_MEMORY_FRACTION", default_value_t = 0.25)]
     pub rocksdb_memory_fraction: f64,

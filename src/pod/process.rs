@@ -209,8 +209,13 @@ impl Processor {
         Ok(())
     }
 
-    pub(super) fn tick(&mut self) {
-        self.engine.tick(now_ms(), &mut self.effects);
+    /// Wall-clock progress. A store read error (a session a released
+    /// watermark closes, not in memory) stops the pod, as in `on_message`.
+    pub(super) fn tick(&mut self) -> Result<(), PodError> {
+        let mut reader = StoreReader::new(&self.store);
+        self.engine
+            .tick_in(now_ms(), &mut self.effects, &mut reader);
+        reader.result()?;
         self.emit_engine();
         let updates = match self.fx_follower.as_mut() {
             Some(f) => f.poll_updates(),
@@ -235,6 +240,7 @@ impl Processor {
                 .fx_versions
                 .set(self.engine.fx().version_count() as i64);
         }
+        Ok(())
     }
 
     /// Starts taking over a partition, inside the rebalance callback: only
@@ -315,15 +321,23 @@ impl Processor {
         }
         let cache = self.engine.cache_stats();
         let before = std::mem::replace(&mut self.reported_cache, cache);
-        m.state_cache_entries.set(cache.entries as i64);
-        m.state_cache_lookups
-            .with_label_values(&["hit"])
-            .inc_by(cache.hits - before.hits);
-        m.state_cache_lookups
-            .with_label_values(&["miss"])
-            .inc_by(cache.misses - before.misses);
-        m.state_cache_evictions
-            .inc_by(cache.evicted - before.evicted);
+        for (kind, now, was) in [
+            ("dedup", cache.dedup, before.dedup),
+            ("sessions", cache.sessions, before.sessions),
+        ] {
+            m.state_cache_entries
+                .with_label_values(&[kind])
+                .set(now.entries as i64);
+            m.state_cache_lookups
+                .with_label_values(&[kind, "hit"])
+                .inc_by(now.hits - was.hits);
+            m.state_cache_lookups
+                .with_label_values(&[kind, "miss"])
+                .inc_by(now.misses - was.misses);
+            m.state_cache_evictions
+                .with_label_values(&[kind])
+                .inc_by(now.evicted - was.evicted);
+        }
         let (block_cache, memtables) = self.store.memory();
         m.rocksdb_memory
             .with_label_values(&["block_cache"])

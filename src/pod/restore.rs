@@ -185,17 +185,31 @@ impl Processor {
             self.engine.assign(p, now_ms());
             None
         } else {
-            match self
+            let engine = &self.engine;
+            let loaded = self
                 .store
-                .load_partition_rows(p, !self.engine.dedup_cached())
-            {
-                Ok(rows) => {
+                .load_partition_rows(p, !engine.dedup_cached(), |r| engine.restore_keeps(r))
+                .and_then(|rows| {
                     let next = rows.iter().find_map(|r| match r {
                         StateRow::Meta(m) => Some(m.next_offset),
                         _ => None,
                     });
                     info!(partition = p, rows = rows.len(), from_changelog = r.count, resume_from = ?next, ms = r.started.elapsed().as_millis() as u64, "partition restored");
-                    self.engine.restore(p, rows, now_ms(), &mut self.effects);
+                    // What the restored watermark closes among the rows
+                    // left in RocksDB is read from there.
+                    let before = self.effects.len();
+                    let mut reader = StoreReader::new(&self.store);
+                    self.engine
+                        .restore_in(p, rows, now_ms(), &mut self.effects, &mut reader);
+                    if let Err(e) = reader.result() {
+                        self.effects.truncate(before);
+                        self.engine.revoke(p);
+                        return Err(e);
+                    }
+                    Ok(next)
+                });
+            match loaded {
+                Ok(next) => {
                     self.emit_engine();
                     next
                 }

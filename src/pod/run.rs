@@ -225,9 +225,15 @@ pub fn start_with_stats(cfg: PodConfig, stats: Arc<Stats>) -> Result<PodHandle, 
         .dedup_cache_entries
         .unwrap_or(sizing.dedup_cache_entries);
     engine.set_dedup_cache(usize::try_from(dedup_cache).unwrap_or(usize::MAX));
+    let session_cache = cfg
+        .resources
+        .session_cache_sets
+        .unwrap_or(sizing.session_cache_sets);
+    engine.set_session_cache(usize::try_from(session_cache).unwrap_or(usize::MAX));
     info!(
-        entries = dedup_cache,
-        "dedup cache: entries beyond it are read from RocksDB"
+        dedup_entries = dedup_cache,
+        session_sets = session_cache,
+        "state caches: rows beyond them are read from RocksDB"
     );
     let producer: BaseProducer<AckContext> = producer_config(&cfg)?
         .create_with_context(AckContext::new(cfg.topics.changelog_topic.clone()))?;
@@ -341,7 +347,10 @@ pub(super) fn run_loop(
         if last_tick.elapsed() >= Duration::from_millis(500) {
             // Lag first: the tick's idleness needs each partition's backlog.
             proc.update_lag(&consumer);
-            proc.tick();
+            if let Err(e) = proc.tick() {
+                error!(error = %e, "reading state failed");
+                return Err(e);
+            }
             last_tick = Instant::now();
         }
         if proc.due() {
@@ -387,7 +396,12 @@ pub(super) fn run_loop(
     info!("shutting down: final flush and commit");
     let deadline = Instant::now() + Duration::from_millis(cfg.flush.shutdown_timeout_ms);
     let mut proc = lock(&processor);
-    proc.tick();
+    if let Err(e) = proc.tick() {
+        // Nothing decided after the failed read is written: the next
+        // owner redoes the work from the last durable offsets.
+        error!(error = %e, "reading state failed; no final flush");
+        return Err(e);
+    }
     loop {
         match proc.flush_all(
             &consumer,

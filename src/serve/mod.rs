@@ -2,6 +2,8 @@
 //!
 //! - [`follower`]: follows `revenue-windows` into the core's view and says
 //!   when it has read to the end.
+//! - [`shelf`]: the view's sessions in a local RocksDB, so they need not
+//!   all be in memory.
 //! - [`http`]: the axum routes, the JSON errors, the webhook, OpenAPI and
 //!   the live page (`page.html`, compiled in).
 //!
@@ -10,3 +12,4 @@
 
 pub mod follower;
 pub mod http;
+pub mod shelf;

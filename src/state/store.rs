@@ -14,7 +14,7 @@ use rocksdb::{
 };
 
 use super::codec::{self, CodecError, Encoded};
-use crate::core::{DedupRow, Partition, RowKey, StateChange, StateReader, StateRow};
+use crate::core::{DedupRow, Partition, RowKey, SessionSet, StateChange, StateReader, StateRow};
 use crate::telemetry::memory::RocksSizing;
 
 #[derive(Debug, thiserror::Error)]
@@ -92,12 +92,51 @@ impl StateReader for StoreReader<'_> {
         }
     }
 
-    fn dedup_expiring(&mut self, p: Partition, upto_event_ms: i64) -> Vec<String> {
-        match self.store.dedup_expiring(p, upto_event_ms) {
-            Ok(ids) => ids,
+    fn dedup_expiring(
+        &mut self,
+        p: Partition,
+        after: Option<i64>,
+        upto_event_ms: i64,
+    ) -> Vec<String> {
+        let r = self.store.dedup_expiring(p, after, upto_event_ms);
+        self.keep(r).unwrap_or_default()
+    }
+
+    fn forget_dedup_expiring(&mut self, p: Partition, upto_event_ms: i64) {
+        let r = self.store.forget_dedup_expiring(p, upto_event_ms);
+        self.keep(r);
+    }
+
+    fn sessions(&mut self, p: Partition, spec: u16, customer: &str) -> Option<SessionSet> {
+        let r = self.store.sessions(p, spec, customer);
+        self.keep(r).flatten()
+    }
+
+    fn sessions_ending(
+        &mut self,
+        p: Partition,
+        spec: u16,
+        after: Option<i64>,
+        upto_last_ms: i64,
+    ) -> (Vec<String>, Option<i64>) {
+        let r = self.store.sessions_ending(p, spec, after, upto_last_ms);
+        self.keep(r).unwrap_or_default()
+    }
+
+    fn forget_sessions_ending(&mut self, p: Partition, spec: u16, upto_last_ms: i64) {
+        let r = self.store.forget_sessions_ending(p, spec, upto_last_ms);
+        self.keep(r);
+    }
+}
+
+impl StoreReader<'_> {
+    /// The value, or `None` with the first error kept.
+    fn keep<T>(&mut self, r: Result<T, StoreError>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
             Err(e) => {
                 self.error.get_or_insert(e);
-                Vec::new()
+                None
             }
         }
     }
@@ -116,13 +155,27 @@ fn changes_batch(changes: &[Encoded]) -> WriteBatch {
         k.extend_from_slice(key);
         match value {
             Some(v) => {
-                if key.first() == Some(&DEDUP_KEY_TAG) {
-                    // The expiry index, in the same batch as the row. An
-                    // entry it outlives (the id seen again, or deleted) is
-                    // skipped by the engine when it comes up.
-                    if let Ok(StateRow::Dedup(id, d)) = codec::decode_row(v) {
-                        batch.put(dedup_index_key(*p, d.event_ms, id.as_bytes()), []);
+                // The indexes, in the same batch as the row. An entry an
+                // index outlives (the id seen again, the session grown or
+                // closed, the row deleted) is skipped by the engine when
+                // it comes up.
+                match key.first() {
+                    Some(&DEDUP_KEY_TAG) => {
+                        if let Ok(StateRow::Dedup(id, d)) = codec::decode_row(v) {
+                            batch.put(dedup_index_key(*p, d.event_ms, id.as_bytes()), []);
+                        }
                     }
+                    Some(&SESSIONS_KEY_TAG) => {
+                        if let Ok(StateRow::Sessions(spec, customer, set)) = codec::decode_row(v) {
+                            for s in set.sessions.iter().filter(|s| !s.closed) {
+                                batch.put(
+                                    session_index_key(*p, spec, s.last, customer.as_bytes()),
+                                    [],
+                                );
+                            }
+                        }
+                    }
+                    _ => {}
                 }
                 batch.put(k, v)
             }
@@ -135,6 +188,34 @@ fn changes_batch(changes: &[Encoded]) -> WriteBatch {
 /// The first byte of every encoded dedup key (`RowKey::Dedup`'s variant
 /// index in postcard; pinned by a test).
 const DEDUP_KEY_TAG: u8 = 2;
+
+/// The first byte of every encoded session-set key (`RowKey::Sessions`).
+const SESSIONS_KEY_TAG: u8 = 1;
+
+/// The close-time index of open sessions: `b'k' ++ partition ++ spec ++
+/// last event time ++ customer`, empty values, so the sessions a
+/// watermark closes are one range of keys (`Store::sessions_ending`) and
+/// the engine keeps no index of the sessions it does not hold.
+const SESSION_INDEX_PREFIX: u8 = b'k';
+
+fn session_index_prefix(p: Partition, spec: u16) -> [u8; 7] {
+    let b = p.to_be_bytes();
+    let s = spec.to_be_bytes();
+    [SESSION_INDEX_PREFIX, b[0], b[1], b[2], b[3], s[0], s[1]]
+}
+
+fn session_index_key(p: Partition, spec: u16, last_ms: i64, customer: &[u8]) -> Vec<u8> {
+    let mut k = session_index_prefix(p, spec).to_vec();
+    k.extend_from_slice(&((last_ms as u64) ^ (1 << 63)).to_be_bytes());
+    k.extend_from_slice(customer);
+    k
+}
+
+/// The time in an index key after its `prefix_len` bytes.
+fn index_time(k: &[u8], prefix_len: usize) -> Option<i64> {
+    let b: [u8; 8] = k.get(prefix_len..prefix_len + 8)?.try_into().ok()?;
+    Some((u64::from_be_bytes(b) ^ (1 << 63)) as i64)
+}
 
 /// The dedup expiry index: `b'x' ++ partition ++ event time ++ id`, empty
 /// values, so the entries a watermark expired are one range of keys
@@ -152,6 +233,40 @@ fn dedup_index_key(p: Partition, event_ms: i64, id: &[u8]) -> Vec<u8> {
     let mut k = dedup_index_prefix(p).to_vec();
     k.extend_from_slice(&((event_ms as u64) ^ (1 << 63)).to_be_bytes());
     k.extend_from_slice(id);
+    k
+}
+
+/// Postcard's unsigned varint.
+fn push_varint(buf: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        buf.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    buf.push(v as u8);
+}
+
+/// The stored key of `RowKey::Dedup(order_id)` in partition `p`, built in
+/// one buffer: every new order is a lookup, and building it through
+/// `codec::encode_key` cost three allocations (the id copied to a
+/// `String`, the encoding, the prefixed key). Pinned to the codec by a
+/// test.
+fn dedup_row_key(p: Partition, order_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(16 + order_id.len());
+    k.extend_from_slice(&partition_prefix(p));
+    k.push(DEDUP_KEY_TAG);
+    push_varint(&mut k, order_id.len() as u64);
+    k.extend_from_slice(order_id.as_bytes());
+    k
+}
+
+/// The stored key of `RowKey::Sessions(spec, customer)`, likewise.
+fn sessions_row_key(p: Partition, spec: u16, customer: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(16 + customer.len());
+    k.extend_from_slice(&partition_prefix(p));
+    k.push(SESSIONS_KEY_TAG);
+    push_varint(&mut k, u64::from(spec));
+    push_varint(&mut k, customer.len() as u64);
+    k.extend_from_slice(customer.as_bytes());
     k
 }
 
@@ -213,9 +328,7 @@ impl Store {
     /// durable version, which the engine reads when the entry is not in
     /// its cache.
     pub fn dedup(&self, p: Partition, order_id: &str) -> Result<Option<DedupRow>, StoreError> {
-        let mut k = partition_prefix(p).to_vec();
-        k.extend_from_slice(&codec::encode_key(&RowKey::Dedup(order_id.to_string()))?);
-        Ok(match self.db.get_pinned(k)? {
+        Ok(match self.db.get_pinned(dedup_row_key(p, order_id))? {
             Some(v) => match codec::decode_row(&v)? {
                 StateRow::Dedup(_, d) => Some(d),
                 _ => None,
@@ -225,16 +338,18 @@ impl Store {
     }
 
     /// The ids of partition `p`'s dedup entries stored with an event time
-    /// at most `upto_event_ms`, from the expiry index, which then forgets
-    /// them (not synced: an index entry lost in a crash only leaves its
-    /// row in place, which every lookup takes for expired; a full
-    /// restore indexes it again).
+    /// in `(after, upto_event_ms]`, from the expiry index.
     pub fn dedup_expiring(
         &self,
         p: Partition,
+        after: Option<i64>,
         upto_event_ms: i64,
     ) -> Result<Vec<String>, StoreError> {
-        let from = dedup_index_prefix(p).to_vec();
+        let from = match after {
+            Some(a) if a < upto_event_ms => dedup_index_key(p, a + 1, b""),
+            Some(_) => return Ok(Vec::new()),
+            None => dedup_index_prefix(p).to_vec(),
+        };
         let to = dedup_index_key(p, upto_event_ms.saturating_add(1), b"");
         let mut ids = Vec::new();
         let iter = self
@@ -249,12 +364,99 @@ impl Store {
                 ids.push(id.to_string());
             }
         }
-        if !ids.is_empty() {
-            let mut batch = WriteBatch::default();
-            batch.delete_range(from, to);
-            self.db.write(batch)?;
-        }
         Ok(ids)
+    }
+
+    /// Drops the dedup expiry index up to `upto_event_ms` (not synced:
+    /// a range that comes back after a crash is only read again, and
+    /// each id checked against its row).
+    pub fn forget_dedup_expiring(
+        &self,
+        p: Partition,
+        upto_event_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_range(
+            dedup_index_prefix(p).to_vec(),
+            dedup_index_key(p, upto_event_ms.saturating_add(1), b""),
+        );
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// The stored session set of `customer` for definition `spec`.
+    pub fn sessions(
+        &self,
+        p: Partition,
+        spec: u16,
+        customer: &str,
+    ) -> Result<Option<SessionSet>, StoreError> {
+        Ok(
+            match self.db.get_pinned(sessions_row_key(p, spec, customer))? {
+                Some(v) => match codec::decode_row(&v)? {
+                    StateRow::Sessions(_, _, set) => Some(set),
+                    _ => None,
+                },
+                None => None,
+            },
+        )
+    }
+
+    /// The customers whose stored open sessions of `spec` end (last event)
+    /// in `(after, upto_last_ms]`, from the close-time index, and the end
+    /// of the first entry beyond.
+    pub fn sessions_ending(
+        &self,
+        p: Partition,
+        spec: u16,
+        after: Option<i64>,
+        upto_last_ms: i64,
+    ) -> Result<(Vec<String>, Option<i64>), StoreError> {
+        let prefix = session_index_prefix(p, spec);
+        let from = match after {
+            Some(a) => session_index_key(p, spec, a.saturating_add(1), b""),
+            None => prefix.to_vec(),
+        };
+        let mut customers = Vec::new();
+        let iter = self
+            .db
+            .iterator(IteratorMode::From(&from, Direction::Forward));
+        for item in iter {
+            let (k, _) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let Some(last) = index_time(&k, prefix.len()) else {
+                continue;
+            };
+            if last > upto_last_ms {
+                return Ok((customers, Some(last)));
+            }
+            if let Some(c) = k
+                .get(prefix.len() + 8..)
+                .and_then(|b| std::str::from_utf8(b).ok())
+            {
+                customers.push(c.to_string());
+            }
+        }
+        Ok((customers, None))
+    }
+
+    /// Drops the close-time index of `spec` up to `upto_last_ms` (not
+    /// synced, like [`Store::forget_dedup_expiring`]).
+    pub fn forget_sessions_ending(
+        &self,
+        p: Partition,
+        spec: u16,
+        upto_last_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_range(
+            session_index_prefix(p, spec).to_vec(),
+            session_index_key(p, spec, upto_last_ms.saturating_add(1), b""),
+        );
+        self.db.write(batch)?;
+        Ok(())
     }
 
     /// RocksDB's own memory, bytes: (block cache, memtables).
@@ -268,18 +470,20 @@ impl Store {
 
     /// Every stored row of one partition (empty if the partition is unknown).
     pub fn load_partition(&self, p: Partition) -> Result<Vec<StateRow>, StoreError> {
-        self.load_partition_rows(p, true)
+        self.load_partition_rows(p, true, |_| true)
     }
 
     /// [`Store::load_partition`], without the dedup entries when
-    /// `with_dedup` is false: an engine with a bounded dedup cache reads
-    /// them from here when it needs them, so a restore does not hold them
-    /// all in memory even for a moment (36 million entries an hour at
-    /// 10k orders/s).
+    /// `with_dedup` is false (not even decoded) and without the rows
+    /// `keep` refuses: an engine with bounded caches reads them from here
+    /// when it needs them, so a restore does not hold them all in memory
+    /// even for a moment (36 million dedup entries an hour at 10k
+    /// orders/s; ten million open sessions).
     pub fn load_partition_rows(
         &self,
         p: Partition,
         with_dedup: bool,
+        keep: impl Fn(&StateRow) -> bool,
     ) -> Result<Vec<StateRow>, StoreError> {
         let prefix = partition_prefix(p);
         let mut rows = Vec::new();
@@ -294,7 +498,10 @@ impl Store {
             if !with_dedup && k.get(prefix.len()) == Some(&DEDUP_KEY_TAG) {
                 continue;
             }
-            rows.push(codec::decode_row(&v)?);
+            let row = codec::decode_row(&v)?;
+            if keep(&row) {
+                rows.push(row);
+            }
         }
         Ok(rows)
     }
@@ -416,6 +623,7 @@ impl Store {
     /// Removes every row and the checkpoint of a partition (its local state
     /// is stale beyond repair, e.g. the changelog was recreated).
     pub fn clear_partition(&self, p: Partition) -> Result<(), StoreError> {
+        let [b0, b1, b2, b3] = p.to_be_bytes();
         let mut batch = WriteBatch::default();
         let from = partition_prefix(p);
         let to = match p.checked_add(1) {
@@ -429,6 +637,15 @@ impl Store {
             None => vec![DEDUP_INDEX_PREFIX + 1],
         };
         batch.delete_range(index.to_vec(), index_end);
+        let sessions = [SESSION_INDEX_PREFIX, b0, b1, b2, b3];
+        let sessions_end = match p.checked_add(1) {
+            Some(next) => {
+                let n = next.to_be_bytes();
+                vec![SESSION_INDEX_PREFIX, n[0], n[1], n[2], n[3]]
+            }
+            None => vec![SESSION_INDEX_PREFIX + 1],
+        };
+        batch.delete_range(sessions.to_vec(), sessions_end);
         batch.delete(checkpoint_key(p));
         batch.delete(written_key(p));
         batch.delete(epoch_key(p));
@@ -491,16 +708,109 @@ mod tests {
             ),
         )])
         .unwrap();
-        let mut due = s.dedup_expiring(3, 10).unwrap();
+        let mut due = s.dedup_expiring(3, None, 10).unwrap();
         due.sort();
         assert_eq!(due, vec!["a", "b", "z"]);
-        assert!(s.dedup_expiring(3, 10).unwrap().is_empty(), "once");
-        assert_eq!(s.dedup_expiring(3, 100).unwrap(), vec!["c"]);
+        assert!(s.dedup_expiring(3, Some(10), 10).unwrap().is_empty());
+        assert_eq!(s.dedup_expiring(3, Some(10), 100).unwrap(), vec!["c"]);
+        // Read again until forgotten (a crash before the deletes were
+        // durable reads the range again).
+        assert_eq!(s.dedup_expiring(3, None, 10).unwrap().len(), 3);
+        s.forget_dedup_expiring(3, 10).unwrap();
+        assert_eq!(s.dedup_expiring(3, None, 100).unwrap(), vec!["c"]);
         assert_eq!(s.dedup(4, "d").unwrap().map(|d| d.event_ms), Some(0));
         assert_eq!(s.load_partition(4).unwrap().len(), 1);
-        assert!(s.load_partition_rows(4, false).unwrap().is_empty());
+        assert!(s
+            .load_partition_rows(4, false, |_| true)
+            .unwrap()
+            .is_empty());
         s.clear_partition(4).unwrap();
-        assert!(s.dedup_expiring(4, 100).unwrap().is_empty());
+        assert!(s.dedup_expiring(4, None, 100).unwrap().is_empty());
+        drop(s);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// The hand-built lookup keys are the codec's, for short and long ids
+    /// (a length of 128 or more takes two varint bytes) and any spec.
+    #[test]
+    fn lookup_keys_are_the_codecs() {
+        for id in ["", "o1", &"x".repeat(127), &"y".repeat(300), "ünï"] {
+            let mut want = partition_prefix(-3).to_vec();
+            want.extend(codec::encode_key(&RowKey::Dedup(id.into())).unwrap());
+            assert_eq!(dedup_row_key(-3, id), want, "{id}");
+            for spec in [0u16, 3, 200, u16::MAX] {
+                let mut want = partition_prefix(7).to_vec();
+                want.extend(codec::encode_key(&RowKey::Sessions(spec, id.into())).unwrap());
+                assert_eq!(sessions_row_key(7, spec, id), want, "{spec} {id}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_close_time_index_returns_the_sessions_a_time_closes() {
+        assert_eq!(
+            codec::encode_key(&RowKey::Sessions(1, "c".into())).unwrap()[0],
+            SESSIONS_KEY_TAG,
+            "the session key's tag"
+        );
+        let dir = tmp("sindex");
+        let s = Store::open(&dir, 7, &sizing()).unwrap();
+        let session = |start: i64, last: i64, closed: bool| crate::core::Session {
+            start,
+            last,
+            agg: Default::default(),
+            offset: 1,
+            closed,
+        };
+        let set = |p: Partition, spec: u16, c: &str, sessions: Vec<crate::core::Session>| {
+            StateChange::Put(
+                p,
+                StateRow::Sessions(
+                    spec,
+                    c.into(),
+                    SessionSet {
+                        sessions,
+                        retracted: vec![],
+                        offset: 1,
+                    },
+                ),
+            )
+        };
+        s.write(&[
+            set(3, 1, "a", vec![session(-20, -5, false)]),
+            set(3, 1, "b", vec![session(0, 5, true), session(8, 10, false)]),
+            set(3, 1, "c", vec![session(15, 30, false)]),
+            // Another definition and another partition are apart.
+            set(3, 2, "d", vec![session(0, 1, false)]),
+            set(4, 1, "e", vec![session(0, 1, false)]),
+        ])
+        .unwrap();
+        assert_eq!(
+            s.sessions_ending(3, 1, None, 10).unwrap(),
+            (vec!["a".to_string(), "b".to_string()], Some(30))
+        );
+        assert_eq!(
+            s.sessions_ending(3, 1, Some(10), 40).unwrap(),
+            (vec!["c".to_string()], None)
+        );
+        assert_eq!(s.sessions(3, 1, "b").unwrap().unwrap().sessions.len(), 2);
+        assert_eq!(s.sessions(3, 2, "b").unwrap(), None);
+        s.forget_sessions_ending(3, 1, 10).unwrap();
+        assert_eq!(
+            s.sessions_ending(3, 1, None, 100).unwrap().0,
+            vec!["c".to_string()]
+        );
+        assert_eq!(s.sessions_ending(3, 2, None, 100).unwrap().0, vec!["d"]);
+        // Only sets with something to emit again are restored.
+        let kept = s
+            .load_partition_rows(3, true, |r| {
+                matches!(r, StateRow::Sessions(_, _, set) if set.sessions.iter().any(|s| s.closed))
+            })
+            .unwrap();
+        assert_eq!(kept.len(), 1);
+        s.clear_partition(4).unwrap();
+        assert!(s.sessions_ending(4, 1, None, 100).unwrap().0.is_empty());
+        assert_eq!(s.sessions_ending(3, 2, None, 100).unwrap().0, vec!["d"]);
         drop(s);
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -48,11 +48,21 @@ pub struct RocksSizing {
     /// Dedup entries the engine keeps in memory (besides those not yet
     /// durable): a quarter of the limit at [`DEDUP_ENTRY_BYTES`] each.
     pub dedup_cache_entries: u64,
+    /// Session sets (a customer's sessions of one definition) the engine
+    /// keeps in memory (besides those not yet durable or awaiting a
+    /// purge): an eighth of the limit at [`SESSION_SET_BYTES`] each.
+    pub session_cache_sets: u64,
 }
 
 /// What a dedup entry costs in the engine's memory, measured (issue 16:
 /// about 400 bytes with its expiry index).
 pub const DEDUP_ENTRY_BYTES: u64 = 400;
+
+/// What a held session set costs: the set, its aggregate's small vectors,
+/// its key and its entry in the closing index (BENCHMARKS.md, "Peak
+/// memory with a million open sessions": about 600 bytes of the 1.4 KB a
+/// customer cost then).
+pub const SESSION_SET_BYTES: u64 = 600;
 
 impl RocksSizing {
     /// The settings for a limit (`fraction` in (0, 1], checked by the config).
@@ -66,6 +76,7 @@ impl RocksSizing {
             write_buffer_bytes: budget / 4 / MAX_WRITE_BUFFERS as u64,
             max_write_buffers: MAX_WRITE_BUFFERS,
             dedup_cache_entries: limit_bytes / 4 / DEDUP_ENTRY_BYTES,
+            session_cache_sets: limit_bytes / 8 / SESSION_SET_BYTES,
         }
     }
 

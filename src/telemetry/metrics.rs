@@ -35,9 +35,9 @@ pub struct Metrics {
     pub rebuilds_refused: IntCounter,
     pub rebuilds: IntCounter,
     pub local_state_discarded: IntCounterVec,
-    pub state_cache_entries: IntGauge,
+    pub state_cache_entries: IntGaugeVec,
     pub state_cache_lookups: IntCounterVec,
-    pub state_cache_evictions: IntCounter,
+    pub state_cache_evictions: IntCounterVec,
     pub rocksdb_memory: IntGaugeVec,
     pub fx_late_rates: IntCounter,
     pub fx_versions: IntGauge,
@@ -47,6 +47,7 @@ pub struct Metrics {
     pub restore_remaining: IntGaugeVec,
     pub view_records: IntCounter,
     pub view_invalid_records: IntCounter,
+    pub view_shelf_errors: IntCounter,
     pub http_duration: HistogramVec,
     pub webhook_requests: IntCounterVec,
     pub ready: Gauge,
@@ -88,6 +89,7 @@ pub const NAMES: &[&str] = &[
     "tally_restore_remaining_records",
     "tally_view_records_total",
     "tally_view_invalid_records_total",
+    "tally_view_shelf_errors_total",
     "tally_http_request_duration_seconds",
     "tally_webhook_requests_total",
     "tally_ready",
@@ -301,9 +303,12 @@ impl Metrics {
             ),
             state_cache_entries: reg(
                 &r,
-                IntGauge::new(
-                    "tally_state_cache_entries",
-                    "Dedup entries held in memory (the rest are in RocksDB)",
+                IntGaugeVec::new(
+                    Opts::new(
+                        "tally_state_cache_entries",
+                        "Rows held in memory by kind: dedup entries, session sets (the rest are in RocksDB)",
+                    ),
+                    &["kind"],
                 )
                 .expect("valid metric"),
             ),
@@ -312,17 +317,20 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new(
                         "tally_state_cache_lookups_total",
-                        "Dedup lookups by result: hit (in memory) or miss (read from RocksDB)",
+                        "State lookups by kind (dedup, sessions) and result: hit (in memory) or miss (read from RocksDB)",
                     ),
-                    &["result"],
+                    &["kind", "result"],
                 )
                 .expect("valid metric"),
             ),
             state_cache_evictions: reg(
                 &r,
-                IntCounter::new(
-                    "tally_state_cache_evictions_total",
-                    "Dedup entries dropped from memory once durable (over the cache limit)",
+                IntCounterVec::new(
+                    Opts::new(
+                        "tally_state_cache_evictions_total",
+                        "Rows dropped from memory once durable (over the cache limit), by kind",
+                    ),
+                    &["kind"],
                 )
                 .expect("valid metric"),
             ),
@@ -404,6 +412,14 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            view_shelf_errors: reg(
+                &r,
+                IntCounter::new(
+                    "tally_view_shelf_errors_total",
+                    "Reads and writes of the view's on-disk session store that failed (the customer's sessions are served again after their next update)",
+                )
+                .expect("valid metric"),
+            ),
             view_records: reg(
                 &r,
                 IntCounter::new(
@@ -458,8 +474,12 @@ impl Metrics {
         for kind in ["assign", "revoke"] {
             m.rebalances.with_label_values(&[kind]);
         }
-        for result in ["hit", "miss"] {
-            m.state_cache_lookups.with_label_values(&[result]);
+        for kind in ["dedup", "sessions"] {
+            m.state_cache_entries.with_label_values(&[kind]);
+            m.state_cache_evictions.with_label_values(&[kind]);
+            for result in ["hit", "miss"] {
+                m.state_cache_lookups.with_label_values(&[kind, result]);
+            }
         }
         for kind in ["block_cache", "memtables"] {
             m.rocksdb_memory.with_label_values(&[kind]);

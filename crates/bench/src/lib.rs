@@ -855,9 +855,9 @@ pub fn latency(
 
 /// `rss`: the peak resident memory of a pod holding `customers` open
 /// sessions and `orders` live dedup entries. The orders go round the
-/// customers, event times spread over ten minutes (less than the 30-minute
-/// session gap and the hour of dedup horizon, so no session closes and no
-/// entry expires): one order a customer measures sessions, many orders
+/// customers, event times spread over `span_minutes` (less than the
+/// 30-minute session gap and the hour of dedup horizon, so no session
+/// closes and no entry expires): one order a customer measures sessions, many orders
 /// over few customers measures dedup. The pod is a `tally run` child process, so its memory is
 /// measured alone (`VmHWM` from `/proc/<pid>/status`), with its memory
 /// limit set to 512 MiB as a container would give it (RocksDB sizes its
@@ -871,9 +871,16 @@ pub fn rss(
     base: &PodConfig,
     customers: u64,
     orders: u64,
+    span_minutes: u64,
     tally: &std::path::Path,
 ) -> Result<serde_json::Value, BenchError> {
     const CHUNK: u64 = 50_000;
+    if span_minutes == 0 || span_minutes >= 30 {
+        return Err(BenchError::Invalid(
+            "--span-minutes must be in 1..30 (under the session gap)".into(),
+        ));
+    }
+    let span_ms = span_minutes * 60_000;
     const LIMIT: u64 = 512 << 20;
     let broker = EmbeddedBroker::start(1, topics)?;
     let brokers = broker.bootstrap_servers();
@@ -910,7 +917,7 @@ pub fn rss(
             .set("linger.ms", "5")
             .set("queue.buffering.max.messages", "1000000")
             .create()?;
-        let t0 = pod::now_ms() - 600_000;
+        let t0 = pod::now_ms() - span_ms as i64;
         let started = Instant::now();
         let mut sent = 0u64;
         while sent < orders {
@@ -920,7 +927,7 @@ pub fn rss(
                 let payload = format!(
                     r#"{{"order_id":"o{i}","customer_id":"c{c}","amount":"{}.25","currency":"EUR","created_at":{},"region":"eu"}}"#,
                     1 + i % 500,
-                    t0 + (i * 600_000 / orders) as i64
+                    t0 + (u128::from(i) * u128::from(span_ms) / u128::from(orders)) as i64
                 );
                 let key = format!("c{c}");
                 gen::send_waiting(
@@ -963,6 +970,7 @@ pub fn rss(
             "customers": customers,
             "open_sessions": customers,
             "orders": orders,
+            "span_minutes": span_minutes,
             "dedup_entries": orders,
             "memory_limit_bytes": LIMIT,
             "peak_rss_bytes": hwm,

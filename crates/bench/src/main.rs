@@ -57,6 +57,13 @@ struct Args {
     /// by default one a customer.
     #[arg(long)]
     orders: Option<u64>,
+    /// rss: the event times span this many minutes, ending now (under the
+    /// 30-minute session gap, so every session is still open at the end).
+    /// The tumbling and sliding windows' customer sets hold the distinct
+    /// customers of their last minutes, so a shorter span packs more of
+    /// them into each window.
+    #[arg(long, default_value_t = 10)]
+    span_minutes: u64,
     /// restore: an external broker (the embedded one keeps ~5 MiB per partition).
     #[arg(long = "brokers")]
     external_brokers: Option<String>,
@@ -97,7 +104,14 @@ fn main() -> anyhow::Result<()> {
             let orders = args.orders.unwrap_or(args.customers);
             println!(
                 "{}",
-                tally_bench::rss(&specs, &base, args.customers, orders, &exe)?
+                tally_bench::rss(
+                    &specs,
+                    &base,
+                    args.customers,
+                    orders,
+                    args.span_minutes,
+                    &exe,
+                )?
             );
         }
         Scenario::View => {

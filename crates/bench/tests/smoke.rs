@@ -49,15 +49,15 @@ fn rss_measures_a_pod_process_holding_the_sessions() {
     // The `tally` binary the workspace build put beside this test's.
     let exe =
         &tally_bench::sibling_tally_binary().expect("build the workspace: cargo test --workspace");
-    let r = tally_bench::rss(&declared_topics(), &base(), 5_000, 5_000, exe).unwrap();
+    let r = tally_bench::rss(&declared_topics(), &base(), 5_000, 5_000, 10, exe).unwrap();
     assert_eq!(
         (r["scenario"].as_str(), r["open_sessions"].as_u64()),
         (Some("rss"), Some(5_000))
     );
     // A pod process is tens of MiB at least; zero would mean nothing was read.
     assert!(r["peak_rss_bytes"].as_u64().unwrap() > 10 << 20, "{r}");
-    assert!(tally_bench::rss(&declared_topics(), &base(), 0, 0, exe).is_err());
-    assert!(tally_bench::rss(&declared_topics(), &base(), 10, 5, exe).is_err());
+    assert!(tally_bench::rss(&declared_topics(), &base(), 0, 0, 10, exe).is_err());
+    assert!(tally_bench::rss(&declared_topics(), &base(), 10, 5, 10, exe).is_err());
 }
 
 #[test]

@@ -477,10 +477,42 @@ pub enum Readable {
 pub trait StateReader {
     fn dedup(&mut self, p: Partition, order_id: &str) -> Option<DedupRow>;
     /// The ids of the stored dedup entries of partition `p` whose event
-    /// time is at most `upto_event_ms`, each once: the store keeps them
-    /// ordered by event time and forgets what it returned. It may return
-    /// ids whose entry has since changed or gone (the engine checks each).
-    fn dedup_expiring(&mut self, p: Partition, upto_event_ms: i64) -> Vec<String>;
+    /// time is in `(after, upto_event_ms]` (`after` `None`: from the
+    /// start), from an index the store keeps ordered by event time. It
+    /// may return ids whose entry has since changed or gone (the engine
+    /// checks each).
+    fn dedup_expiring(
+        &mut self,
+        p: Partition,
+        after: Option<i64>,
+        upto_event_ms: i64,
+    ) -> Vec<String>;
+    /// The index entries up to `upto_event_ms` are no longer needed: the
+    /// deletes of the entries they named are durable. Why not forget on
+    /// reading: a crash before those deletes are durable would leave the
+    /// rows with no index entry, in the store for good.
+    fn forget_dedup_expiring(&mut self, p: Partition, upto_event_ms: i64);
+    /// The stored sessions of one customer for session definition `spec`:
+    /// the durable version, read when the set is not in the cache
+    /// ([`Engine::set_session_cache`]).
+    fn sessions(&mut self, p: Partition, spec: u16, customer: &str) -> Option<SessionSet>;
+    /// The close-time index, kept by the store beside the rows: the
+    /// customers with a stored *open* session of definition `spec` whose
+    /// last event time is in `(after, upto_last_ms]` (`after` `None`: from
+    /// the start), ascending, and the last event time of the first entry
+    /// beyond `upto_last_ms`, if any. Entries may be stale (the session
+    /// has since grown, closed or gone): the engine checks each against
+    /// the set. Nothing is forgotten: a scan may be repeated.
+    fn sessions_ending(
+        &mut self,
+        p: Partition,
+        spec: u16,
+        after: Option<i64>,
+        upto_last_ms: i64,
+    ) -> (Vec<String>, Option<i64>);
+    /// The index entries of `spec` up to `upto_last_ms` are no longer
+    /// needed: every session they name is closed in the durable state.
+    fn forget_sessions_ending(&mut self, p: Partition, spec: u16, upto_last_ms: i64);
 }
 
 /// Every entry in memory: nothing to read (the engine's default, with no
@@ -492,14 +524,37 @@ impl StateReader for InMemory {
         None
     }
 
-    fn dedup_expiring(&mut self, _p: Partition, _upto_event_ms: i64) -> Vec<String> {
+    fn dedup_expiring(
+        &mut self,
+        _p: Partition,
+        _after: Option<i64>,
+        _upto_event_ms: i64,
+    ) -> Vec<String> {
         Vec::new()
     }
+
+    fn forget_dedup_expiring(&mut self, _p: Partition, _upto_event_ms: i64) {}
+
+    fn sessions(&mut self, _p: Partition, _spec: u16, _customer: &str) -> Option<SessionSet> {
+        None
+    }
+
+    fn sessions_ending(
+        &mut self,
+        _p: Partition,
+        _spec: u16,
+        _after: Option<i64>,
+        _upto_last_ms: i64,
+    ) -> (Vec<String>, Option<i64>) {
+        (Vec::new(), None)
+    }
+
+    fn forget_sessions_ending(&mut self, _p: Partition, _spec: u16, _upto_last_ms: i64) {}
 }
 
-/// The dedup cache's counters, for metrics.
+/// One cache's counters, for metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CacheStats {
+pub struct RowCacheStats {
     /// Lookups answered from memory.
     pub hits: u64,
     /// Lookups that went to the reader.
@@ -508,6 +563,13 @@ pub struct CacheStats {
     pub evicted: u64,
     /// Entries held now.
     pub entries: u64,
+}
+
+/// The state caches' counters: dedup entries and session sets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub dedup: RowCacheStats,
+    pub sessions: RowCacheStats,
 }
 
 #[derive(Default)]
@@ -543,6 +605,17 @@ struct Part {
     /// With a cache limit: the event time up to which the store was asked
     /// for expiring entries (the expiry index lives in the store then).
     dedup_scanned: Option<i64>,
+    /// Index ranges read, each with the flush that carries the deletes
+    /// they caused: forgotten once that flush is durable.
+    dedup_forget: VecDeque<(FlushId, i64)>,
+    /// Session sets written by flushes not yet durable (with a session
+    /// cache limit only): they may not be evicted before.
+    sessions_inflight: VecDeque<(FlushId, Vec<(u16, String)>)>,
+    /// With a session cache limit, per window definition: how far the
+    /// store's close-time index was read (sessions not in memory).
+    session_scan: Vec<SessionScan>,
+    /// Open sessions, held in memory or not (the open-windows figure).
+    open_sessions: usize,
     meta_dirty: bool,
     pending_purge: Vec<Purge>,
     /// The watermark each flush carried, until that flush is durable.
@@ -604,6 +677,43 @@ impl Part {
     fn is_closed_at(&self, close_at: i64) -> bool {
         matches!(self.watermark, Some(wm) if close_at <= wm)
     }
+
+    /// Takes a session set read from the store into memory, its open
+    /// sessions into the closing set (`gap_grace`: the definition's gap
+    /// plus the grace).
+    fn load_sessions(&mut self, skey: (u16, String), set: SessionSet, gap_grace: i64) {
+        for s in set.sessions.iter().filter(|s| !s.closed) {
+            let key = WindowKey {
+                spec: skey.0,
+                group: skey.1.clone(),
+                start: s.start,
+            };
+            self.closing.insert((s.last + gap_grace, key));
+        }
+        self.sessions.insert(skey, set);
+    }
+}
+
+/// How far the store's close-time index of one session definition was
+/// read. Why a hint and not a scan per watermark step: the watermark
+/// moves with almost every record, and a RocksDB iterator costs more than
+/// the record. `next` bounds from below the last event time of every
+/// open session the store holds beyond `scanned` that is not in memory:
+/// the engine reads the index again only once a watermark reaches it.
+#[derive(Clone, Copy, Debug, Default)]
+struct SessionScan {
+    /// Index entries up to here were read (`None`: none yet).
+    scanned: Option<i64>,
+    /// `None`: unknown (read at the next step).
+    next: Option<i64>,
+    /// Index entries up to here were forgotten (durably closed).
+    forgotten: Option<i64>,
+}
+
+/// A session set that must stay in memory until its purge: it has a
+/// closed session or a retraction waiting for a durable flush.
+fn needs_memory(set: &SessionSet) -> bool {
+    !set.retracted.is_empty() || set.sessions.iter().any(|s| s.closed)
 }
 
 fn session_row(s: &Session) -> WindowRow {
@@ -625,6 +735,10 @@ pub struct Engine {
     scratch: WindowKey,
     /// At most this many dedup entries in memory; `None`: all of them.
     dedup_limit: Option<usize>,
+    /// At most this many session sets (a customer's sessions of one
+    /// definition) in memory beyond the ones not yet durable or awaiting
+    /// a purge; `None`: all of them.
+    session_limit: Option<usize>,
     cache: CacheStats,
 }
 
@@ -642,6 +756,7 @@ impl Engine {
                 start: 0,
             },
             dedup_limit: None,
+            session_limit: None,
             cache: CacheStats::default(),
         })
     }
@@ -655,6 +770,28 @@ impl Engine {
         self.dedup_limit = Some(entries);
     }
 
+    /// Holds at most `sets` session sets in memory (beyond the ones not
+    /// yet durable and the ones awaiting a purge), reading the others
+    /// through the [`StateReader`] given to the `_in` methods, and closing
+    /// the ones not in memory from the store's close-time index
+    /// ([`StateReader::sessions_ending`]). A restore keeps only the sets
+    /// with something to emit again (a closed session or a retraction).
+    pub fn set_session_cache(&mut self, sets: usize) {
+        self.session_limit = Some(sets);
+    }
+
+    /// Whether a restore keeps `row` in memory: with cache limits, dedup
+    /// entries and session sets holding only open sessions stay in the
+    /// store (the shell may skip them while reading; the engine skips
+    /// them too).
+    pub fn restore_keeps(&self, row: &StateRow) -> bool {
+        match row {
+            StateRow::Dedup(..) => self.dedup_limit.is_none(),
+            StateRow::Sessions(_, _, set) => self.session_limit.is_none() || needs_memory(set),
+            _ => true,
+        }
+    }
+
     /// Whether dedup entries are read through a [`StateReader`] (a cache
     /// limit is set): a restore then need not be given them.
     pub fn dedup_cached(&self) -> bool {
@@ -663,10 +800,10 @@ impl Engine {
 
     /// The dedup cache's counters.
     pub fn cache_stats(&self) -> CacheStats {
-        CacheStats {
-            entries: self.parts.values().map(|p| p.dedup.len() as u64).sum(),
-            ..self.cache
-        }
+        let mut c = self.cache;
+        c.dedup.entries = self.parts.values().map(|p| p.dedup.len() as u64).sum();
+        c.sessions.entries = self.parts.values().map(|p| p.sessions.len() as u64).sum();
+        c
     }
 
     pub fn config(&self) -> &CoreConfig {
@@ -727,9 +864,17 @@ impl Engine {
         for w in &self.cfg.windows {
             m.entry(w.kind.name()).or_insert(0);
         }
+        let session_kind = WindowKind::Session { gap_ms: 1 }.name();
         for part in self.parts.values() {
             for (_, key) in &part.closing {
-                *m.entry(self.spec(key.spec).kind.name()).or_insert(0) += 1;
+                let kind = self.spec(key.spec).kind.name();
+                // Sessions are counted whether held or not (below).
+                if kind != session_kind {
+                    *m.entry(kind).or_insert(0) += 1;
+                }
+            }
+            if let Some(n) = m.get_mut(session_kind) {
+                *n += part.open_sessions;
             }
         }
         m
@@ -769,6 +914,22 @@ impl Engine {
         rows: impl IntoIterator<Item = StateRow>,
         wall_ms: i64,
         out: &mut Vec<Effect>,
+    ) {
+        debug_assert!(self.session_limit.is_none(), "a cache limit needs a reader");
+        self.restore_in(p, rows, wall_ms, out, &mut InMemory);
+    }
+
+    /// [`Engine::restore`], with a reader for what the restored watermark
+    /// closes among the rows left in the store. Rows that
+    /// [`Engine::restore_keeps`] refuses are passed over (the shell may
+    /// leave them out).
+    pub fn restore_in(
+        &mut self,
+        p: Partition,
+        rows: impl IntoIterator<Item = StateRow>,
+        wall_ms: i64,
+        out: &mut Vec<Effect>,
+        reader: &mut dyn StateReader,
     ) {
         let mut part = Part::new(wall_ms, self.cfg.hash_seed);
         part.meta_dirty = false;
@@ -813,6 +974,11 @@ impl Engine {
                 }
                 StateRow::Sessions(spec, customer, set) => {
                     if self.cfg.windows.get(usize::from(spec)).is_none() {
+                        continue;
+                    }
+                    part.open_sessions += set.sessions.iter().filter(|s| !s.closed).count();
+                    if self.session_limit.is_some() && !needs_memory(&set) {
+                        // Left in the store, with its close-time index.
                         continue;
                     }
                     for start in &set.retracted {
@@ -868,7 +1034,7 @@ impl Engine {
         part.durable_wm = part.watermark;
         self.parts.insert(p, part);
         // Anything the restored watermark already passed closes now.
-        self.advance(p, out);
+        self.advance(p, out, reader);
     }
 
     /// Applies one input record. Records below the partition's next offset
@@ -897,6 +1063,7 @@ impl Engine {
         reader: &mut dyn StateReader,
     ) {
         let next_flush = self.flush_seq + 1;
+        let session_limited = self.session_limit.is_some();
         let part = self
             .parts
             .entry(p)
@@ -925,9 +1092,9 @@ impl Engine {
         let horizon = self.cfg.dedup_horizon_ms;
         if self.dedup_limit.is_some() {
             if part.dedup.contains_key(&order.order.order_id) {
-                self.cache.hits += 1;
+                self.cache.dedup.hits += 1;
             } else {
-                self.cache.misses += 1;
+                self.cache.dedup.misses += 1;
                 if let Some(row) = reader.dedup(p, &order.order.order_id) {
                     part.dedup.insert(order.order.order_id.clone(), row);
                 }
@@ -969,7 +1136,8 @@ impl Engine {
                         offset,
                         next_flush,
                     };
-                    fold.apply(part, &order, customer, out)
+                    let cache = session_limited.then_some(&mut self.cache.sessions);
+                    fold.apply(part, &order, customer, out, cache, reader)
                 }
                 _ => {
                     // One key, reused: looking up a window that exists
@@ -1039,7 +1207,7 @@ impl Engine {
             let candidate = t - self.cfg.out_of_orderness_ms;
             if part.watermark.is_none_or(|w| candidate > w) {
                 part.watermark = Some(candidate);
-                self.advance(p, out);
+                self.advance(p, out, reader);
             }
         }
     }
@@ -1068,20 +1236,28 @@ impl Engine {
     /// lets idle partitions follow the combined watermark of the active
     /// ones.
     pub fn on_tick(&mut self, p: Partition, wall_ms: i64, out: &mut Vec<Effect>) {
+        debug_assert!(self.session_limit.is_none(), "a cache limit needs a reader");
         let timeout = self.cfg.idle_timeout_ms;
         if let Some(part) = self.parts.get_mut(&p) {
             part.mark_idle(wall_ms, timeout);
         }
-        self.release_idle(out);
+        self.release_idle(out, &mut InMemory);
     }
 
     /// [`Engine::on_tick`] for every partition held.
     pub fn tick(&mut self, wall_ms: i64, out: &mut Vec<Effect>) {
+        debug_assert!(self.session_limit.is_none(), "a cache limit needs a reader");
+        self.tick_in(wall_ms, out, &mut InMemory);
+    }
+
+    /// [`Engine::tick`], reading sessions a released watermark closes
+    /// through `reader`.
+    pub fn tick_in(&mut self, wall_ms: i64, out: &mut Vec<Effect>, reader: &mut dyn StateReader) {
         let timeout = self.cfg.idle_timeout_ms;
         for part in self.parts.values_mut() {
             part.mark_idle(wall_ms, timeout);
         }
-        self.release_idle(out);
+        self.release_idle(out, reader);
     }
 
     /// The minimum watermark over partitions that are not idle; idle
@@ -1098,7 +1274,7 @@ impl Engine {
         min
     }
 
-    fn release_idle(&mut self, out: &mut Vec<Effect>) {
+    fn release_idle(&mut self, out: &mut Vec<Effect>, reader: &mut dyn StateReader) {
         // With every partition idle, the lowest watermark any of them
         // reached: a partition that never had a record must still vouch
         // for what the others closed (otherwise the view, which needs
@@ -1121,23 +1297,28 @@ impl Engine {
                 part.watermark = Some(combined);
                 part.meta_dirty = true;
             }
-            self.advance(p, out);
+            self.advance(p, out, reader);
         }
     }
 
     /// End of input for a partition (bounded replay): the watermark becomes
     /// +∞ and every window closes.
     pub fn finish(&mut self, p: Partition, out: &mut Vec<Effect>) {
+        self.finish_in(p, out, &mut InMemory);
+    }
+
+    /// [`Engine::finish`], reading the sessions it closes through `reader`.
+    pub fn finish_in(&mut self, p: Partition, out: &mut Vec<Effect>, reader: &mut dyn StateReader) {
         if let Some(part) = self.parts.get_mut(&p) {
             part.watermark = Some(i64::MAX);
             part.meta_dirty = true;
         }
-        self.advance(p, out);
+        self.advance(p, out, reader);
     }
 
     /// Closes every window the partition's watermark has passed (emitting
     /// its final result once) and expires dedup entries.
-    fn advance(&mut self, p: Partition, out: &mut Vec<Effect>) {
+    fn advance(&mut self, p: Partition, out: &mut Vec<Effect>, reader: &mut dyn StateReader) {
         let Some(part) = self.parts.get_mut(&p) else {
             return;
         };
@@ -1145,6 +1326,41 @@ impl Engine {
             return;
         };
         part.meta_dirty = true;
+        if self.session_limit.is_some() {
+            // Sessions not in memory that this watermark closes: from the
+            // store's close-time index, into memory and the closing set,
+            // so they close below in the same order as held ones.
+            let grace = self.cfg.grace_ms;
+            for (ix, spec) in self.cfg.windows.iter().enumerate() {
+                let WindowKind::Session { gap_ms } = spec.kind else {
+                    continue;
+                };
+                let bound = wm.saturating_sub(gap_ms).saturating_sub(grace);
+                if part.session_scan.len() <= ix {
+                    part.session_scan
+                        .resize(self.cfg.windows.len(), SessionScan::default());
+                }
+                let scan = part.session_scan[ix];
+                if scan.scanned.is_some_and(|s| s >= bound) || scan.next.is_some_and(|n| n > bound)
+                {
+                    continue;
+                }
+                let spec_ix = ix as u16;
+                let (customers, next) = reader.sessions_ending(p, spec_ix, scan.scanned, bound);
+                part.session_scan[ix].scanned = Some(bound);
+                part.session_scan[ix].next = Some(next.unwrap_or(i64::MAX));
+                for customer in customers {
+                    let skey = (spec_ix, customer);
+                    if part.sessions.contains_key(&skey) {
+                        continue;
+                    }
+                    self.cache.sessions.misses += 1;
+                    if let Some(set) = reader.sessions(p, spec_ix, &skey.1) {
+                        part.load_sessions(skey, set, gap_ms + grace);
+                    }
+                }
+            }
+        }
         while part.closing.first().is_some_and(|(c, _)| *c <= wm) {
             let Some((close_at, key)) = part.closing.pop_first() else {
                 break;
@@ -1159,6 +1375,7 @@ impl Engine {
                     continue;
                 };
                 s.closed = true;
+                part.open_sessions = part.open_sessions.saturating_sub(1);
                 let row = session_row(s);
                 let at = row.end.saturating_add(self.cfg.window_retention_ms);
                 part.expiring.insert((at, key.clone()));
@@ -1213,6 +1430,10 @@ impl Engine {
             touched.sort();
             let mut stouched: Vec<(u16, String)> = part.sessions_touched.drain().collect();
             stouched.sort();
+            if self.session_limit.is_some() && !stouched.is_empty() {
+                part.sessions_inflight
+                    .push_back((self.flush_seq, stouched.clone()));
+            }
             let mut ids: Vec<String> = part.dedup_touched.drain().collect();
             ids.sort();
             if self.dedup_limit.is_some() && !ids.is_empty() {
@@ -1259,7 +1480,7 @@ impl Engine {
             }
             for (spec, customer) in stouched {
                 match part.sessions.get(&(spec, customer.clone())) {
-                    Some(set) => {
+                    Some(set) if !(set.sessions.is_empty() && set.retracted.is_empty()) => {
                         for s in set.sessions.iter().filter(|s| !s.closed) {
                             let key = WindowKey {
                                 spec,
@@ -1273,7 +1494,7 @@ impl Engine {
                             StateRow::Sessions(spec, customer, set.clone()),
                         ));
                     }
-                    None => changes.push(StateChange::Delete(p, RowKey::Sessions(spec, customer))),
+                    _ => changes.push(StateChange::Delete(p, RowKey::Sessions(spec, customer))),
                 }
             }
             for id in ids {
@@ -1320,6 +1541,7 @@ impl Engine {
     pub fn on_durable_in(&mut self, id: FlushId, reader: &mut dyn StateReader) {
         let horizon = self.cfg.dedup_horizon_ms;
         let limited = self.dedup_limit.is_some();
+        let sessions_limited = self.session_limit.is_some();
         for (&p, part) in self.parts.iter_mut() {
             while let Some((fid, wm)) = part.flushed_wm.front().copied() {
                 if fid > id {
@@ -1354,7 +1576,13 @@ impl Engine {
                         let skey = (key.spec, key.group.clone());
                         if let Some(set) = part.sessions.get_mut(&skey) {
                             set.sessions.retain(|s| !(s.closed && s.start == key.start));
-                            if set.sessions.is_empty() && set.retracted.is_empty() {
+                            // With a cache, an empty set stays until its
+                            // delete is durable: absent would mean "read
+                            // the store", which still has the old set.
+                            if set.sessions.is_empty()
+                                && set.retracted.is_empty()
+                                && !sessions_limited
+                            {
                                 part.sessions.remove(&skey);
                             }
                             part.sessions_touched.insert(skey);
@@ -1364,7 +1592,10 @@ impl Engine {
                         let skey = (key.spec, key.group.clone());
                         if let Some(set) = part.sessions.get_mut(&skey) {
                             set.retracted.retain(|s| *s != key.start);
-                            if set.sessions.is_empty() && set.retracted.is_empty() {
+                            if set.sessions.is_empty()
+                                && set.retracted.is_empty()
+                                && !sessions_limited
+                            {
                                 part.sessions.remove(&skey);
                             }
                             part.sessions_touched.insert(skey);
@@ -1396,15 +1627,50 @@ impl Engine {
             {
                 part.dedup_inflight.pop_front();
             }
+            while part
+                .sessions_inflight
+                .front()
+                .is_some_and(|(fid, _)| *fid <= id)
+            {
+                part.sessions_inflight.pop_front();
+            }
+            // Close-time index entries a durable watermark covers name
+            // sessions closed (or gone) in the durable state: the store
+            // may drop them.
+            if let (true, Some(w)) = (self.session_limit.is_some(), durable_wm) {
+                for (ix, spec) in self.cfg.windows.iter().enumerate() {
+                    let WindowKind::Session { gap_ms } = spec.kind else {
+                        continue;
+                    };
+                    let upto = w.saturating_sub(gap_ms).saturating_sub(self.cfg.grace_ms);
+                    if part.session_scan.len() <= ix {
+                        part.session_scan
+                            .resize(self.cfg.windows.len(), SessionScan::default());
+                    }
+                    let scan = &mut part.session_scan[ix];
+                    if scan.forgotten.is_none_or(|f| upto > f) {
+                        scan.forgotten = Some(upto);
+                        reader.forget_sessions_ending(p, ix as u16, upto);
+                    }
+                }
+            }
             // With a cache limit the expiry index is the store's: ask it
             // what a newly durable watermark expired, as the purges above
             // do for the in-memory index (same flush, same deletes).
             let due = durable_wm
                 .filter(|_| limited)
                 .map(|w| w.saturating_sub(horizon));
+            while let Some((fid, upto)) = part.dedup_forget.front().copied() {
+                if fid > id {
+                    break;
+                }
+                part.dedup_forget.pop_front();
+                reader.forget_dedup_expiring(p, upto);
+            }
             if let Some(upto) = due.filter(|u| part.dedup_scanned.is_none_or(|s| *u > s)) {
-                part.dedup_scanned = Some(upto);
-                for d in reader.dedup_expiring(p, upto) {
+                let after = part.dedup_scanned.replace(upto);
+                part.dedup_forget.push_back((self.flush_seq + 1, upto));
+                for d in reader.dedup_expiring(p, after, upto) {
                     if !part.dedup.contains_key(&d) {
                         match reader.dedup(p, &d) {
                             Some(row) => {
@@ -1426,6 +1692,64 @@ impl Engine {
             }
         }
         self.evict_dedup();
+        self.evict_sessions();
+    }
+
+    /// Beyond the session cache limit, drops every clean session set: not
+    /// changed since the last flush, not in a flush not yet durable, and
+    /// with nothing awaiting a purge (a closed session, a retraction), so
+    /// the reader returns it as it is. Their open sessions leave the
+    /// closing set; the store's close-time index has them, and the scan
+    /// hint comes down to the earliest of them.
+    fn evict_sessions(&mut self) {
+        let Some(limit) = self.session_limit else {
+            return;
+        };
+        let held: usize = self.parts.values().map(|p| p.sessions.len()).sum();
+        if held <= limit {
+            return;
+        }
+        let grace = self.cfg.grace_ms;
+        let windows = &self.cfg.windows;
+        for part in self.parts.values_mut() {
+            let mut keep: FastSet<&(u16, String)> = FastSet::with_hasher(Seeded::with_seed(0));
+            keep.extend(part.sessions_touched.iter());
+            for (_, sets) in &part.sessions_inflight {
+                keep.extend(sets.iter());
+            }
+            let mut gone: Vec<(u16, String)> = Vec::new();
+            for (skey, set) in &part.sessions {
+                if !keep.contains(skey) && !needs_memory(set) {
+                    gone.push(skey.clone());
+                }
+            }
+            drop(keep);
+            if part.session_scan.len() < windows.len() {
+                part.session_scan
+                    .resize(windows.len(), SessionScan::default());
+            }
+            for skey in gone {
+                let Some(set) = part.sessions.remove(&skey) else {
+                    continue;
+                };
+                let WindowKind::Session { gap_ms } = windows[usize::from(skey.0)].kind else {
+                    continue;
+                };
+                let (spec, group) = skey;
+                let mut key = WindowKey {
+                    spec,
+                    group,
+                    start: 0,
+                };
+                for s in set.sessions.iter().filter(|s| !s.closed) {
+                    key.start = s.start;
+                    part.closing.remove(&(s.last + gap_ms + grace, key.clone()));
+                    let scan = &mut part.session_scan[usize::from(spec)];
+                    scan.next = scan.next.map(|n| n.min(s.last));
+                }
+                self.cache.sessions.evicted += 1;
+            }
+        }
     }
 
     /// Beyond the cache limit, drops every clean dedup entry: neither
@@ -1449,7 +1773,7 @@ impl Engine {
             }
             let before = part.dedup.len();
             part.dedup.retain(|id, _| keep.contains(id.as_str()));
-            self.cache.evicted += (before - part.dedup.len()) as u64;
+            self.cache.dedup.evicted += (before - part.dedup.len()) as u64;
         }
     }
 
@@ -1558,12 +1882,16 @@ impl SessionFold<'_> {
     /// an order that arrives after its neighbour closed, but whose own
     /// session is still open, starts or joins another session. So whether a
     /// closed session is still held or already purged changes nothing.
+    /// `cache`: with a session cache limit, its counters; a set not in
+    /// memory is then read through `reader`.
     fn apply(
         &self,
         part: &mut Part,
         order: &EnrichedOrder,
         customer: u64,
         out: &mut Vec<Effect>,
+        cache: Option<&mut RowCacheStats>,
+        reader: &mut dyn StateReader,
     ) -> bool {
         let (gap, grace) = (self.gap, self.grace);
         let t = order.order.created_at_ms;
@@ -1574,6 +1902,16 @@ impl SessionFold<'_> {
         // Look up before inserting: a customer seen before costs one key
         // (the lookup's), not the two an `entry` and its clone would.
         let skey = (self.spec_ix, cust.clone());
+        if let Some(cache) = cache {
+            if part.sessions.contains_key(&skey) {
+                cache.hits += 1;
+            } else {
+                cache.misses += 1;
+                if let Some(set) = reader.sessions(self.p, self.spec_ix, cust) {
+                    part.load_sessions(skey.clone(), set, gap + grace);
+                }
+            }
+        }
         let set = match part.sessions.get_mut(&skey) {
             Some(set) => set,
             None => part.sessions.entry(skey.clone()).or_default(),
@@ -1601,6 +1939,7 @@ impl SessionFold<'_> {
             offset: self.offset,
             closed: false,
         };
+        part.open_sessions = (part.open_sessions + 1).saturating_sub(touching.len());
         for s in &touching {
             merged.start = merged.start.min(s.start);
             merged.last = merged.last.max(s.last);

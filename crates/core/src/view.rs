@@ -215,6 +215,35 @@ pub struct AsOf {
 /// (start, spec, key): fixed windows sort by time first, for range queries.
 type FixedKey = (i64, String, String);
 
+/// One session as a [`SessionShelf`] keeps it: the names are implied (the
+/// customer is the shelf's key; kind and group-by are always "session" and
+/// "customer").
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShelvedSession {
+    pub spec: String,
+    pub start: i64,
+    pub end: i64,
+    /// (input partition, final, writer epoch, partial aggregate).
+    pub partials: Vec<(Partition, bool, u64, PartialAgg)>,
+}
+
+/// Where the view keeps its sessions when they must not all be in memory
+/// (issue 16: every pod materialises every session of the group, ten
+/// million of them at 512 MiB). Keyed by customer: each value is that
+/// customer's sessions, sorted by (spec, start). The shell implements it
+/// over a local RocksDB that it rebuilds from `revenue-windows` at every
+/// start (the view is a cache of the topic). A value interface: the view
+/// stays pure, and what it answers depends only on what the shelf
+/// returns.
+pub trait SessionShelf: Send + Sync {
+    /// The customer's sessions (empty: none).
+    fn get(&self, customer: &str) -> Vec<ShelvedSession>;
+    /// Replaces the customer's sessions (empty: removes the customer).
+    fn put(&mut self, customer: &str, sessions: &[ShelvedSession]);
+    /// Every customer's sessions, in any order, until `f` returns false.
+    fn scan(&self, f: &mut dyn FnMut(&str, Vec<ShelvedSession>) -> bool);
+}
+
 #[derive(Default)]
 pub struct View {
     grace_ms: i64,
@@ -244,6 +273,50 @@ pub struct View {
     sessions_swept_at: Option<i64>,
     /// Windows and sessions dropped for their retention.
     expired: u64,
+    /// With a shelf, sessions live there, not in `sessions`.
+    shelf: Option<Box<dyn SessionShelf>>,
+    /// Sessions on the shelf.
+    shelved: usize,
+}
+
+/// A shelved session as an entry of `customer`'s.
+fn unshelved(customer: &Arc<str>, kind: &Arc<str>, by: &Arc<str>, s: ShelvedSession) -> Entry {
+    let mut e = Entry::new(Head {
+        spec: Arc::from(s.spec),
+        kind: kind.clone(),
+        by: by.clone(),
+        key: customer.clone(),
+        start: s.start,
+        end: s.end,
+    });
+    e.partials = s
+        .partials
+        .into_iter()
+        .map(|(p, is_final, epoch, agg)| {
+            let partial = Partial {
+                is_final,
+                epoch,
+                agg,
+            };
+            (p, partial)
+        })
+        .collect();
+    e.refresh();
+    e
+}
+
+/// An entry as the shelf keeps it.
+fn shelve(e: &Entry) -> ShelvedSession {
+    ShelvedSession {
+        spec: e.head.spec.to_string(),
+        start: e.head.start,
+        end: e.head.end,
+        partials: e
+            .partials
+            .iter()
+            .map(|(p, x)| (*p, x.is_final, x.epoch, x.agg.clone()))
+            .collect(),
+    }
 }
 
 /// Where a customer's session `(spec, start)` is, or would go, in its list.
@@ -284,6 +357,86 @@ impl View {
         View {
             grace_ms,
             ..View::default()
+        }
+    }
+
+    /// Keeps the sessions on `shelf` instead of in memory (set before the
+    /// first update; the shelf starts empty).
+    pub fn set_session_shelf(&mut self, shelf: Box<dyn SessionShelf>) {
+        self.shelf = Some(shelf);
+    }
+
+    /// Whether sessions are kept on a shelf.
+    pub fn shelved(&self) -> bool {
+        self.shelf.is_some()
+    }
+
+    /// Applies `change` to a customer's sessions wherever they are kept.
+    fn with_sessions<R>(&mut self, customer: &str, change: impl FnOnce(&mut Vec<Entry>) -> R) -> R {
+        if self.shelf.is_none() {
+            let key = match self.sessions.get_key_value(customer) {
+                Some((k, _)) => k.clone(),
+                None => Arc::from(customer),
+            };
+            let list = self.sessions.entry(key.clone()).or_default();
+            let r = change(list);
+            if list.is_empty() {
+                self.sessions.remove(&key);
+            }
+            return r;
+        }
+        let mut list = self.sessions_of(customer);
+        let before = list.len();
+        let r = change(&mut list);
+        self.shelved = (self.shelved + list.len()).saturating_sub(before);
+        let out: Vec<ShelvedSession> = list.iter().map(shelve).collect();
+        if let Some(s) = self.shelf.as_mut() {
+            s.put(customer, &out);
+        }
+        r
+    }
+
+    /// Every session, wherever kept, until `f` returns false.
+    fn each_session(&self, f: &mut dyn FnMut(&Entry) -> bool) {
+        match &self.shelf {
+            None => {
+                for list in self.sessions.values() {
+                    for e in list {
+                        if !f(e) {
+                            return;
+                        }
+                    }
+                }
+            }
+            Some(shelf) => {
+                let (kind, by) = (Arc::<str>::from("session"), Arc::<str>::from("customer"));
+                shelf.scan(&mut |customer, list| {
+                    let key: Arc<str> = Arc::from(customer);
+                    for s in list {
+                        let e = unshelved(&key, &kind, &by, s);
+                        if !f(&e) {
+                            return false;
+                        }
+                    }
+                    true
+                });
+            }
+        }
+    }
+
+    /// One customer's sessions, wherever kept.
+    fn sessions_of(&self, customer: &str) -> Vec<Entry> {
+        match &self.shelf {
+            None => self.sessions.get(customer).cloned().unwrap_or_default(),
+            Some(shelf) => {
+                let (kind, by) = (Arc::<str>::from("session"), Arc::<str>::from("customer"));
+                let key: Arc<str> = Arc::from(customer);
+                shelf
+                    .get(customer)
+                    .into_iter()
+                    .map(|s| unshelved(&key, &kind, &by, s))
+                    .collect()
+            }
         }
     }
 
@@ -356,16 +509,18 @@ impl View {
                 start,
                 end,
             };
-            let list = self.sessions.entry(customer).or_default();
-            let i = match find_session(list, &spec, start) {
-                Ok(i) => i,
-                Err(i) => {
-                    first_of_many(list);
-                    list.insert(i, Entry::new(head));
-                    i
-                }
-            };
-            if !list[i].set(partition, end, partial) {
+            let applied = self.with_sessions(&customer, |list| {
+                let i = match find_session(list, &spec, start) {
+                    Ok(i) => i,
+                    Err(i) => {
+                        first_of_many(list);
+                        list.insert(i, Entry::new(head));
+                        i
+                    }
+                };
+                list[i].set(partition, end, partial)
+            });
+            if !applied {
                 self.stale += 1;
             }
         } else {
@@ -411,16 +566,16 @@ impl View {
         let Ok(start) = start.parse::<i64>() else {
             return;
         };
-        if let Some(list) = self.sessions.get_mut(key) {
+        if self.shelf.is_none() && !self.sessions.contains_key(key) {
+            return;
+        }
+        self.with_sessions(key, |list| {
             if let Ok(i) = find_session(list, spec, start) {
                 if list[i].remove(partition) {
                     list.remove(i);
                 }
-                if list.is_empty() {
-                    self.sessions.remove(key);
-                }
             }
-        }
+        });
         // A tumbling or sliding window is never retracted: its tombstone
         // is its retention passing on one input partition. The view drops
         // such a window whole, by its own horizon ([`View::set_retention`]),
@@ -446,6 +601,7 @@ impl View {
     pub fn len(&self) -> usize {
         self.fixed.values().map(BTreeMap::len).sum::<usize>()
             + self.sessions.values().map(Vec::len).sum::<usize>()
+            + self.shelved
     }
 
     pub fn is_empty(&self) -> bool {
@@ -475,8 +631,17 @@ impl View {
             }
         }
         // Sessions are tombstoned by their pods; this sweep, at most once a
-        // minute of event time, only catches what a tombstone missed.
-        if self.sessions_swept_at.is_some_and(|t| h < t + 60_000) {
+        // minute of event time (on a shelf, which it reads whole, once a
+        // 24th of the retention), only catches what a tombstone missed.
+        let every = if self.shelf.is_some() {
+            (r / 24).max(60_000)
+        } else {
+            60_000
+        };
+        if self
+            .sessions_swept_at
+            .is_some_and(|t| h < t.saturating_add(every))
+        {
             return;
         }
         self.sessions_swept_at = Some(h);
@@ -487,6 +652,22 @@ impl View {
             expired += (before - list.len()) as u64;
             !list.is_empty()
         });
+        if let Some(shelf) = self.shelf.as_ref() {
+            let mut stale: Vec<String> = Vec::new();
+            shelf.scan(&mut |customer, list| {
+                if list.iter().any(|s| s.end <= h) {
+                    stale.push(customer.to_string());
+                }
+                true
+            });
+            for customer in stale {
+                expired += self.with_sessions(&customer, |list| {
+                    let before = list.len();
+                    list.retain(|e| e.head.end > h);
+                    (before - list.len()) as u64
+                });
+            }
+        }
         self.expired += expired;
     }
 
@@ -641,7 +822,7 @@ impl View {
     /// The (kind, by) pairs that have windows.
     pub fn kinds(&self) -> BTreeSet<(String, String)> {
         let mut s: BTreeSet<(String, String)> = self.fixed.keys().cloned().collect();
-        if !self.sessions.is_empty() {
+        if !self.sessions.is_empty() || self.shelved > 0 {
             s.insert(("session".into(), "customer".into()));
         }
         s
@@ -658,22 +839,32 @@ impl View {
         };
         let mut out = Vec::new();
         if q.kind == "session" {
-            let lists: Vec<&Vec<Entry>> = match &q.key {
-                Some(k) => self.sessions.get(k.as_str()).into_iter().collect(),
-                None => self.sessions.values().collect(),
-            };
-            for list in lists {
-                for e in list {
-                    if q.from.is_some_and(|f| e.head.start < f)
-                        || q.to.is_some_and(|t| e.head.start >= t)
-                    {
-                        continue;
-                    }
-                    let w = self.merged(e, wm);
-                    if keep(&w) {
-                        out.push(w);
+            let mut visit = |e: &Entry| {
+                if q.from.is_some_and(|f| e.head.start < f)
+                    || q.to.is_some_and(|t| e.head.start >= t)
+                {
+                    return true;
+                }
+                let w = self.merged(e, wm);
+                if keep(&w) {
+                    out.push(w);
+                    // Keep the first `limit` by (start, key) as we go, so
+                    // a scan of millions of sessions holds at most twice
+                    // the limit.
+                    if limit != usize::MAX && out.len() >= 2 * limit.max(1) {
+                        out.sort_by(|a, b| (a.start, &a.key).cmp(&(b.start, &b.key)));
+                        out.truncate(limit);
                     }
                 }
+                true
+            };
+            match &q.key {
+                Some(k) => {
+                    for e in &self.sessions_of(k) {
+                        visit(e);
+                    }
+                }
+                None => self.each_session(&mut visit),
             }
             out.sort_by(|a, b| (a.start, &a.key).cmp(&(b.start, &b.key)));
             out.truncate(limit);
@@ -697,13 +888,11 @@ impl View {
 
     /// All sessions of one customer, oldest first.
     pub fn customer_sessions(&self, customer: &str) -> Vec<WindowView> {
-        self.sessions
-            .get(customer)
-            .map(|m| {
-                let wm = self.global_watermark();
-                m.iter().map(|e| self.merged(e, wm)).collect()
-            })
-            .unwrap_or_default()
+        let wm = self.global_watermark();
+        self.sessions_of(customer)
+            .iter()
+            .map(|e| self.merged(e, wm))
+            .collect()
     }
 
     /// Final + live = combined revenue per key of the tumbling windows of
