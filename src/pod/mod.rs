@@ -80,7 +80,9 @@ use acks::{AckContext, Report};
 use flush::Sealed;
 pub use rebalance::PodContext;
 use restore::Restoring;
-pub use run::{start, start_with_metrics, start_with_stats, PodHandle};
+pub use run::{
+    consumer_config, producer_config, start, start_with_metrics, start_with_stats, PodHandle,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodError {

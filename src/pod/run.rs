@@ -30,7 +30,9 @@ impl PodHandle {
     }
 }
 
-pub(super) fn consumer_config(cfg: &PodConfig) -> Result<ClientConfig, PodError> {
+/// The pod's consumer settings (public for the benchmarks' pass-through
+/// pipe, which must use the same client settings as the job).
+pub fn consumer_config(cfg: &PodConfig) -> Result<ClientConfig, PodError> {
     let session = cfg.kafka.session_timeout_ms.to_string();
     // A third of the session timeout, as Kafka recommends; librdkafka's
     // fixed 3 s default would expire short sessions between heartbeats.
@@ -59,7 +61,8 @@ pub(super) fn consumer_config(cfg: &PodConfig) -> Result<ClientConfig, PodError>
     Ok(cfg.clients()?.config(&settings))
 }
 
-pub(super) fn producer_config(cfg: &PodConfig) -> Result<ClientConfig, PodError> {
+/// The pod's producer settings (public, as [`consumer_config`]).
+pub fn producer_config(cfg: &PodConfig) -> Result<ClientConfig, PodError> {
     Ok(cfg.clients()?.config(&[
         ("enable.idempotence", "true"),
         ("acks", "all"),

@@ -16,6 +16,8 @@
 //! - [`rss`]: peak RSS of a `tally run` child holding N open sessions.
 //! - [`view`]: the serving view's memory per window, and a new view's
 //!   catch-up time on `revenue-windows`.
+//! - [`throughput`]: the pass-through pipe and the full job on one
+//!   external broker, in one run: events/s and CPU per event (issue 17).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -1132,4 +1134,218 @@ pub fn view(
         "catch_up_seconds": catch_up,
         "catch_up_records_per_sec": produced as f64 / catch_up,
     }))
+}
+
+/// The topic declarations with `prefix` before every name.
+pub fn prefixed(topics: &[TopicSpec], prefix: &str) -> Vec<TopicSpec> {
+    topics
+        .iter()
+        .cloned()
+        .map(|mut t| {
+            t.name = format!("{prefix}{}", t.name);
+            t
+        })
+        .collect()
+}
+
+/// CPU seconds (user + system) a process has used so far, from
+/// `/proc/<pid>/stat` (fields 14 and 15, in USER_HZ ticks: 100 a second
+/// on Linux).
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields follow its ')'.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
+/// `tally_records_consumed_total` from a pod's `/metrics`, 0 if it does
+/// not answer yet.
+fn consumed_from_metrics(addr: &str) -> u64 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return 0;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .is_err()
+    {
+        return 0;
+    }
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.lines()
+        .find_map(|l| l.strip_prefix("tally_records_consumed_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// The pass-through pipe: the pod's consumer (same group settings) reads
+/// every record of `cfg`'s input topic and produces it once, key and
+/// payload as they are, to `out_topic` with the pod's producer settings;
+/// no parsing. Returns (events/s from the first record to the last
+/// acknowledgement, CPU µs per event of this process over that time).
+fn pipe(cfg: &PodConfig, out_topic: &str, total: u64) -> Result<(f64, f64), BenchError> {
+    use rdkafka::message::Message;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let consumer: BaseConsumer = pod::consumer_config(cfg)?.create()?;
+    consumer.subscribe(&[&cfg.topics.input_topic])?;
+    let producer: BaseProducer = pod::producer_config(cfg)?
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let (mut n, mut started) = (0u64, None);
+    let mut cpu0 = 0.0;
+    while n < total {
+        if Instant::now() > deadline {
+            return Err(BenchError::Timeout("the pipe did not finish".into()));
+        }
+        let Some(m) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let m = m?;
+        if started.is_none() {
+            cpu0 = cpu_seconds("self").unwrap_or(0.0);
+            started = Some(Instant::now());
+        }
+        let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(out_topic);
+        if let Some(k) = m.key() {
+            rec = rec.key(k);
+        }
+        if let Some(p) = m.payload() {
+            rec = rec.payload(p);
+        }
+        loop {
+            match producer.send(rec) {
+                Ok(()) => break,
+                Err((e, r)) => {
+                    if !matches!(
+                        e.rdkafka_error_code(),
+                        Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
+                    ) {
+                        return Err(e.into());
+                    }
+                    producer.poll(Duration::from_millis(1));
+                    rec = r;
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+        n += 1;
+    }
+    producer.flush(Duration::from_secs(120))?;
+    let secs = started.map_or(f64::NAN, |s| s.elapsed().as_secs_f64());
+    let cpu = cpu_seconds("self").unwrap_or(f64::NAN) - cpu0;
+    Ok((total as f64 / secs, cpu * 1e6 / total as f64))
+}
+
+/// `throughput` (issue 17): in one run on one external broker, the
+/// pass-through pipe (the reference: consume every record, produce it
+/// once, the pod's client settings) and the full job (`tally run` as a
+/// child process, so its CPU is its own), over the same pre-filled input
+/// of `events` generated orders. Events/s (first record to last
+/// acknowledgement; for the job, to its last record consumed, then its
+/// commits), CPU µs per event (user + system of the consuming process),
+/// and the ratios the issue's targets are stated in. Every topic name
+/// gets `prefix` (see [`prefixed`]); `apply`: create them (false: the
+/// caller did, as on the embedded broker, which has no CreateTopics).
+pub fn throughput(
+    topics: &[TopicSpec],
+    base: &PodConfig,
+    events: u64,
+    brokers: &str,
+    tally: &std::path::Path,
+    (prefix, apply): (&str, bool),
+) -> Result<serde_json::Value, BenchError> {
+    if apply {
+        tally::kafka::topics::apply_blocking(brokers, &[], &prefixed(topics, prefix))?;
+    }
+    let mut cfg = base.clone();
+    cfg.kafka.brokers = brokers.to_string();
+    cfg.topics.apply_topics = false;
+    cfg.prefix_topics(prefix);
+    let records = gen::generate(&GenSpec {
+        count: events,
+        customers: 10_000,
+        ..GenSpec::default()
+    });
+    gen::produce(
+        brokers,
+        &cfg.topics.input_topic,
+        &[],
+        &records,
+        0.0,
+        &|| false,
+    )?;
+    let total = records.len() as u64;
+    drop(records);
+
+    let mut pipe_cfg = cfg.clone();
+    pipe_cfg.kafka.group = format!("{prefix}pipe");
+    let (pipe_rate, pipe_cpu) = pipe(&pipe_cfg, &format!("{prefix}pipe-out"), total)?;
+
+    let http = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.to_string()
+    };
+    let state_dir = std::env::temp_dir().join(format!("tally-bench-{prefix}"));
+    let mut child = std::process::Command::new(tally)
+        .arg("run")
+        .env("TALLY_BROKERS", brokers)
+        .env("TALLY_GROUP", format!("{prefix}job"))
+        .env("TALLY_STATE_DIR", &state_dir)
+        .env("TALLY_HTTP", &http)
+        .env("TALLY_APPLY_TOPICS", "false")
+        .env("TALLY_INPUT_TOPIC", &cfg.topics.input_topic)
+        .env("TALLY_ENRICHED_TOPIC", &cfg.topics.enriched_topic)
+        .env("TALLY_DLQ_TOPIC", &cfg.topics.dlq_topic)
+        .env("TALLY_LATE_TOPIC", &cfg.topics.late_topic)
+        .env("TALLY_WINDOWS_TOPIC", &cfg.topics.windows_topic)
+        .env("TALLY_FX_TOPIC", &cfg.topics.fx_topic)
+        .env("TALLY_ALERTS_TOPIC", &cfg.topics.alerts_topic)
+        .env("TALLY_CHANGELOG_TOPIC", &cfg.topics.changelog_topic)
+        .env("TALLY_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let pid = child.id().to_string();
+    let result = (|| -> Result<serde_json::Value, BenchError> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let (mut started, mut cpu0) = (None, 0.0);
+        loop {
+            if Instant::now() > deadline {
+                return Err(BenchError::Timeout("the job did not finish".into()));
+            }
+            if let Ok(Some(s)) = child.try_wait() {
+                return Err(BenchError::Invalid(format!("the pod exited: {s}")));
+            }
+            let n = consumed_from_metrics(&http);
+            if n > 0 && started.is_none() {
+                started = Some(Instant::now());
+                cpu0 = cpu_seconds(&pid).unwrap_or(0.0);
+            }
+            if n >= total {
+                break;
+            }
+            std::thread::park_timeout(Duration::from_millis(10));
+        }
+        let secs = started.map_or(f64::NAN, |s| s.elapsed().as_secs_f64());
+        let cpu = cpu_seconds(&pid).unwrap_or(f64::NAN) - cpu0;
+        let job_rate = total as f64 / secs;
+        let job_cpu = cpu * 1e6 / total as f64;
+        Ok(json!({
+            "scenario": "throughput",
+            "events": total,
+            "pipe_events_per_sec": pipe_rate,
+            "pipe_cpu_us_per_event": pipe_cpu,
+            "job_events_per_sec": job_rate,
+            "job_cpu_us_per_event": job_cpu,
+            "job_over_pipe_events_per_sec": job_rate / pipe_rate,
+            "job_over_pipe_cpu_per_event": job_cpu / pipe_cpu,
+        }))
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&state_dir);
+    result
 }

@@ -24,6 +24,9 @@ enum Scenario {
     Rss,
     /// The serving view's memory per window, and a new view's catch-up time.
     View,
+    /// The pass-through pipe and the full job (a `tally run` child) over the
+    /// same `--events`, in one run on `--brokers`: events/s and CPU per event.
+    Throughput,
 }
 
 /// tally's benchmark scenarios on the embedded broker.
@@ -111,6 +114,26 @@ fn main() -> anyhow::Result<()> {
                     orders,
                     args.span_minutes,
                     &exe,
+                )?
+            );
+        }
+        Scenario::Throughput => {
+            let Some(b) = args.external_brokers else {
+                bail!("--scenario throughput needs --brokers (tansu in memory: run it as its own process)")
+            };
+            let exe = match args.tally_bin {
+                Some(p) => p,
+                None => tally_bench::sibling_tally_binary()?,
+            };
+            println!(
+                "{}",
+                tally_bench::throughput(
+                    &specs,
+                    &base,
+                    args.events,
+                    &b,
+                    &exe,
+                    (&format!("bench{}-", tally::pod::now_ms()), true),
                 )?
             );
         }

@@ -72,3 +72,38 @@ fn ceiling_reports_both_rates_and_their_ratio() {
     assert!(raw > 0.0 && job > 0.0, "{r}");
     assert!((ratio - job / raw).abs() < 1e-9, "{r}");
 }
+
+/// The throughput scenario runs the pipe and a `tally run` child over the
+/// same input and reports both sides and their ratios (here on an
+/// embedded broker; the figures are measured on tansu).
+#[test]
+fn throughput_reports_the_pipe_and_the_job() {
+    if skip_on_external("it would share its topics with the other tests") {
+        return;
+    }
+    let prefix = "tp-";
+    let topics = tally_bench::prefixed(&declared_topics(), prefix);
+    let broker =
+        tally::kafka::broker::EmbeddedBroker::start(1, &topics).expect("an embedded broker");
+    let exe =
+        &tally_bench::sibling_tally_binary().expect("build the workspace: cargo test --workspace");
+    let r = tally_bench::throughput(
+        &declared_topics(),
+        &base(),
+        2_000,
+        &broker.bootstrap_servers(),
+        exe,
+        (prefix, false),
+    )
+    .unwrap();
+    assert_eq!(r["scenario"], "throughput");
+    for k in [
+        "pipe_events_per_sec",
+        "pipe_cpu_us_per_event",
+        "job_events_per_sec",
+        "job_cpu_us_per_event",
+    ] {
+        let v = r[k].as_f64().unwrap_or(f64::NAN);
+        assert!(v.is_finite() && v > 0.0, "{k}: {r}");
+    }
+}
