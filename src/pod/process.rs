@@ -321,13 +321,22 @@ impl Processor {
         }
         let cache = self.engine.cache_stats();
         let before = std::mem::replace(&mut self.reported_cache, cache);
-        for (kind, now, was) in [
-            ("dedup", cache.dedup, before.dedup),
-            ("sessions", cache.sessions, before.sessions),
+        use crate::telemetry::memory::{DEDUP_ENTRY_BYTES, SESSION_SET_BYTES};
+        for (kind, now, was, row_bytes) in [
+            ("dedup", cache.dedup, before.dedup, DEDUP_ENTRY_BYTES),
+            (
+                "sessions",
+                cache.sessions,
+                before.sessions,
+                SESSION_SET_BYTES,
+            ),
         ] {
             m.state_cache_entries
                 .with_label_values(&[kind])
                 .set(now.entries as i64);
+            m.state_cache_bytes
+                .with_label_values(&[kind])
+                .set((now.entries * row_bytes) as i64);
             m.state_cache_lookups
                 .with_label_values(&[kind, "hit"])
                 .inc_by(now.hits - was.hits);

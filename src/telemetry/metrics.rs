@@ -36,6 +36,7 @@ pub struct Metrics {
     pub rebuilds: IntCounter,
     pub local_state_discarded: IntCounterVec,
     pub state_cache_entries: IntGaugeVec,
+    pub state_cache_bytes: IntGaugeVec,
     pub state_cache_lookups: IntCounterVec,
     pub state_cache_evictions: IntCounterVec,
     pub rocksdb_memory: IntGaugeVec,
@@ -78,6 +79,7 @@ pub const NAMES: &[&str] = &[
     "tally_rebuilds_total",
     "tally_local_state_discarded_total",
     "tally_state_cache_entries",
+    "tally_state_cache_bytes",
     "tally_state_cache_lookups_total",
     "tally_state_cache_evictions_total",
     "tally_rocksdb_memory_bytes",
@@ -312,6 +314,17 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            state_cache_bytes: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "tally_state_cache_bytes",
+                        "Estimated memory of the rows held, by kind: entries times their measured cost (400 B a dedup entry, 600 B a session set)",
+                    ),
+                    &["kind"],
+                )
+                .expect("valid metric"),
+            ),
             state_cache_lookups: reg(
                 &r,
                 IntCounterVec::new(
@@ -476,6 +489,7 @@ impl Metrics {
         }
         for kind in ["dedup", "sessions"] {
             m.state_cache_entries.with_label_values(&[kind]);
+            m.state_cache_bytes.with_label_values(&[kind]);
             m.state_cache_evictions.with_label_values(&[kind]);
             for result in ["hit", "miss"] {
                 m.state_cache_lookups.with_label_values(&[kind, result]);
