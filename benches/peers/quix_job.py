@@ -88,12 +88,14 @@ def main():
         state_dir=args.state_dir,
     )
     topic = app.topic(args.topic, value_deserializer="bytes", timestamp_extractor=None)
-    seen = {"n": 0, "first": None}
+    seen = {"n": 0, "first": None, "cpu0": 0.0}
 
     def count(value):
         seen["n"] += 1
         if seen["first"] is None:
             seen["first"] = time.monotonic()
+            # CPU of the whole process (librdkafka's threads included).
+            seen["cpu0"] = time.process_time()
         if seen["n"] >= args.count:
             app.stop()
         return value
@@ -111,8 +113,10 @@ def main():
 
     app.run()
     secs = time.monotonic() - (seen["first"] or time.monotonic())
+    cpu = time.process_time() - seen["cpu0"]
     print(json.dumps({"scenario": "peer", "peer": "quixstreams", "events": seen["n"],
-                      "seconds": secs, "events_per_sec": seen["n"] / secs if secs else None}))
+                      "seconds": secs, "events_per_sec": seen["n"] / secs if secs else None,
+                      "cpu_us_per_event": cpu * 1e6 / seen["n"] if seen["n"] else None}))
     sys.stdout.flush()
 
 

@@ -1283,7 +1283,11 @@ pub fn throughput(
 
     let mut pipe_cfg = cfg.clone();
     pipe_cfg.kafka.group = format!("{prefix}pipe");
-    let (pipe_rate, pipe_cpu) = pipe(&pipe_cfg, &format!("{prefix}pipe-out"), total)?;
+    // Into the job's own output topic (declared, as many partitions as the
+    // input): an undeclared topic would be made with one partition, and an
+    // idempotent producer keeps at most five requests in flight per
+    // partition (measured on tansu: 6.5k events/s into one partition).
+    let (pipe_rate, pipe_cpu) = pipe(&pipe_cfg, &cfg.topics.enriched_topic, total)?;
 
     let http = {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;

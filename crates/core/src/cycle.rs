@@ -184,6 +184,13 @@ pub struct Cycle {
     /// The producer refused a record (queue full): sending waits for
     /// [`Cycle::resume_sending`].
     blocked: bool,
+    /// In the sealed batch's current phase, every slot before this index
+    /// is done (acknowledged or dropped; both are final), so `advance`
+    /// resumes there. Why: `advance` runs on every acknowledgement, and
+    /// checking the whole lane each time made a flush of n records cost
+    /// n²/2 checks (a profile of a restore: 55 % of the process in
+    /// `Cycle::advance`).
+    cursor: usize,
 }
 
 impl Default for Cycle {
@@ -203,6 +210,7 @@ impl Cycle {
             actions: VecDeque::new(),
             late_reports: 0,
             blocked: false,
+            cursor: 0,
         }
     }
 
@@ -300,6 +308,7 @@ impl Cycle {
         let id = b.id;
         self.sealed = Some(b);
         self.phase = Phase::OutputsInFlight;
+        self.cursor = 0;
         // Outputs refused or failed while collecting are offered again.
         self.resend(Lane::Outputs, None);
         self.advance();
@@ -545,16 +554,22 @@ impl Cycle {
             let done = |s: &Slot| matches!(s.state, Delivery::Acked | Delivery::Dropped);
             match self.phase {
                 Phase::OutputsInFlight => {
-                    if !b.outputs.iter().all(done) {
+                    let rest = b.outputs.get(self.cursor..).unwrap_or_default();
+                    self.cursor += rest.iter().take_while(|s| done(s)).count();
+                    if self.cursor < b.outputs.len() {
                         return;
                     }
                     self.phase = Phase::ChangelogInFlight(0);
+                    self.cursor = 0;
                     self.resend(Lane::Changelog, Some(0));
                 }
                 Phase::ChangelogInFlight(g) => {
-                    if !b.changelog.iter().filter(|s| s.group == g).all(done) {
+                    let rest = b.changelog.get(self.cursor..).unwrap_or_default();
+                    self.cursor += rest.iter().take_while(|s| s.group != g || done(s)).count();
+                    if self.cursor < b.changelog.len() {
                         return;
                     }
+                    self.cursor = 0;
                     if g + 1 < CHANGE_GROUPS {
                         self.phase = Phase::ChangelogInFlight(g + 1);
                         self.resend(Lane::Changelog, Some(g + 1));
