@@ -491,7 +491,7 @@ impl Processor {
             caught_up = last + 1 >= high;
             if batch.len() >= 10_000 {
                 self.store
-                    .write_restored(&batch, p, last, max_epoch, now_ms())?;
+                    .write_restored(&batch, (p, last, max_epoch), now_ms(), false)?;
                 batch.clear();
             }
         }
@@ -507,8 +507,9 @@ impl Processor {
             && checkpoint >= 0
             && (caught_up || !batch.is_empty() || stale > 0 || resets > 0)
         {
+            // Synced once the restore is done (see `write_restored`).
             self.store
-                .write_restored(&batch, p, checkpoint, max_epoch, now_ms())?;
+                .write_restored(&batch, (p, checkpoint, max_epoch), now_ms(), caught_up)?;
         }
         if stale > 0 {
             warn!(
@@ -566,7 +567,7 @@ fn write_restored_upto(
     max_epoch: u64,
 ) -> Result<(), PodError> {
     if upto >= 0 {
-        store.write_restored(batch, p, upto, max_epoch, now_ms())?;
+        store.write_restored(batch, (p, upto, max_epoch), now_ms(), true)?;
     }
     batch.clear();
     Ok(())

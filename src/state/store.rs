@@ -547,22 +547,34 @@ impl Store {
     }
 
     /// One restore step: changelog records of partition `p`, its new
-    /// checkpoint and the highest writer epoch applied, in one synced batch
+    /// checkpoint and the highest writer epoch applied, in one atomic batch
     /// (a crash between them would let a later tail restore take a stale
     /// writer's records for current ones).
+    ///
+    /// `sync`: fsync it. A restore syncs only its last step: an earlier
+    /// step lost to a machine crash (a process crash loses nothing the
+    /// kernel has) takes its checkpoint with it, since RocksDB recovers a
+    /// prefix of its write-ahead log, so the restore resumes from the
+    /// last step kept; and the pod's first flush after the restore is
+    /// synced before any offset is committed. Syncing every step (one a
+    /// poll loop, and one each 10,000 records) is a cost that grows with
+    /// the state.
     pub fn write_restored(
         &self,
         changes: &[Encoded],
-        p: Partition,
-        checkpoint: i64,
-        epoch: u64,
+        (p, checkpoint, epoch): (Partition, i64, u64),
         now_ms: i64,
+        sync: bool,
     ) -> Result<(), StoreError> {
         let mut batch = changes_batch(changes);
         batch.put(checkpoint_key(p), checkpoint.to_be_bytes());
         batch.put(written_key(p), now_ms.to_be_bytes());
         batch.put(epoch_key(p), epoch.to_be_bytes());
-        self.write_synced(batch)
+        if sync {
+            return self.write_synced(batch);
+        }
+        self.db.write(batch)?;
+        Ok(())
     }
 
     /// Writes `batch` atomically and durably (fsync).
