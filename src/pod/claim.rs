@@ -189,7 +189,10 @@ impl Claims {
         self.producer.send(rec).map_err(|(e, _)| e)?;
         let deadline = Instant::now() + timeout;
         loop {
-            self.producer.poll(Duration::from_millis(1));
+            // A zero poll and a short sleep, not `poll(1 ms)`, which spins
+            // for the whole millisecond in rdkafka 0.39 (see `flush.rs`).
+            self.producer.poll(Duration::ZERO);
+            std::thread::sleep(Duration::from_micros(200));
             let mut result = self
                 .producer
                 .context()

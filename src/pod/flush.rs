@@ -6,6 +6,10 @@
 
 use super::*;
 
+/// How long a flush waiting for acknowledgements sleeps when none came:
+/// short next to a broker's round trip, long next to a poll.
+const ACK_WAIT: Duration = Duration::from_micros(200);
+
 /// The batch in flight: its records' bytes, by the cycle's tag index.
 pub(super) struct Sealed {
     pub(super) id: BatchId,
@@ -80,12 +84,19 @@ impl Processor {
                 self.metrics.flush_failures.inc();
                 return Err(PodError::ProduceTimeout(self.last_flush.elapsed()));
             }
-            // Not `Producer::flush`: in rdkafka 0.39 `BaseProducer::poll(t)`
-            // always runs for the whole of `t`, so `flush` waits out a
-            // 100 ms poll on every call. Short polls return as soon as the
-            // last delivery report is served.
-            self.producer.poll(Duration::from_millis(1));
-            self.take_reports();
+            // Not `Producer::flush`, nor a short `poll(t)`: in rdkafka
+            // 0.39 `BaseProducer::poll(t)` runs for the whole of `t`, and
+            // the remainder it waits on is cut to whole milliseconds, so
+            // under 1 ms it polls without blocking: `poll(1 ms)` spun for
+            // the whole millisecond, and the pod thread burnt its CPU
+            // waiting for acknowledgements (a profile of the job: a fifth
+            // of the process in clock reads from rdkafka's deadline). A
+            // zero poll serves one event without waiting; with nothing to
+            // serve, the thread sleeps a moment instead.
+            self.producer.poll(Duration::ZERO);
+            if self.take_reports() == 0 {
+                std::thread::sleep(ACK_WAIT);
+            }
             self.cycle.resume_sending();
         }
         self.report(started);
@@ -185,9 +196,12 @@ impl Processor {
     }
 
     /// Hands the queued delivery reports to the cycle.
-    pub(super) fn take_reports(&mut self) {
+    /// Hands the delivery reports served so far to the cycle; returns how
+    /// many there were.
+    pub(super) fn take_reports(&mut self) -> usize {
         let mut reports = std::mem::take(&mut self.reports);
         self.producer.context().take(&mut reports);
+        let n = reports.len();
         for r in reports.drain(..) {
             if let (Some((p, o)), Some(s)) = (r.landed, self.sealed.as_mut()) {
                 if r.tag.batch == s.id {
@@ -198,6 +212,7 @@ impl Processor {
             self.cycle.delivered(r.tag, r.ok);
         }
         self.reports = reports;
+        n
     }
 
     fn record(&self, tag: Tag) -> Option<&OutRecord> {
