@@ -46,19 +46,31 @@ const WRITTEN_PREFIX: u8 = b'w';
 /// or this pod has claimed: a tail restore ignores older ones after it.
 const EPOCH_PREFIX: u8 = b'e';
 
-fn epoch_key(p: Partition) -> [u8; 5] {
+/// `tag ++ partition` (big-endian): every per-partition key and prefix.
+fn tagged(tag: u8, p: Partition) -> [u8; 5] {
     let b = p.to_be_bytes();
-    [EPOCH_PREFIX, b[0], b[1], b[2], b[3]]
+    [tag, b[0], b[1], b[2], b[3]]
+}
+
+/// Every key of partition `p` under `tag`, as a range for `delete_range`.
+fn tagged_range(tag: u8, p: Partition) -> (Vec<u8>, Vec<u8>) {
+    let end = match p.checked_add(1) {
+        Some(next) => tagged(tag, next).to_vec(),
+        None => vec![tag + 1],
+    };
+    (tagged(tag, p).to_vec(), end)
+}
+
+fn epoch_key(p: Partition) -> [u8; 5] {
+    tagged(EPOCH_PREFIX, p)
 }
 
 fn written_key(p: Partition) -> [u8; 5] {
-    let b = p.to_be_bytes();
-    [WRITTEN_PREFIX, b[0], b[1], b[2], b[3]]
+    tagged(WRITTEN_PREFIX, p)
 }
 
 fn checkpoint_key(p: Partition) -> [u8; 5] {
-    let b = p.to_be_bytes();
-    [CHECKPOINT_PREFIX, b[0], b[1], b[2], b[3]]
+    tagged(CHECKPOINT_PREFIX, p)
 }
 
 /// The engine's view of the store's rows ([`StateReader`]). A read error
@@ -199,15 +211,23 @@ const SESSIONS_KEY_TAG: u8 = 1;
 const SESSION_INDEX_PREFIX: u8 = b'k';
 
 fn session_index_prefix(p: Partition, spec: u16) -> [u8; 7] {
-    let b = p.to_be_bytes();
+    let [t, b0, b1, b2, b3] = tagged(SESSION_INDEX_PREFIX, p);
     let s = spec.to_be_bytes();
-    [SESSION_INDEX_PREFIX, b[0], b[1], b[2], b[3], s[0], s[1]]
+    [t, b0, b1, b2, b3, s[0], s[1]]
 }
 
 fn session_index_key(p: Partition, spec: u16, last_ms: i64, customer: &[u8]) -> Vec<u8> {
-    let mut k = session_index_prefix(p, spec).to_vec();
-    k.extend_from_slice(&((last_ms as u64) ^ (1 << 63)).to_be_bytes());
-    k.extend_from_slice(customer);
+    index_key(&session_index_prefix(p, spec), last_ms, customer)
+}
+
+/// An index key: `prefix ++ time ++ id`, the time with its sign bit
+/// flipped, big-endian, so byte order is time order, negative times
+/// included. Both indexes (dedup expiry, session close) are made of them.
+fn index_key(prefix: &[u8], t: i64, id: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + 8 + id.len());
+    k.extend_from_slice(prefix);
+    k.extend_from_slice(&((t as u64) ^ (1 << 63)).to_be_bytes());
+    k.extend_from_slice(id);
     k
 }
 
@@ -223,17 +243,13 @@ fn index_time(k: &[u8], prefix_len: usize) -> Option<i64> {
 const DEDUP_INDEX_PREFIX: u8 = b'x';
 
 fn dedup_index_prefix(p: Partition) -> [u8; 5] {
-    let b = p.to_be_bytes();
-    [DEDUP_INDEX_PREFIX, b[0], b[1], b[2], b[3]]
+    tagged(DEDUP_INDEX_PREFIX, p)
 }
 
 /// The event time with its sign bit flipped, big-endian: byte order is
 /// time order, negative times included.
 fn dedup_index_key(p: Partition, event_ms: i64, id: &[u8]) -> Vec<u8> {
-    let mut k = dedup_index_prefix(p).to_vec();
-    k.extend_from_slice(&((event_ms as u64) ^ (1 << 63)).to_be_bytes());
-    k.extend_from_slice(id);
-    k
+    index_key(&dedup_index_prefix(p), event_ms, id)
 }
 
 /// Postcard's unsigned varint.
@@ -271,8 +287,7 @@ fn sessions_row_key(p: Partition, spec: u16, customer: &str) -> Vec<u8> {
 }
 
 fn partition_prefix(p: Partition) -> [u8; 5] {
-    let b = p.to_be_bytes();
-    [ROW_PREFIX, b[0], b[1], b[2], b[3]]
+    tagged(ROW_PREFIX, p)
 }
 
 impl Store {
@@ -328,13 +343,68 @@ impl Store {
     /// durable version, which the engine reads when the entry is not in
     /// its cache.
     pub fn dedup(&self, p: Partition, order_id: &str) -> Result<Option<DedupRow>, StoreError> {
-        Ok(match self.db.get_pinned(dedup_row_key(p, order_id))? {
-            Some(v) => match codec::decode_row(&v)? {
-                StateRow::Dedup(_, d) => Some(d),
-                _ => None,
-            },
-            None => None,
+        Ok(match self.row(&dedup_row_key(p, order_id))? {
+            Some(StateRow::Dedup(_, d)) => Some(d),
+            _ => None,
         })
+    }
+
+    /// The row stored under `key`, decoded.
+    fn row(&self, key: &[u8]) -> Result<Option<StateRow>, StoreError> {
+        match self.db.get_pinned(key)? {
+            Some(v) => Ok(Some(codec::decode_row(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The ids in the index under `prefix` whose time is in `(after,
+    /// upto]`, ascending, and the time of the first entry beyond `upto`.
+    fn index_range(
+        &self,
+        prefix: &[u8],
+        after: Option<i64>,
+        upto: i64,
+    ) -> Result<(Vec<String>, Option<i64>), StoreError> {
+        let from = match after {
+            Some(a) => index_key(prefix, a.saturating_add(1), b""),
+            None => prefix.to_vec(),
+        };
+        let mut ids = Vec::new();
+        let iter = self
+            .db
+            .iterator(IteratorMode::From(&from, Direction::Forward));
+        for item in iter {
+            let (k, _) = item?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            let Some(t) = index_time(&k, prefix.len()) else {
+                continue;
+            };
+            if t > upto {
+                return Ok((ids, Some(t)));
+            }
+            if let Some(id) = k
+                .get(prefix.len() + 8..)
+                .and_then(|b| std::str::from_utf8(b).ok())
+            {
+                ids.push(id.to_string());
+            }
+        }
+        Ok((ids, None))
+    }
+
+    /// Drops the index under `prefix` up to `upto` (not synced: a range
+    /// that comes back after a crash is only read again, and each id
+    /// checked against its row).
+    fn forget_index(&self, prefix: &[u8], upto: i64) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_range(
+            prefix.to_vec(),
+            index_key(prefix, upto.saturating_add(1), b""),
+        );
+        self.db.write(batch)?;
+        Ok(())
     }
 
     /// The ids of partition `p`'s dedup entries stored with an event time
@@ -345,43 +415,18 @@ impl Store {
         after: Option<i64>,
         upto_event_ms: i64,
     ) -> Result<Vec<String>, StoreError> {
-        let from = match after {
-            Some(a) if a < upto_event_ms => dedup_index_key(p, a + 1, b""),
-            Some(_) => return Ok(Vec::new()),
-            None => dedup_index_prefix(p).to_vec(),
-        };
-        let to = dedup_index_key(p, upto_event_ms.saturating_add(1), b"");
-        let mut ids = Vec::new();
-        let iter = self
-            .db
-            .iterator(IteratorMode::From(&from, Direction::Forward));
-        for item in iter {
-            let (k, _) = item?;
-            if k.as_ref() >= to.as_slice() {
-                break;
-            }
-            if let Some(id) = k.get(13..).and_then(|b| std::str::from_utf8(b).ok()) {
-                ids.push(id.to_string());
-            }
-        }
-        Ok(ids)
+        Ok(self
+            .index_range(&dedup_index_prefix(p), after, upto_event_ms)?
+            .0)
     }
 
-    /// Drops the dedup expiry index up to `upto_event_ms` (not synced:
-    /// a range that comes back after a crash is only read again, and
-    /// each id checked against its row).
+    /// Drops the dedup expiry index up to `upto_event_ms`.
     pub fn forget_dedup_expiring(
         &self,
         p: Partition,
         upto_event_ms: i64,
     ) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
-        batch.delete_range(
-            dedup_index_prefix(p).to_vec(),
-            dedup_index_key(p, upto_event_ms.saturating_add(1), b""),
-        );
-        self.db.write(batch)?;
-        Ok(())
+        self.forget_index(&dedup_index_prefix(p), upto_event_ms)
     }
 
     /// The stored session set of `customer` for definition `spec`.
@@ -391,15 +436,10 @@ impl Store {
         spec: u16,
         customer: &str,
     ) -> Result<Option<SessionSet>, StoreError> {
-        Ok(
-            match self.db.get_pinned(sessions_row_key(p, spec, customer))? {
-                Some(v) => match codec::decode_row(&v)? {
-                    StateRow::Sessions(_, _, set) => Some(set),
-                    _ => None,
-                },
-                None => None,
-            },
-        )
+        Ok(match self.row(&sessions_row_key(p, spec, customer))? {
+            Some(StateRow::Sessions(_, _, set)) => Some(set),
+            _ => None,
+        })
     }
 
     /// The customers whose stored open sessions of `spec` end (last event)
@@ -412,34 +452,7 @@ impl Store {
         after: Option<i64>,
         upto_last_ms: i64,
     ) -> Result<(Vec<String>, Option<i64>), StoreError> {
-        let prefix = session_index_prefix(p, spec);
-        let from = match after {
-            Some(a) => session_index_key(p, spec, a.saturating_add(1), b""),
-            None => prefix.to_vec(),
-        };
-        let mut customers = Vec::new();
-        let iter = self
-            .db
-            .iterator(IteratorMode::From(&from, Direction::Forward));
-        for item in iter {
-            let (k, _) = item?;
-            if !k.starts_with(&prefix) {
-                break;
-            }
-            let Some(last) = index_time(&k, prefix.len()) else {
-                continue;
-            };
-            if last > upto_last_ms {
-                return Ok((customers, Some(last)));
-            }
-            if let Some(c) = k
-                .get(prefix.len() + 8..)
-                .and_then(|b| std::str::from_utf8(b).ok())
-            {
-                customers.push(c.to_string());
-            }
-        }
-        Ok((customers, None))
+        self.index_range(&session_index_prefix(p, spec), after, upto_last_ms)
     }
 
     /// Drops the close-time index of `spec` up to `upto_last_ms` (not
@@ -450,13 +463,7 @@ impl Store {
         spec: u16,
         upto_last_ms: i64,
     ) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
-        batch.delete_range(
-            session_index_prefix(p, spec).to_vec(),
-            session_index_key(p, spec, upto_last_ms.saturating_add(1), b""),
-        );
-        self.db.write(batch)?;
-        Ok(())
+        self.forget_index(&session_index_prefix(p, spec), upto_last_ms)
     }
 
     /// RocksDB's own memory, bytes: (block cache, memtables).
@@ -606,12 +613,9 @@ impl Store {
     pub fn next_offset(&self, p: Partition) -> Result<Option<i64>, StoreError> {
         let mut k = partition_prefix(p).to_vec();
         k.extend_from_slice(&codec::encode_key(&RowKey::Meta)?);
-        Ok(match self.db.get(k)? {
-            Some(v) => match codec::decode_row(&v)? {
-                StateRow::Meta(m) => Some(m.next_offset),
-                _ => None,
-            },
-            None => None,
+        Ok(match self.row(&k)? {
+            Some(StateRow::Meta(m)) => Some(m.next_offset),
+            _ => None,
         })
     }
 
@@ -635,29 +639,12 @@ impl Store {
     /// Removes every row and the checkpoint of a partition (its local state
     /// is stale beyond repair, e.g. the changelog was recreated).
     pub fn clear_partition(&self, p: Partition) -> Result<(), StoreError> {
-        let [b0, b1, b2, b3] = p.to_be_bytes();
         let mut batch = WriteBatch::default();
-        let from = partition_prefix(p);
-        let to = match p.checked_add(1) {
-            Some(next) => partition_prefix(next).to_vec(),
-            None => vec![ROW_PREFIX + 1],
-        };
-        batch.delete_range(from.to_vec(), to);
-        let index = dedup_index_prefix(p);
-        let index_end = match p.checked_add(1) {
-            Some(next) => dedup_index_prefix(next).to_vec(),
-            None => vec![DEDUP_INDEX_PREFIX + 1],
-        };
-        batch.delete_range(index.to_vec(), index_end);
-        let sessions = [SESSION_INDEX_PREFIX, b0, b1, b2, b3];
-        let sessions_end = match p.checked_add(1) {
-            Some(next) => {
-                let n = next.to_be_bytes();
-                vec![SESSION_INDEX_PREFIX, n[0], n[1], n[2], n[3]]
-            }
-            None => vec![SESSION_INDEX_PREFIX + 1],
-        };
-        batch.delete_range(sessions.to_vec(), sessions_end);
+        // The rows and both indexes.
+        for tag in [ROW_PREFIX, DEDUP_INDEX_PREFIX, SESSION_INDEX_PREFIX] {
+            let (from, to) = tagged_range(tag, p);
+            batch.delete_range(from, to);
+        }
         batch.delete(checkpoint_key(p));
         batch.delete(written_key(p));
         batch.delete(epoch_key(p));
