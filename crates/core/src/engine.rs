@@ -239,6 +239,13 @@ pub struct SessionSet {
     pub offset: Offset,
 }
 
+impl SessionSet {
+    /// No session and no retraction waiting: the set's row is deleted.
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty() && self.retracted.is_empty()
+    }
+}
+
 /// A dedup entry: the first occurrence of an `order_id`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DedupRow {
@@ -631,7 +638,9 @@ struct Part {
 }
 
 impl Part {
-    fn new(wall_ms: i64, seed: u64) -> Self {
+    /// `specs`: how many window definitions (one close-time index scan
+    /// each).
+    fn new(wall_ms: i64, seed: u64, specs: usize) -> Self {
         let h = || Seeded::with_seed(seed);
         Part {
             last_active_wall: wall_ms,
@@ -644,6 +653,7 @@ impl Part {
             chunks: HashMap::with_hasher(h()),
             sessions_touched: HashSet::with_hasher(h()),
             dedup_touched: HashSet::with_hasher(h()),
+            session_scan: vec![SessionScan::default(); specs],
             ..Part::default()
         }
     }
@@ -678,10 +688,19 @@ impl Part {
         matches!(self.watermark, Some(wm) if close_at <= wm)
     }
 
-    /// Takes a session set read from the store into memory, its open
-    /// sessions into the closing set (`gap_grace`: the definition's gap
-    /// plus the grace).
-    fn load_sessions(&mut self, skey: (u16, String), set: SessionSet, gap_grace: i64) {
+    /// Reads a session set not in memory from the store into memory, its
+    /// open sessions into the closing set (`gap_grace`: the definition's
+    /// gap plus the grace). Nothing stored: nothing happens.
+    fn read_sessions(
+        &mut self,
+        p: Partition,
+        skey: (u16, String),
+        gap_grace: i64,
+        reader: &mut dyn StateReader,
+    ) {
+        let Some(set) = reader.sessions(p, skey.0, &skey.1) else {
+            return;
+        };
         for s in set.sessions.iter().filter(|s| !s.closed) {
             let key = WindowKey {
                 spec: skey.0,
@@ -842,7 +861,7 @@ impl Engine {
     pub fn assign(&mut self, p: Partition, wall_ms: i64) {
         self.parts
             .entry(p)
-            .or_insert_with(|| Part::new(wall_ms, self.cfg.hash_seed));
+            .or_insert_with(|| Part::new(wall_ms, self.cfg.hash_seed, self.cfg.windows.len()));
     }
 
     /// Drops a partition's state (after the shell flushed it).
@@ -931,7 +950,7 @@ impl Engine {
         out: &mut Vec<Effect>,
         reader: &mut dyn StateReader,
     ) {
-        let mut part = Part::new(wall_ms, self.cfg.hash_seed);
+        let mut part = Part::new(wall_ms, self.cfg.hash_seed, self.cfg.windows.len());
         part.meta_dirty = false;
         let horizon = self.cfg.dedup_horizon_ms;
         let mut members: Vec<(WindowKey, u64, Vec<u64>)> = Vec::new();
@@ -1067,7 +1086,7 @@ impl Engine {
         let part = self
             .parts
             .entry(p)
-            .or_insert_with(|| Part::new(wall_ms, self.cfg.hash_seed));
+            .or_insert_with(|| Part::new(wall_ms, self.cfg.hash_seed, self.cfg.windows.len()));
         if offset < part.next_offset {
             return;
         }
@@ -1336,10 +1355,6 @@ impl Engine {
                     continue;
                 };
                 let bound = wm.saturating_sub(gap_ms).saturating_sub(grace);
-                if part.session_scan.len() <= ix {
-                    part.session_scan
-                        .resize(self.cfg.windows.len(), SessionScan::default());
-                }
                 let scan = part.session_scan[ix];
                 if scan.scanned.is_some_and(|s| s >= bound) || scan.next.is_some_and(|n| n > bound)
                 {
@@ -1355,9 +1370,7 @@ impl Engine {
                         continue;
                     }
                     self.cache.sessions.misses += 1;
-                    if let Some(set) = reader.sessions(p, spec_ix, &skey.1) {
-                        part.load_sessions(skey, set, gap_ms + grace);
-                    }
+                    part.read_sessions(p, skey, gap_ms + grace, reader);
                 }
             }
         }
@@ -1480,7 +1493,7 @@ impl Engine {
             }
             for (spec, customer) in stouched {
                 match part.sessions.get(&(spec, customer.clone())) {
-                    Some(set) if !(set.sessions.is_empty() && set.retracted.is_empty()) => {
+                    Some(set) if !set.is_empty() => {
                         for s in set.sessions.iter().filter(|s| !s.closed) {
                             let key = WindowKey {
                                 spec,
@@ -1579,10 +1592,7 @@ impl Engine {
                             // With a cache, an empty set stays until its
                             // delete is durable: absent would mean "read
                             // the store", which still has the old set.
-                            if set.sessions.is_empty()
-                                && set.retracted.is_empty()
-                                && !sessions_limited
-                            {
+                            if set.is_empty() && !sessions_limited {
                                 part.sessions.remove(&skey);
                             }
                             part.sessions_touched.insert(skey);
@@ -1592,10 +1602,7 @@ impl Engine {
                         let skey = (key.spec, key.group.clone());
                         if let Some(set) = part.sessions.get_mut(&skey) {
                             set.retracted.retain(|s| *s != key.start);
-                            if set.sessions.is_empty()
-                                && set.retracted.is_empty()
-                                && !sessions_limited
-                            {
+                            if set.is_empty() && !sessions_limited {
                                 part.sessions.remove(&skey);
                             }
                             part.sessions_touched.insert(skey);
@@ -1643,10 +1650,6 @@ impl Engine {
                         continue;
                     };
                     let upto = w.saturating_sub(gap_ms).saturating_sub(self.cfg.grace_ms);
-                    if part.session_scan.len() <= ix {
-                        part.session_scan
-                            .resize(self.cfg.windows.len(), SessionScan::default());
-                    }
                     let scan = &mut part.session_scan[ix];
                     if scan.forgotten.is_none_or(|f| upto > f) {
                         scan.forgotten = Some(upto);
@@ -1724,10 +1727,6 @@ impl Engine {
                 }
             }
             drop(keep);
-            if part.session_scan.len() < windows.len() {
-                part.session_scan
-                    .resize(windows.len(), SessionScan::default());
-            }
             for skey in gone {
                 let Some(set) = part.sessions.remove(&skey) else {
                     continue;
@@ -1907,16 +1906,14 @@ impl SessionFold<'_> {
                 cache.hits += 1;
             } else {
                 cache.misses += 1;
-                if let Some(set) = reader.sessions(self.p, self.spec_ix, cust) {
-                    part.load_sessions(skey.clone(), set, gap + grace);
-                }
+                part.read_sessions(self.p, skey.clone(), gap + grace, reader);
             }
         }
         let set = match part.sessions.get_mut(&skey) {
             Some(set) => set,
             None => part.sessions.entry(skey.clone()).or_default(),
         };
-        if set.offset >= self.offset && !(set.sessions.is_empty() && set.retracted.is_empty()) {
+        if set.offset >= self.offset && !set.is_empty() {
             // This customer's sessions already hold this record (a replay
             // after a flush that was cut in half).
             return true;
