@@ -23,6 +23,13 @@ use tally::telemetry::{init_logging, log_format_from_env};
 /// ignores a directory it did not make among its files).
 const VIEW_SESSIONS_DIR: &str = "view-sessions";
 
+/// mimalloc instead of glibc's malloc: the hot path allocates small,
+/// short-lived buffers (records, keys, rows) at hundreds of thousands a
+/// second, and glibc's malloc/free/consolidate were a fifth of the pod's
+/// CPU in the issue-17 profile (BENCHMARKS.md, "Throughput").
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// tally: live, exact order revenue from Kafka.
 #[derive(Parser, Debug)]
 #[command(name = "tally", version, about)]
