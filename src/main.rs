@@ -241,7 +241,7 @@ type Served = (
     Arc<AtomicBool>,
 );
 
-/// Starts the HTTP server for a pod (or, with `pod = None`, for a
+/// Starts the HTTP server for a pod (or, with no `pods`, for a
 /// serving-only process) before anything waits for the broker, so
 /// `/readyz` can say why the pod is not ready while start-up retries; the
 /// view stays empty (data endpoints answer 503) until [`follow_view`]
@@ -249,7 +249,7 @@ type Served = (
 async fn start_http(
     cfg: &PodConfig,
     metrics: Arc<Metrics>,
-    pod: Option<Arc<pod::Stats>>,
+    pods: Vec<Arc<pod::Stats>>,
 ) -> anyhow::Result<(Served, tokio::task::JoinHandle<()>)> {
     let core = cfg.core()?;
     let extra = cfg.kafka_properties()?;
@@ -279,7 +279,7 @@ async fn start_http(
     let state = http::AppState {
         view: view.clone(),
         view_caught_up: caught_up.clone(),
-        pod,
+        pods,
         ready_max_lag: cfg.serving.ready_max_lag,
         metrics,
         webhook: Some(Arc::new(webhook)),
@@ -320,6 +320,14 @@ async fn serve(addr: &str, state: http::AppState) -> anyhow::Result<tokio::task:
     }))
 }
 
+/// One readiness record per engine thread (`--engine-threads`), all
+/// reporting to the process's one set of metrics.
+fn thread_stats(cfg: &PodConfig, metrics: &Arc<Metrics>) -> Vec<Arc<pod::Stats>> {
+    (0..cfg.resources.engine_threads.max(1))
+        .map(|_| Arc::new(pod::Stats::new(metrics.clone())))
+        .collect()
+}
+
 async fn run(cfg: PodConfig, _matches: &ArgMatches) -> anyhow::Result<()> {
     if cfg.topics.apply_topics {
         match topics::load(cfg.topics.topics_dir.as_deref()) {
@@ -354,22 +362,24 @@ async fn run(cfg: PodConfig, _matches: &ArgMatches) -> anyhow::Result<()> {
     // does; the soak test found pods dying of SIGTERM mid-start).
     let mut stop = listen_for_shutdown();
     let metrics = Arc::new(Metrics::new());
-    let stats = Arc::new(pod::Stats::new(metrics.clone()));
-    let (served, _server) = start_http(&cfg, metrics.clone(), Some(stats.clone())).await?;
-    tracing::info!(http = %cfg.serving.http, "serving");
+    let stats = thread_stats(&cfg, &metrics);
+    let (served, _server) = start_http(&cfg, metrics.clone(), stats.clone()).await?;
+    tracing::info!(http = %cfg.serving.http, engine_threads = stats.len(), "serving");
     let mut start = {
         let (cfg, stats) = (cfg.clone(), stats.clone());
-        tokio::task::spawn_blocking(move || pod::start_with_stats(cfg, stats))
+        tokio::task::spawn_blocking(move || pod::start_threads(cfg, stats))
     };
-    let handle = tokio::select! {
+    let handles = tokio::select! {
         r = &mut start => r??,
         _ = stop.changed() => {
             // Start-up gives up at its next retry; a pod that did start
             // is stopped as usual (final flush, commit, leave the group).
             arm_shutdown_watchdog(&cfg);
-            stats.interrupt();
+            for s in &stats {
+                s.interrupt();
+            }
             match start.await? {
-                Ok(h) => tokio::task::spawn_blocking(move || h.join()).await??,
+                Ok(h) => tokio::task::spawn_blocking(move || pod::stop_all(h)).await??,
                 Err(pod::PodError::Interrupted) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -387,7 +397,9 @@ async fn run(cfg: PodConfig, _matches: &ArgMatches) -> anyhow::Result<()> {
         tokio::select! {
             _ = stop.changed() => break,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                if handle.is_finished() {
+                // One thread ending (an error) ends the pod: Kubernetes
+                // restarts it, rather than the pod limping on with fewer.
+                if handles.iter().any(|h| h.is_finished()) {
                     break;
                 }
             }
@@ -396,7 +408,7 @@ async fn run(cfg: PodConfig, _matches: &ArgMatches) -> anyhow::Result<()> {
     if *stop.borrow() {
         arm_shutdown_watchdog(&cfg);
     }
-    tokio::task::spawn_blocking(move || handle.join()).await??;
+    tokio::task::spawn_blocking(move || pod::stop_all(handles)).await??;
     if let Some(f) = follower {
         f.stop();
     }
@@ -550,11 +562,11 @@ async fn demo(http_addr: String, rate: f64, topics_dir: Option<PathBuf>) -> anyh
     cfg.topics.apply_topics = false;
     cfg.kafka.session_timeout_ms = 6_000;
     let metrics = Arc::new(Metrics::new());
-    let stats = Arc::new(pod::Stats::new(metrics.clone()));
-    let (served, server) = start_http(&cfg, metrics.clone(), Some(stats.clone())).await?;
-    let handle = {
+    let stats = thread_stats(&cfg, &metrics);
+    let (served, server) = start_http(&cfg, metrics.clone(), stats.clone()).await?;
+    let handles = {
         let cfg = cfg.clone();
-        tokio::task::spawn_blocking(move || pod::start_with_stats(cfg, stats)).await??
+        tokio::task::spawn_blocking(move || pod::start_threads(cfg, stats)).await??
     };
     let follower = follow_view(&cfg, served, metrics).await?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -581,7 +593,7 @@ async fn demo(http_addr: String, rate: f64, topics_dir: Option<PathBuf>) -> anyh
     shutdown_signal().await;
     stop.store(true, Ordering::SeqCst);
     let _ = tokio::task::spawn_blocking(move || generator.join()).await;
-    tokio::task::spawn_blocking(move || handle.join()).await??;
+    tokio::task::spawn_blocking(move || pod::stop_all(handles)).await??;
     let _ = std::fs::remove_dir_all(&state_dir);
     // Every client goes before the embedded broker it talks to: the HTTP
     // server (and its webhook producer), then the view follower. Torn down

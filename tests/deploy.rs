@@ -144,7 +144,7 @@ async fn probes_and_ports_match_what_the_binary_serves() {
     let state = AppState {
         view: Arc::new(RwLock::new(View::new(0))),
         view_caught_up: Arc::new(AtomicBool::new(true)),
-        pod: None,
+        pods: Vec::new(),
         ready_max_lag: 0,
         metrics: Arc::new(Metrics::new()),
         webhook: None,

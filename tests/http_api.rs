@@ -169,7 +169,7 @@ fn state(ready: bool, webhook: Option<Arc<Webhook>>) -> AppState {
     AppState {
         view: Arc::new(RwLock::new(view())),
         view_caught_up: Arc::new(AtomicBool::new(ready)),
-        pod: None,
+        pods: Vec::new(),
         ready_max_lag: 0,
         metrics: Arc::new(Metrics::new()),
         webhook,
@@ -397,7 +397,7 @@ async fn data_waits_for_the_view_health_does_not() {
 async fn readiness_says_why() {
     let mut st = state(true, None);
     let stats = Arc::new(tally::pod::Stats::new(st.metrics.clone()));
-    st.pod = Some(stats.clone());
+    st.pods = vec![stats.clone()];
     *stats.starting.lock().unwrap() =
         Some("loading the FX rates: retrying a transient broker error: NotLeader".into());
     let (s, v) = get(&st, "/readyz").await;
@@ -441,6 +441,40 @@ async fn readiness_says_why() {
     let (s, v) = get(&st, "/readyz").await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["not_ready_because"], serde_json::json!([]));
+}
+
+/// With several engine threads (`--engine-threads`) the pod is ready only
+/// when every thread is: each has joined, none restores, and the lag is
+/// their sum. Checked to fail with readiness read from the first thread
+/// only (as `AppState::pod` was before engine threads).
+#[tokio::test]
+async fn readiness_needs_every_engine_thread() {
+    let mut st = state(true, None);
+    st.ready_max_lag = 10;
+    let (a, b) = (
+        Arc::new(tally::pod::Stats::new(st.metrics.clone())),
+        Arc::new(tally::pod::Stats::new(st.metrics.clone())),
+    );
+    st.pods = vec![a.clone(), b.clone()];
+    a.joined.store(true, Ordering::SeqCst);
+    let (s, v) = get(&st, "/readyz").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(v["joined_group"], serde_json::json!(false));
+    b.joined.store(true, Ordering::SeqCst);
+    *b.restoring.lock().unwrap() = vec![4];
+    *a.restoring.lock().unwrap() = vec![1];
+    let (s, v) = get(&st, "/readyz").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(v["restoring_partitions"], serde_json::json!([1, 4]));
+    *a.restoring.lock().unwrap() = Vec::new();
+    *b.restoring.lock().unwrap() = Vec::new();
+    a.lag.store(6, Ordering::SeqCst);
+    b.lag.store(6, Ordering::SeqCst);
+    let (s, v) = get(&st, "/readyz").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(v["consumer_lag"], serde_json::json!(12));
+    b.lag.store(0, Ordering::SeqCst);
+    assert_eq!(get(&st, "/readyz").await.0, StatusCode::OK);
 }
 
 #[tokio::test]

@@ -392,7 +392,7 @@ fn live_metrics() -> String {
     let state = AppState {
         view: Arc::new(RwLock::new(View::new(0))),
         view_caught_up: Arc::new(AtomicBool::new(true)),
-        pod: Some(handle.stats.clone()),
+        pods: vec![handle.stats.clone()],
         ready_max_lag: 0,
         metrics: handle.metrics.clone(),
         webhook: None,

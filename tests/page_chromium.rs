@@ -102,7 +102,7 @@ fn the_live_page_shows_the_numbers_of_revenue() {
     let state = AppState {
         view: follower.view.clone(),
         view_caught_up: follower.caught_up.clone(),
-        pod: None,
+        pods: Vec::new(),
         ready_max_lag: 0,
         metrics,
         webhook: None,

@@ -108,20 +108,7 @@ fn state_beyond_the_cache_is_read_from_rocksdb() {
         ..GenSpec::default()
     });
     let (a, b) = records.split_at(2_000);
-    let resent: Vec<gen::GenRecord> = a
-        .iter()
-        .filter_map(|r| match &r.expect {
-            gen::Expect::Valid { order_id, .. } => Some(gen::GenRecord {
-                key: r.key.clone(),
-                payload: r.payload.clone(),
-                expect: gen::Expect::Duplicate {
-                    order_id: order_id.clone(),
-                },
-            }),
-            _ => None,
-        })
-        .take(300)
-        .collect();
+    let resent = resent(a, 300);
     let dir = temp_dir("dedup-cache");
     let mut cfg = pod_config(&brokers, "dedup-cache", dir.clone());
     cfg.resources.dedup_cache_entries = Some(0);

@@ -274,6 +274,15 @@ pub struct ResourceConfig {
     /// Share of the memory limit given to RocksDB (block cache + memtables).
     #[arg(long, env = "TALLY_ROCKSDB_MEMORY_FRACTION", default_value_t = 0.25)]
     pub rocksdb_memory_fraction: f64,
+    /// Engine threads in this pod (Kafka Streams' `num.stream.threads`).
+    /// Each is a member of the consumer group of its own, owning a share of
+    /// the partitions with its own engine, RocksDB (under
+    /// `<state-dir>/thread-<i>` when there are several) and flush cycle,
+    /// so a pod uses more than one core without any protocol of tally's
+    /// own. The memory limit, the RocksDB budget and both state caches are
+    /// divided among them. One process serves and reports for all.
+    #[arg(long, env = "TALLY_ENGINE_THREADS", default_value_t = 1)]
+    pub engine_threads: usize,
     /// Log format.
     #[arg(long, env = "TALLY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -292,6 +301,10 @@ pub enum ConfigError {
     #[error("config file {path}: {message}")]
     File { path: PathBuf, message: String },
 }
+
+/// More engine threads than this would only share a pod's cores thinner
+/// (each is a group member with its own clients and RocksDB).
+pub const MAX_ENGINE_THREADS: usize = 64;
 
 fn invalid(field: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -478,6 +491,12 @@ impl PodConfig {
         {
             return Err(invalid("rocksdb_memory_fraction", "must be in (0, 0.9]"));
         }
+        if !(1..=MAX_ENGINE_THREADS).contains(&self.resources.engine_threads) {
+            return Err(invalid(
+                "engine_threads",
+                format!("must be in 1..={MAX_ENGINE_THREADS}"),
+            ));
+        }
         self.kafka_properties()?;
         if self
             .serving
@@ -492,6 +511,24 @@ impl PodConfig {
         }
         self.core()?;
         Ok(())
+    }
+
+    /// The configuration of engine thread `i` of a pod running
+    /// `resources.engine_threads` of them: with several, each has its own
+    /// state directory (`<state-dir>/thread-<i>`: a RocksDB is opened by
+    /// one writer) and its own static group instance id (`<id>-<i>`: the
+    /// group would fence members sharing one). With one, this is the
+    /// configuration itself, so a single-threaded pod's layout is as it
+    /// always was.
+    pub fn for_engine_thread(&self, i: usize) -> PodConfig {
+        let mut c = self.clone();
+        if self.resources.engine_threads > 1 {
+            c.resources.state_dir = self.resources.state_dir.join(format!("thread-{i}"));
+            if let Some(id) = &self.kafka.group_instance_id {
+                c.kafka.group_instance_id = Some(format!("{id}-{i}"));
+            }
+        }
+        c
     }
 
     /// Puts `prefix` before every topic name, so runs on a shared broker
@@ -637,6 +674,28 @@ mod tests {
     }
 
     #[test]
+    fn engine_threads_get_their_own_state_dir_and_instance_id() {
+        let one = parse(&["--state-dir", "s", "--group-instance-id", "pod-a"], None).unwrap();
+        assert_eq!(one.for_engine_thread(0), one);
+        let two = parse(
+            &[
+                "--state-dir",
+                "s",
+                "--group-instance-id",
+                "pod-a",
+                "--engine-threads",
+                "2",
+            ],
+            None,
+        )
+        .unwrap();
+        let t1 = two.for_engine_thread(1);
+        assert_eq!(t1.resources.state_dir, Path::new("s").join("thread-1"));
+        assert_eq!(t1.kafka.group_instance_id.as_deref(), Some("pod-a-1"));
+        assert_eq!(t1.kafka.group, two.kafka.group);
+    }
+
+    #[test]
     fn each_bad_value_names_its_field() {
         assert_eq!(
             field(parse(&["--brokers", "nohost"], None).unwrap_err()),
@@ -667,6 +726,14 @@ mod tests {
             field(parse(&["--dlq-topic", "bad topic"], None).unwrap_err()),
             "dlq_topic"
         );
+        for n in ["0", "65"] {
+            assert_eq!(
+                field(parse(&["--engine-threads", n], None).unwrap_err()),
+                "engine_threads"
+            );
+        }
+        let e = parse(&[], Some("engine_threads = 0\n")).unwrap_err();
+        assert!(e.to_string().contains("engine_threads"), "{e}");
         assert_eq!(
             field(parse(&["--kafka-properties", "acks"], None).unwrap_err()),
             "kafka_properties"

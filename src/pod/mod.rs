@@ -65,7 +65,7 @@ use crate::kafka::Clients;
 use crate::state::codec::{encode, CodecError, Encoded};
 use crate::state::store::{Store, StoreError, StoreReader};
 use crate::telemetry::memory::RocksSizing;
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{GaugeShares, Metrics};
 use crate::wire::{OutRecord, Outputs, Source};
 
 mod acks;
@@ -81,7 +81,8 @@ use flush::Sealed;
 pub use rebalance::PodContext;
 use restore::Restoring;
 pub use run::{
-    consumer_config, producer_config, start, start_with_metrics, start_with_stats, PodHandle,
+    consumer_config, producer_config, start, start_threads, start_with_metrics, start_with_stats,
+    stop_all, PodHandle,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +166,8 @@ pub struct Stats {
     pub joined: AtomicBool,
     /// Consumer lag summed over the held partitions, at the last check.
     pub lag: AtomicU64,
+    /// Partitions this pod (engine thread) holds: restored and processing.
+    pub held: Mutex<Vec<Partition>>,
     /// Assigned partitions still restoring: the pod is not ready for them.
     pub restoring: Mutex<Vec<Partition>>,
     /// Assigned partitions the pod refuses to process, and why (a rebuild
@@ -193,6 +196,7 @@ impl Stats {
             metrics,
             joined: AtomicBool::new(false),
             lag: AtomicU64::new(0),
+            held: Mutex::new(Vec::new()),
             restoring: Mutex::new(Vec::new()),
             blocked: Mutex::new(Vec::new()),
             starting: Mutex::new(None),
@@ -295,6 +299,8 @@ pub struct Processor {
     metrics: Arc<Metrics>,
     /// Counts not yet added to the Prometheus counters (updated per flush).
     unreported: Counts,
+    /// This engine thread's part of the pod-wide gauges.
+    shares: GaugeShares,
     /// The dedup cache's counters as last exported.
     reported_cache: crate::core::CacheStats,
     /// The progress last published per partition.

@@ -331,12 +331,16 @@ impl Processor {
                 SESSION_SET_BYTES,
             ),
         ] {
-            m.state_cache_entries
-                .with_label_values(&[kind])
-                .set(now.entries as i64);
-            m.state_cache_bytes
-                .with_label_values(&[kind])
-                .set((now.entries * row_bytes) as i64);
+            self.shares.set(
+                &m.state_cache_entries.with_label_values(&[kind]),
+                ("state_cache_entries", kind),
+                now.entries as i64,
+            );
+            self.shares.set(
+                &m.state_cache_bytes.with_label_values(&[kind]),
+                ("state_cache_bytes", kind),
+                (now.entries * row_bytes) as i64,
+            );
             m.state_cache_lookups
                 .with_label_values(&[kind, "hit"])
                 .inc_by(now.hits - was.hits);
@@ -348,14 +352,19 @@ impl Processor {
                 .inc_by(now.evicted - was.evicted);
         }
         let (block_cache, memtables) = self.store.memory();
-        m.rocksdb_memory
-            .with_label_values(&["block_cache"])
-            .set(block_cache as i64);
-        m.rocksdb_memory
-            .with_label_values(&["memtables"])
-            .set(memtables as i64);
+        for (kind, bytes) in [("block_cache", block_cache), ("memtables", memtables)] {
+            self.shares.set(
+                &m.rocksdb_memory.with_label_values(&[kind]),
+                ("rocksdb_memory", kind),
+                bytes as i64,
+            );
+        }
         for (kind, n) in self.engine.open_windows() {
-            m.open_windows.with_label_values(&[kind]).set(n as i64);
+            self.shares.set(
+                &m.open_windows.with_label_values(&[kind]),
+                ("open_windows", kind),
+                n as i64,
+            );
         }
         let now = now_ms();
         for (p, s) in self.engine.partitions() {
@@ -416,10 +425,14 @@ impl Processor {
                 ])
                 .set(lag);
         }
-        self.metrics
-            .consumergroup_lag_sum
-            .with_label_values(&[&self.cfg.kafka.group, &self.cfg.topics.input_topic])
-            .set(sum);
+        self.shares.set(
+            &self
+                .metrics
+                .consumergroup_lag_sum
+                .with_label_values(&[&self.cfg.kafka.group, &self.cfg.topics.input_topic]),
+            ("consumergroup_lag_sum", ""),
+            sum,
+        );
         self.stats.lag.store(sum as u64, Ordering::Relaxed);
     }
 

@@ -132,7 +132,7 @@ impl Processor {
         }
         self.held.remove(&p);
         self.published.remove(&p);
-        self.metrics.assigned_partitions.set(self.held.len() as i64);
+        self.held_changed();
         let label = p.to_string();
         let _ = self.metrics.watermark.remove_label_values(&[&label]);
         let _ = self.metrics.watermark_delay.remove_label_values(&[&label]);

@@ -222,7 +222,7 @@ impl Processor {
             }
         };
         self.held.insert(p);
-        self.metrics.assigned_partitions.set(self.held.len() as i64);
+        self.held_changed();
         self.metrics
             .restore_duration
             .observe(r.started.elapsed().as_secs_f64());
@@ -538,11 +538,25 @@ impl Processor {
         }
     }
 
+    /// Publishes the set of held partitions to metrics and [`Stats`].
+    pub(super) fn held_changed(&self) {
+        self.shares.set(
+            &self.metrics.assigned_partitions,
+            ("assigned_partitions", ""),
+            self.held.len() as i64,
+        );
+        if let Ok(mut h) = self.stats.held.lock() {
+            *h = self.held.iter().copied().collect();
+        }
+    }
+
     /// Publishes the set of restoring partitions to metrics and readiness.
     pub(super) fn restoring_changed(&self) {
-        self.metrics
-            .restoring_partitions
-            .set(self.restoring.len() as i64);
+        self.shares.set(
+            &self.metrics.restoring_partitions,
+            ("restoring_partitions", ""),
+            self.restoring.len() as i64,
+        );
         if let Ok(mut r) = self.stats.restoring.lock() {
             *r = self.restoring.keys().copied().collect();
         }

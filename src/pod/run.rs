@@ -201,11 +201,13 @@ pub fn start_with_stats(cfg: PodConfig, stats: Arc<Stats>) -> Result<PodHandle, 
         dir: cfg.resources.state_dir.display().to_string(),
         source,
     })?;
+    let threads = cfg.resources.engine_threads.max(1);
     let sizing = RocksSizing::detect(
         cfg.resources.memory_limit_bytes,
         Path::new("/sys/fs/cgroup"),
         cfg.resources.rocksdb_memory_fraction,
-    );
+    )
+    .shared_by(threads);
     info!(
         limit_bytes = sizing.limit_bytes,
         source = ?sizing.source,
@@ -226,12 +228,12 @@ pub fn start_with_stats(cfg: PodConfig, stats: Arc<Stats>) -> Result<PodHandle, 
     let dedup_cache = cfg
         .resources
         .dedup_cache_entries
-        .unwrap_or(sizing.dedup_cache_entries);
+        .map_or(sizing.dedup_cache_entries, |n| n / threads as u64);
     engine.set_dedup_cache(usize::try_from(dedup_cache).unwrap_or(usize::MAX));
     let session_cache = cfg
         .resources
         .session_cache_sets
-        .unwrap_or(sizing.session_cache_sets);
+        .map_or(sizing.session_cache_sets, |n| n / threads as u64);
     engine.set_session_cache(usize::try_from(session_cache).unwrap_or(usize::MAX));
     info!(
         dedup_entries = dedup_cache,
@@ -259,6 +261,7 @@ pub fn start_with_stats(cfg: PodConfig, stats: Arc<Stats>) -> Result<PodHandle, 
         fx_follower: Some(follower),
         metrics: metrics.clone(),
         unreported: Counts::default(),
+        shares: GaugeShares::default(),
         reported_cache: Default::default(),
         published: HashMap::new(),
         restoring: BTreeMap::new(),
@@ -291,6 +294,43 @@ pub fn start_with_stats(cfg: PodConfig, stats: Arc<Stats>) -> Result<PodHandle, 
         stats,
         metrics,
     })
+}
+
+/// Starts a pod of `cfg.resources.engine_threads` engine threads, thread
+/// `i` reporting to `stats[i]` (one per thread: readiness needs every
+/// thread's). Each thread is a group member of its own
+/// ([`PodConfig::for_engine_thread`]); Kafka's assignment gives each its
+/// partitions, and moves them between threads as between pods. If a
+/// thread cannot start, those already started are stopped.
+pub fn start_threads(cfg: PodConfig, stats: Vec<Arc<Stats>>) -> Result<Vec<PodHandle>, PodError> {
+    let mut handles: Vec<PodHandle> = Vec::with_capacity(stats.len());
+    for (i, s) in stats.into_iter().enumerate() {
+        match start_with_stats(cfg.for_engine_thread(i), s) {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                // The start error is what the caller needs to see.
+                let _ = stop_all(handles);
+                return Err(e);
+            }
+        }
+    }
+    Ok(handles)
+}
+
+/// Stops every thread of a pod (all asked first, so their final flushes
+/// and group leaves overlap), then waits for each; the first error wins.
+pub fn stop_all(handles: Vec<PodHandle>) -> Result<(), PodError> {
+    for h in &handles {
+        h.stop();
+    }
+    let mut first = Ok(());
+    for h in handles {
+        let r = h.join();
+        if first.is_ok() {
+            first = r;
+        }
+    }
+    first
 }
 
 pub(super) fn run_loop(

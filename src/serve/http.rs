@@ -39,8 +39,10 @@ pub struct Webhook {
 pub struct AppState {
     pub view: Arc<RwLock<View>>,
     pub view_caught_up: Arc<AtomicBool>,
-    /// The local pod, if this process runs one (readiness: joined, caught up).
-    pub pod: Option<Arc<Stats>>,
+    /// The local pod's engine threads, one entry each (none: a
+    /// serving-only process). Readiness needs every thread's: joined,
+    /// restored, caught up (the lag is their sum).
+    pub pods: Vec<Arc<Stats>>,
     /// Readiness requires the pod's lag to be at most this.
     pub ready_max_lag: u64,
     pub metrics: Arc<Metrics>,
@@ -190,22 +192,29 @@ struct PodProgress {
 }
 
 fn pod_progress(state: &AppState) -> PodProgress {
-    match &state.pod {
-        Some(s) => PodProgress {
-            joined: s.joined.load(Ordering::Relaxed),
-            lag: s.lag.load(Ordering::Relaxed),
-            restoring: s.restoring.lock().map(|r| r.clone()).unwrap_or_default(),
-            blocked: s.blocked.lock().map(|b| b.clone()).unwrap_or_default(),
-            starting: s.starting.lock().ok().and_then(|s| s.clone()),
-        },
-        None => PodProgress {
-            joined: true,
-            lag: 0,
-            restoring: Vec::new(),
-            blocked: Vec::new(),
-            starting: None,
-        },
+    let mut p = PodProgress {
+        joined: true,
+        lag: 0,
+        restoring: Vec::new(),
+        blocked: Vec::new(),
+        starting: None,
+    };
+    for s in &state.pods {
+        p.joined &= s.joined.load(Ordering::Relaxed);
+        p.lag += s.lag.load(Ordering::Relaxed);
+        if let Ok(r) = s.restoring.lock() {
+            p.restoring.extend(r.iter().copied());
+        }
+        if let Ok(b) = s.blocked.lock() {
+            p.blocked.extend(b.iter().cloned());
+        }
+        if p.starting.is_none() {
+            p.starting = s.starting.lock().ok().and_then(|s| s.clone());
+        }
     }
+    p.restoring.sort_unstable();
+    p.blocked.sort_unstable();
+    p
 }
 
 /// For a startup probe: the pod has started, joined its group and

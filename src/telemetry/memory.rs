@@ -80,6 +80,19 @@ impl RocksSizing {
         }
     }
 
+    /// One engine thread's share when `threads` share the pod (each has
+    /// its own RocksDB and caches, and together they keep to the limit).
+    pub fn shared_by(self, threads: usize) -> RocksSizing {
+        let n = threads.max(1) as u64;
+        let limit = self.limit_bytes / n;
+        let mut s = RocksSizing::for_limit(limit, self.source, 1.0);
+        s.limit_bytes = self.limit_bytes;
+        s.budget_bytes = (self.budget_bytes / n).max(MIN_BUDGET_BYTES);
+        s.block_cache_bytes = s.budget_bytes / 2;
+        s.write_buffer_bytes = s.budget_bytes / 4 / MAX_WRITE_BUFFERS as u64;
+        s
+    }
+
     /// The settings for this process: the configured limit, else the cgroup's
     /// (read under `cgroup_root`, normally `/sys/fs/cgroup`), else the default.
     pub fn detect(configured: Option<u64>, cgroup_root: &Path, fraction: f64) -> RocksSizing {
@@ -130,6 +143,20 @@ mod tests {
             s.block_cache_bytes + s.write_buffer_bytes * s.max_write_buffers as u64
                 <= s.budget_bytes
         );
+    }
+
+    #[test]
+    fn threads_share_the_budget_and_the_caches() {
+        let whole = RocksSizing::for_limit(2 << 30, LimitSource::Config, 0.25);
+        let one = whole.shared_by(1);
+        assert_eq!(one, whole);
+        let half = whole.shared_by(2);
+        assert_eq!(half.limit_bytes, whole.limit_bytes);
+        assert_eq!(half.budget_bytes, whole.budget_bytes / 2);
+        assert_eq!(half.block_cache_bytes, whole.block_cache_bytes / 2);
+        assert_eq!(half.write_buffer_bytes, whole.write_buffer_bytes / 2);
+        assert_eq!(half.dedup_cache_entries, whole.dedup_cache_entries / 2);
+        assert_eq!(half.session_cache_sets, whole.session_cache_sets / 2);
     }
 
     #[test]

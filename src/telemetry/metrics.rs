@@ -11,6 +11,26 @@ use prometheus::{
 
 use crate::core::Reason;
 
+/// One engine thread's part of the pod-wide gauges (`--engine-threads`):
+/// each thread adds the change of its own value, so a gauge such as
+/// `tally_assigned_partitions` is the sum over the pod's threads. With one
+/// thread this is the same as setting it. Keyed by a name of the caller's
+/// and the label values; a per-flush cost, never per record.
+#[derive(Default)]
+pub struct GaugeShares(
+    std::cell::RefCell<std::collections::HashMap<(&'static str, &'static str), i64>>,
+);
+
+impl GaugeShares {
+    /// Sets this thread's part of `gauge` to `value`.
+    pub fn set(&self, gauge: &IntGauge, key: (&'static str, &'static str), value: i64) {
+        let mut m = self.0.borrow_mut();
+        let last = m.entry(key).or_insert(0);
+        gauge.add(value - *last);
+        *last = value;
+    }
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub consumergroup_lag: IntGaugeVec,
@@ -537,6 +557,19 @@ impl Default for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gauge_shares_sum_over_threads() {
+        let g = IntGauge::new("g", "g").unwrap();
+        let (a, b) = (GaugeShares::default(), GaugeShares::default());
+        a.set(&g, ("x", ""), 3);
+        b.set(&g, ("x", ""), 4);
+        assert_eq!(g.get(), 7);
+        a.set(&g, ("x", ""), 1);
+        assert_eq!(g.get(), 5);
+        b.set(&g, ("x", ""), 0);
+        assert_eq!(g.get(), 1);
+    }
 
     #[test]
     fn every_listed_name_is_exported_and_follows_conventions() {

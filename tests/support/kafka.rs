@@ -50,6 +50,26 @@ pub fn produce_input(brokers: &str, records: &[tally::gen::GenRecord]) {
         .expect("the input is produced");
 }
 
+/// The first `n` valid orders of `records`, to be sent again: each is
+/// expected back as a duplicate of itself.
+pub fn resent(records: &[tally::gen::GenRecord], n: usize) -> Vec<tally::gen::GenRecord> {
+    use tally::gen::{Expect, GenRecord};
+    records
+        .iter()
+        .filter_map(|r| match &r.expect {
+            Expect::Valid { order_id, .. } => Some(GenRecord {
+                key: r.key.clone(),
+                payload: r.payload.clone(),
+                expect: Expect::Duplicate {
+                    order_id: order_id.clone(),
+                },
+            }),
+            _ => None,
+        })
+        .take(n)
+        .collect()
+}
+
 /// The name of a consumer group on the broker under test.
 pub fn group(name: &str) -> String {
     format!("{}{name}", prefix())

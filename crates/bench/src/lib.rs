@@ -389,7 +389,7 @@ pub fn serving(
     let state = tally::serve::http::AppState {
         view: follower.view.clone(),
         view_caught_up: follower.caught_up.clone(),
-        pod: Some(handle.stats.clone()),
+        pods: vec![handle.stats.clone()],
         ready_max_lag: u64::MAX,
         metrics: metrics.clone(),
         webhook: None,
