@@ -74,12 +74,14 @@ mod flush;
 mod process;
 mod rebalance;
 mod restore;
+mod resume;
 mod run;
 
 use acks::{AckContext, Report};
 use flush::Sealed;
 pub use rebalance::PodContext;
 use restore::Restoring;
+use resume::{Resume, Step};
 pub use run::{
     consumer_config, producer_config, start, start_threads, start_with_metrics, start_with_stats,
     stop_all, PodHandle,
@@ -313,6 +315,9 @@ pub struct Processor {
     /// Restored partitions waiting for their seek to the resume offset
     /// (paused until it succeeds).
     seeks: BTreeMap<Partition, Offset>,
+    /// Restored partitions whose first record after the seek to their
+    /// resume offset has not come yet (`resume`).
+    resumes: HashMap<Partition, resume::Resume>,
     /// Assigned partitions left paused: their rebuild was refused.
     refused: BTreeSet<Partition>,
     /// This pod's ownership epoch of each partition it has claimed.

@@ -182,6 +182,9 @@ impl Processor {
             // refused commit (its next owner reads it).
             return Ok(());
         }
+        if !self.resumes.is_empty() && !self.check_resume(p, offset) {
+            return Ok(());
+        }
         // An Arc: lending the topic to `emit` must not cost an allocation per record.
         let topic = self.input_topic.clone();
         let _span = trace_span!("record", topic = %topic, partition = p, offset).entered();
@@ -252,6 +255,7 @@ impl Processor {
     pub(super) fn begin_take(&mut self, p: Partition) -> Offset {
         self.engine.revoke(p);
         self.epochs.remove(&p);
+        self.resumes.remove(&p);
         self.cycle.assign(p);
         self.restoring.insert(p, Restoring::new());
         self.restoring_changed();

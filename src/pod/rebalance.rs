@@ -124,6 +124,7 @@ impl Processor {
         self.engine.revoke(p);
         self.cycle.revoke(&[p]);
         self.seeks.remove(&p);
+        self.resumes.remove(&p);
         self.epochs.remove(&p);
         if self.refused.remove(&p) {
             if let Ok(mut b) = self.stats.blocked.lock() {

@@ -272,6 +272,41 @@ impl Processor {
         }
     }
 
+    /// Whether the record at `offset` of restored partition `p` may be
+    /// processed: the first one after the seek to its resume offset must
+    /// be at it ([`super::resume`]). A seek again is done by
+    /// [`Self::retry_seeks`], on the next turn of the loop.
+    pub(super) fn check_resume(&mut self, p: Partition, offset: i64) -> bool {
+        let Some(r) = self.resumes.get_mut(&p) else {
+            return true;
+        };
+        match r.on_record(offset) {
+            Step::Process => {
+                self.resumes.remove(&p);
+                true
+            }
+            Step::Drop => false,
+            Step::SeekTo(to) => {
+                self.metrics.resume_reseeks.inc();
+                warn!(
+                    partition = p,
+                    resume_offset = r.expected(),
+                    offset,
+                    seek_to = to,
+                    "the first record after the seek to the resume offset is past it \
+                     (the broker skipped part of a batch); seeking again, further back"
+                );
+                let to = if to > 0 {
+                    Offset::Offset(to)
+                } else {
+                    Offset::Beginning
+                };
+                self.seeks.insert(p, to);
+                false
+            }
+        }
+    }
+
     /// Seeks restored partitions to their resume offsets and resumes them.
     /// A failed seek (the fetcher not ready yet, a timeout under load)
     /// leaves the partition paused and is tried again on the next loop:
@@ -288,6 +323,18 @@ impl Processor {
                 warn!(partition = p, error = %e, "seek after restore failed; trying again");
                 self.seeks.insert(p, offset);
                 continue;
+            }
+            // The first seek sets what the first record must be: the
+            // resume offset (Beginning: a rebuild from the log, which
+            // starts at 0, or the rebuild is refused); a seek again
+            // (further back, from `check_resume`) keeps it.
+            match self.resumes.get_mut(&p) {
+                Some(r) => r.seeked(),
+                None => {
+                    if let Offset::Offset(o) = offset {
+                        self.resumes.insert(p, Resume::new(o));
+                    }
+                }
             }
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition(&topic, p);

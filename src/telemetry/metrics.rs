@@ -51,6 +51,7 @@ pub struct Metrics {
     pub assigned_partitions: IntGauge,
     pub restore_records: IntCounter,
     pub restore_retries: IntCounter,
+    pub resume_reseeks: IntCounter,
     pub restore_stale_records: IntCounter,
     pub rebuilds_refused: IntCounter,
     pub rebuilds: IntCounter,
@@ -94,6 +95,7 @@ pub const NAMES: &[&str] = &[
     "tally_assigned_partitions",
     "tally_restore_records_total",
     "tally_restore_retries_total",
+    "tally_resume_reseeks_total",
     "tally_restore_stale_records_total",
     "tally_rebuilds_refused_total",
     "tally_rebuilds_total",
@@ -296,6 +298,15 @@ impl Metrics {
                 IntCounter::new(
                     "tally_restore_retries_total",
                     "Restore steps retried after a transient broker error (a stalled restore)",
+                )
+                .expect("valid metric"),
+            ),
+            resume_reseeks: reg(
+                &r,
+                IntCounter::new(
+                    "tally_resume_reseeks_total",
+                    "Seeks to a restored partition's resume offset done again: the first record \
+                     read after the seek was past it",
                 )
                 .expect("valid metric"),
             ),
