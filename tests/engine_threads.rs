@@ -52,12 +52,12 @@ fn engine_threads_split_the_partitions_and_stay_exact() {
     let broker = TestBroker::start(1, &declared_topics());
     let brokers = broker.bootstrap_servers();
     let records = gen::generate(&GenSpec {
-        count: 6_000,
+        count: 30_000,
         seed: 47,
         customers: 300,
         ..GenSpec::default()
     });
-    let thirds: Vec<&[gen::GenRecord]> = records.chunks(2_000).collect();
+    let thirds: Vec<&[gen::GenRecord]> = records.chunks(10_000).collect();
     let dir = temp_dir("engine-threads");
     let mut cfg = pod_config(&brokers, "engine-threads", dir.clone());
     let caught_up = || {
@@ -99,6 +99,11 @@ fn engine_threads_split_the_partitions_and_stay_exact() {
         "the pod-wide gauge is the sum of the threads' parts"
     );
     assert!(dir.join("thread-0").is_dir() && dir.join("thread-1").is_dir());
+    wait_until(
+        "every record to be counted once",
+        Duration::from_secs(30),
+        || metrics.records_consumed.get() >= thirds[0].len() as u64,
+    );
     pod::stop_all(pod).unwrap();
 
     // One thread (the root of the state directory has no state yet, so

@@ -14,11 +14,8 @@ EVENTS="${1:-100000}"
 TARGET="${CARGO_TARGET_DIR:-target}"
 TALLY="${TALLY_BIN:-$TARGET/release/tally}"
 [ -x "$TALLY" ] || cargo build --release --bin tally
-VENV="$TOOLS/quix-venv"
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import quixstreams' 2>/dev/null; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q "quixstreams==3.28.1"
-fi
+. benches/peers/venv.sh
+quix_install
 tansu_install
 tansu_start
 B="127.0.0.1:$PORT"
@@ -29,7 +26,7 @@ trap 'kill $TANSU_PID 2>/dev/null || true; kill $POD 2>/dev/null || true; rm -rf
 "$TALLY" gen --brokers "$B" --count "$EVENTS" --customers 10000 >/dev/null
 
 # The peer: it stops itself after EVENTS input records.
-PEER=$("$VENV/bin/python" benches/peers/quix_job.py --brokers "$B" --count "$EVENTS" \
+PEER=$("$QUIX_PYTHON" benches/peers/quix_job.py --brokers "$B" --count "$EVENTS" \
   --state-dir "$STATE/quix" 2>/dev/null | tail -1)
 echo "$PEER"
 

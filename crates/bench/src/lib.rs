@@ -355,6 +355,42 @@ async fn http_get(
     Ok(status)
 }
 
+/// Open-loop HTTP load: `GET /revenue` at `rps` requests/s for `seconds`
+/// on 8 kept-alive connections. Latency counts from each request's
+/// scheduled time, so a stall is not hidden; a failed request counts as
+/// infinite.
+async fn http_load(addr: std::net::SocketAddr, rps: f64, seconds: f64) -> Vec<f64> {
+    let conns = 8usize;
+    let per_conn_interval = Duration::from_secs_f64(conns as f64 / rps);
+    let started = tokio::time::Instant::now();
+    let end = started + Duration::from_secs_f64(seconds);
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
+                return out;
+            };
+            let mut conn = tokio::io::BufReader::new(stream);
+            let mut next = started + per_conn_interval.mul_f64(c as f64 / conns as f64);
+            while next < end {
+                tokio::time::sleep_until(next).await;
+                match http_get(&mut conn, "/revenue").await {
+                    Ok(200) => out.push(next.elapsed().as_secs_f64() * 1000.0),
+                    _ => out.push(f64::INFINITY),
+                }
+                next += per_conn_interval;
+            }
+            out
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap_or_default());
+    }
+    all
+}
+
 /// Serving under load: the pod ingests at `rate` events/s while `/revenue`
 /// gets `rps` requests/s (open loop: latency counts from the scheduled send
 /// time, so a stall is not hidden), and probe orders measure freshness: the
@@ -498,38 +534,7 @@ pub fn serving(
         })
     };
 
-    // Open-loop HTTP load on 8 connections.
-    let latencies: Vec<f64> = rt.block_on(async move {
-        let conns = 8usize;
-        let per_conn_interval = Duration::from_secs_f64(conns as f64 / rps);
-        let started = tokio::time::Instant::now();
-        let end = started + Duration::from_secs_f64(seconds);
-        let mut tasks = Vec::new();
-        for c in 0..conns {
-            tasks.push(tokio::spawn(async move {
-                let mut out = Vec::new();
-                let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
-                    return out;
-                };
-                let mut conn = tokio::io::BufReader::new(stream);
-                let mut next = started + per_conn_interval.mul_f64(c as f64 / conns as f64);
-                while next < end {
-                    tokio::time::sleep_until(next).await;
-                    match http_get(&mut conn, "/revenue").await {
-                        Ok(200) => out.push(next.elapsed().as_secs_f64() * 1000.0),
-                        _ => out.push(f64::INFINITY),
-                    }
-                    next += per_conn_interval;
-                }
-                out
-            }));
-        }
-        let mut all = Vec::new();
-        for t in tasks {
-            all.extend(t.await.unwrap_or_default());
-        }
-        all
-    });
+    let latencies = rt.block_on(http_load(addr, rps, seconds));
     stop.store(true, Ordering::SeqCst);
     let sent = load
         .join()
@@ -697,6 +702,135 @@ fn probe_region(n: usize) -> String {
     format!("lat-{n}")
 }
 
+/// When each latency probe's region (`lat-<n>`, [`probe_region`]) first
+/// appears on `topic`, read from the start by a plain consumer (what any
+/// downstream reader sees), until `stop`.
+#[allow(clippy::type_complexity)]
+fn probe_reader(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<
+    (
+        std::thread::JoinHandle<()>,
+        std::sync::Arc<std::sync::Mutex<std::collections::HashMap<usize, Instant>>>,
+    ),
+    BenchError,
+> {
+    use std::sync::atomic::Ordering;
+    let seen: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<usize, Instant>>> =
+        Default::default();
+    let consumer = reader_from_start(brokers, "bench-latency-reader", topic, partitions)?;
+    let reader = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let Some(Ok(m)) = consumer.poll(Duration::from_millis(20)) else {
+                    continue;
+                };
+                let at = Instant::now();
+                let key = rdkafka::message::Message::key(&m).unwrap_or_default();
+                // `spec|group|start|p<partition>`: the group names the probe.
+                let n = std::str::from_utf8(key)
+                    .ok()
+                    .and_then(|k| k.split('|').nth(1))
+                    .and_then(|g| g.strip_prefix("lat-"))
+                    .and_then(|n| n.parse::<usize>().ok());
+                if let Some(n) = n {
+                    if let Ok(mut s) = seen.lock() {
+                        s.entry(n).or_insert(at);
+                    }
+                }
+            }
+        })
+    };
+    Ok((reader, seen))
+}
+
+/// The load generator's producer (what a client of the job would use).
+fn load_producer(brokers: &str) -> Result<rdkafka::producer::BaseProducer, BenchError> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?)
+}
+
+/// Sends `records` to `topic` paced at `rate`/s from now, and after every
+/// `rate / 200`-th a probe order in a region of its own
+/// ([`probe_region`]); returns when each probe was sent.
+fn paced_with_probes(
+    producer: &rdkafka::producer::BaseProducer,
+    topic: &str,
+    records: &[gen::GenRecord],
+    rate: f64,
+) -> Result<Vec<Instant>, BenchError> {
+    let every = ((rate / 200.0) as usize).max(1);
+    let mut probes: Vec<Instant> = Vec::new();
+    let started = Instant::now();
+    let send = |key: &[u8], payload: &[u8]| -> Result<(), BenchError> {
+        Ok(gen::send_waiting(
+            producer,
+            topic,
+            None,
+            key,
+            Some(payload),
+        )?)
+    };
+    for (i, r) in records.iter().enumerate() {
+        let due = started + Duration::from_secs_f64(i as f64 / rate);
+        let now = Instant::now();
+        if due > now {
+            producer.poll(due - now);
+        }
+        send(&r.key, &r.payload)?;
+        if i % every == 0 {
+            let n = probes.len();
+            let json = format!(
+                r#"{{"order_id":"lat-{n}","customer_id":"lat-{n}","amount":1,"currency":"USD","created_at":{},"region":"{}"}}"#,
+                pod::now_ms(),
+                probe_region(n)
+            );
+            probes.push(Instant::now());
+            send(format!("lat-{n}").as_bytes(), json.as_bytes())?;
+        }
+        producer.poll(Duration::ZERO);
+    }
+    Ok(probes)
+}
+
+/// Each probe's latency (ms, sorted), from its send to its region's first
+/// appearance in `seen`, waiting up to 60 s for the last ones; probes sent
+/// in the first second after `started` are warm-up and not counted. Also
+/// how many were never seen (not a figure: counted apart).
+fn probe_latencies(
+    probes: &[Instant],
+    started: Instant,
+    seen: &std::sync::Mutex<std::collections::HashMap<usize, Instant>>,
+) -> (Vec<f64>, usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let warmup = probes
+        .iter()
+        .take_while(|t| **t < started + Duration::from_secs(1))
+        .count();
+    while seen.lock().map_or(0, |s| s.len()) < probes.len() && Instant::now() < deadline {
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+    let seen = seen.lock().map(|s| s.clone()).unwrap_or_default();
+    let mut lat: Vec<f64> = Vec::new();
+    let mut unseen = 0usize;
+    for (n, sent) in probes.iter().enumerate().skip(warmup) {
+        match seen.get(&n) {
+            Some(at) => lat.push(at.duration_since(*sent).as_secs_f64() * 1000.0),
+            None => unseen += 1,
+        }
+    }
+    lat.sort_by(f64::total_cmp);
+    (lat, unseen)
+}
+
 /// `latency`: end-to-end latency at a fixed input rate. Orders are
 /// generated before the clock starts, then produced at `rate`/s for
 /// `seconds`; every `rate / 200`-th send is a probe order in a region of its
@@ -711,9 +845,8 @@ pub fn latency(
     rate: f64,
     seconds: f64,
 ) -> Result<serde_json::Value, BenchError> {
-    use std::collections::HashMap;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
     if !(rate >= 1.0 && seconds > 0.0) {
         return Err(BenchError::Invalid(
@@ -743,103 +876,26 @@ pub fn latency(
         std::thread::park_timeout(Duration::from_millis(10));
     }
 
-    // The reader: when each probe's region first appears.
-    let seen: Arc<Mutex<HashMap<usize, Instant>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
-    let reader = {
-        let (seen, stop) = (seen.clone(), stop.clone());
-        let partitions = partitions_of(topics, &cfg.topics.windows_topic);
-        let consumer = reader_from_start(
-            &brokers,
-            "bench-latency-reader",
-            &cfg.topics.windows_topic,
-            partitions,
-        )?;
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
-                let Some(Ok(m)) = consumer.poll(Duration::from_millis(20)) else {
-                    continue;
-                };
-                let at = Instant::now();
-                let key = rdkafka::message::Message::key(&m).unwrap_or_default();
-                // `spec|group|start|p<partition>`: the group names the probe.
-                let n = std::str::from_utf8(key)
-                    .ok()
-                    .and_then(|k| k.split('|').nth(1))
-                    .and_then(|g| g.strip_prefix("lat-"))
-                    .and_then(|n| n.parse::<usize>().ok());
-                if let Some(n) = n {
-                    if let Ok(mut s) = seen.lock() {
-                        s.entry(n).or_insert(at);
-                    }
-                }
-            }
-        })
-    };
+    let (reader, seen) = probe_reader(
+        &brokers,
+        &cfg.topics.windows_topic,
+        partitions_of(topics, &cfg.topics.windows_topic),
+        stop.clone(),
+    )?;
 
     // The load, paced, with the probes among it.
-    let producer: rdkafka::producer::BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()?;
-    let every = ((rate / 200.0) as usize).max(1);
-    let mut probes: Vec<Instant> = Vec::new();
+    let producer = load_producer(&brokers)?;
     let started = Instant::now();
-    let send = |key: &[u8], payload: &[u8]| -> Result<(), BenchError> {
-        Ok(gen::send_waiting(
-            &producer,
-            &cfg.topics.input_topic,
-            None,
-            key,
-            Some(payload),
-        )?)
-    };
-    for (i, r) in records.iter().enumerate() {
-        let due = started + Duration::from_secs_f64(i as f64 / rate);
-        let now = Instant::now();
-        if due > now {
-            producer.poll(due - now);
-        }
-        send(&r.key, &r.payload)?;
-        if i % every == 0 {
-            let n = probes.len();
-            let json = format!(
-                r#"{{"order_id":"lat-{n}","customer_id":"lat-{n}","amount":1,"currency":"USD","created_at":{},"region":"{}"}}"#,
-                pod::now_ms(),
-                probe_region(n)
-            );
-            probes.push(Instant::now());
-            send(format!("lat-{n}").as_bytes(), json.as_bytes())?;
-        }
-        producer.poll(Duration::ZERO);
-    }
+    let probes = paced_with_probes(&producer, &cfg.topics.input_topic, &records, rate)?;
     let send_secs = started.elapsed().as_secs_f64();
     let consumed = handle.stats.records();
     rdkafka::producer::Producer::flush(&producer, Duration::from_secs(60))?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let warmup = probes
-        .iter()
-        .take_while(|t| **t < started + Duration::from_secs(1))
-        .count();
-    while seen.lock().map_or(0, |s| s.len()) < probes.len() && Instant::now() < deadline {
-        std::thread::park_timeout(Duration::from_millis(20));
-    }
+    let (lat, unseen) = probe_latencies(&probes, started, &seen);
     stop.store(true, Ordering::SeqCst);
     let _ = reader.join();
     handle.join()?;
     let _ = std::fs::remove_dir_all(&cfg.resources.state_dir);
-    let seen = seen.lock().map(|s| s.clone()).unwrap_or_default();
-    let mut lat: Vec<f64> = Vec::new();
-    let mut unseen = 0usize;
-    for (n, sent) in probes.iter().enumerate().skip(warmup) {
-        match seen.get(&n) {
-            Some(at) => lat.push(at.duration_since(*sent).as_secs_f64() * 1000.0),
-            None => unseen += 1,
-        }
-    }
-    lat.sort_by(f64::total_cmp);
     Ok(json!({
         "scenario": "latency",
         "target_rate_per_sec": rate,
@@ -1163,22 +1219,31 @@ fn cpu_seconds(pid: &str) -> Option<f64> {
 /// `tally_records_consumed_total` from a pod's `/metrics`, 0 if it does
 /// not answer yet.
 fn consumed_from_metrics(addr: &str) -> u64 {
+    http_get_blocking(addr, "/metrics")
+        .and_then(|(_, body)| {
+            body.lines()
+                .find_map(|l| l.strip_prefix("tally_records_consumed_total "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .map_or(0, |v| v as u64)
+}
+
+/// The status of `GET path` (None: no answer).
+fn http_status(addr: &str, path: &str) -> Option<u16> {
+    http_get_blocking(addr, path).map(|(status, _)| status)
+}
+
+/// One HTTP/1.0 GET, blocking: the status and the whole response.
+fn http_get_blocking(addr: &str, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
-        return 0;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .is_err()
-    {
-        return 0;
-    }
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .ok()?;
     let mut body = String::new();
     let _ = s.read_to_string(&mut body);
-    body.lines()
-        .find_map(|l| l.strip_prefix("tally_records_consumed_total "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
+    let status = body.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body))
 }
 
 /// The pass-through pipe: the pod's consumer (same group settings) reads
@@ -1240,80 +1305,80 @@ fn pipe(cfg: &PodConfig, out_topic: &str, total: u64) -> Result<(f64, f64), Benc
     Ok((total as f64 / secs, cpu * 1e6 / total as f64))
 }
 
-/// `throughput` (issue 17): in one run on one external broker, the
-/// pass-through pipe (the reference: consume every record, produce it
-/// once, the pod's client settings) and the full job (`tally run` as a
-/// child process, so its CPU is its own), over the same pre-filled input
-/// of `events` generated orders. Events/s (first record to last
-/// acknowledgement; for the job, to its last record consumed, then its
-/// commits), CPU µs per event (user + system of the consuming process),
-/// and the ratios the issue's targets are stated in. Every topic name
-/// gets `prefix` (see [`prefixed`]); `apply`: create them (false: the
-/// caller did, as on the embedded broker, which has no CreateTopics).
-pub fn throughput(
-    topics: &[TopicSpec],
-    base: &PodConfig,
-    events: u64,
-    brokers: &str,
+/// What [`throughput`] runs, beyond the pipe.
+pub struct Throughput<'a> {
+    pub events: u64,
+    pub brokers: &'a str,
+    /// The `tally` binary the job runs as.
+    pub tally: &'a std::path::Path,
+    /// Every topic name gets it (see [`prefixed`]).
+    pub prefix: &'a str,
+    /// Create the topics (false: the caller did, as on the embedded
+    /// broker, which has no CreateTopics): the input under `prefix`, and
+    /// each job's own outputs and changelog under `<prefix>t<threads>-`.
+    pub apply: bool,
+    /// One job per entry, with that many engine threads.
+    pub threads: &'a [usize],
+    /// The Quix Streams peer: its Python interpreter and
+    /// `benches/peers/quix_job.py`.
+    pub quix: Option<(&'a std::path::Path, &'a std::path::Path)>,
+}
+
+/// A `tally run` child process reading the input topic of `cfg` and
+/// writing to the other topics of `own`, in consumer group `group`, with
+/// its state in `state_dir`, HTTP on `http` and `threads` engine threads.
+fn spawn_tally(
     tally: &std::path::Path,
-    (prefix, apply): (&str, bool),
-) -> Result<serde_json::Value, BenchError> {
-    if apply {
-        tally::kafka::topics::apply_blocking(brokers, &[], &prefixed(topics, prefix))?;
-    }
-    let mut cfg = base.clone();
-    cfg.kafka.brokers = brokers.to_string();
-    cfg.topics.apply_topics = false;
-    cfg.prefix_topics(prefix);
-    let records = gen::generate(&GenSpec {
-        count: events,
-        customers: 10_000,
-        ..GenSpec::default()
-    });
-    gen::produce(
-        brokers,
-        &cfg.topics.input_topic,
-        &[],
-        &records,
-        0.0,
-        &|| false,
-    )?;
-    let total = records.len() as u64;
-    drop(records);
+    brokers: &str,
+    (cfg, own): (&PodConfig, &PodConfig),
+    (group, state_dir, http): (&str, &std::path::Path, &str),
+    threads: usize,
+) -> Result<std::process::Child, BenchError> {
+    Ok(std::process::Command::new(tally)
+        .arg("run")
+        .env("TALLY_BROKERS", brokers)
+        .env("TALLY_GROUP", group)
+        .env("TALLY_STATE_DIR", state_dir)
+        .env("TALLY_HTTP", http)
+        .env("TALLY_APPLY_TOPICS", "false")
+        .env("TALLY_ENGINE_THREADS", threads.to_string())
+        .env("TALLY_INPUT_TOPIC", &cfg.topics.input_topic)
+        .env("TALLY_ENRICHED_TOPIC", &own.topics.enriched_topic)
+        .env("TALLY_DLQ_TOPIC", &own.topics.dlq_topic)
+        .env("TALLY_LATE_TOPIC", &own.topics.late_topic)
+        .env("TALLY_WINDOWS_TOPIC", &own.topics.windows_topic)
+        .env("TALLY_FX_TOPIC", &cfg.topics.fx_topic)
+        .env("TALLY_ALERTS_TOPIC", &own.topics.alerts_topic)
+        .env("TALLY_CHANGELOG_TOPIC", &own.topics.changelog_topic)
+        .env("TALLY_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()?)
+}
 
-    let mut pipe_cfg = cfg.clone();
-    pipe_cfg.kafka.group = format!("{prefix}pipe");
-    // Into the job's own output topic (declared, as many partitions as the
-    // input): an undeclared topic would be made with one partition, and an
-    // idempotent producer keeps at most five requests in flight per
-    // partition (measured on tansu: 6.5k events/s into one partition).
-    let (pipe_rate, pipe_cpu) = pipe(&pipe_cfg, &cfg.topics.enriched_topic, total)?;
-
+/// The job of `threads` engine threads as a `tally run` child (its CPU its
+/// own) over the input topic of `cfg`, writing to the topics of `own`: events/s (first record consumed to the last) and CPU µs per
+/// event (user + system of the process over the same span).
+fn tally_job(
+    run: &Throughput,
+    (cfg, own): (&PodConfig, &PodConfig),
+    prefix: &str,
+    threads: usize,
+    total: u64,
+) -> Result<(f64, f64), BenchError> {
     let http = {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         l.local_addr()?.to_string()
     };
     let state_dir = std::env::temp_dir().join(format!("tally-bench-{prefix}"));
-    let mut child = std::process::Command::new(tally)
-        .arg("run")
-        .env("TALLY_BROKERS", brokers)
-        .env("TALLY_GROUP", format!("{prefix}job"))
-        .env("TALLY_STATE_DIR", &state_dir)
-        .env("TALLY_HTTP", &http)
-        .env("TALLY_APPLY_TOPICS", "false")
-        .env("TALLY_INPUT_TOPIC", &cfg.topics.input_topic)
-        .env("TALLY_ENRICHED_TOPIC", &cfg.topics.enriched_topic)
-        .env("TALLY_DLQ_TOPIC", &cfg.topics.dlq_topic)
-        .env("TALLY_LATE_TOPIC", &cfg.topics.late_topic)
-        .env("TALLY_WINDOWS_TOPIC", &cfg.topics.windows_topic)
-        .env("TALLY_FX_TOPIC", &cfg.topics.fx_topic)
-        .env("TALLY_ALERTS_TOPIC", &cfg.topics.alerts_topic)
-        .env("TALLY_CHANGELOG_TOPIC", &cfg.topics.changelog_topic)
-        .env("TALLY_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .spawn()?;
+    let mut child = spawn_tally(
+        run.tally,
+        run.brokers,
+        (cfg, own),
+        (&format!("{prefix}job"), &state_dir, &http),
+        threads,
+    )?;
     let pid = child.id().to_string();
-    let result = (|| -> Result<serde_json::Value, BenchError> {
+    let result = (|| -> Result<(f64, f64), BenchError> {
         let deadline = Instant::now() + Duration::from_secs(600);
         let (mut started, mut cpu0) = (None, 0.0);
         loop {
@@ -1335,17 +1400,250 @@ pub fn throughput(
         }
         let secs = started.map_or(f64::NAN, |s| s.elapsed().as_secs_f64());
         let cpu = cpu_seconds(&pid).unwrap_or(f64::NAN) - cpu0;
-        let job_rate = total as f64 / secs;
-        let job_cpu = cpu * 1e6 / total as f64;
+        Ok((total as f64 / secs, cpu * 1e6 / total as f64))
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&state_dir);
+    result
+}
+
+/// The Quix Streams peer over the same input: it stops itself after
+/// `total` records and prints its own events/s and CPU µs per event (its
+/// whole process, librdkafka's threads included) as its last line.
+fn quix_job(
+    (python, job): (&std::path::Path, &std::path::Path),
+    brokers: &str,
+    topic: &str,
+    total: u64,
+) -> Result<(f64, f64), BenchError> {
+    let state_dir = std::env::temp_dir().join(format!("tally-bench-quix-{}", pod::now_ms()));
+    let out = std::process::Command::new(python)
+        .arg(job)
+        .args(["--brokers", brokers, "--topic", topic])
+        .args(["--count", &total.to_string()])
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .stderr(std::process::Stdio::null())
+        .output()?;
+    let _ = std::fs::remove_dir_all(&state_dir);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(last).map_err(|e| {
+        BenchError::Invalid(format!(
+            "the Quix peer ({}) printed {last:?}: {e}",
+            out.status
+        ))
+    })?;
+    let get = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    Ok((get("events_per_sec"), get("cpu_us_per_event")))
+}
+
+/// `throughput` (issue 17): in one run on one external broker, over the
+/// same pre-filled input of `events` generated orders: the pass-through
+/// pipe (the reference: consume every record, produce it once, the pod's
+/// client settings), the full job once per entry of `threads` (`tally
+/// run` as a child process with that many engine threads, each job with
+/// output and changelog topics of its own), and optionally the Quix
+/// Streams peer. Events/s and CPU µs per event of each, and each job's
+/// ratios to the pipe, in which the issue's targets are stated.
+pub fn throughput(
+    topics: &[TopicSpec],
+    base: &PodConfig,
+    run: &Throughput,
+) -> Result<serde_json::Value, BenchError> {
+    if run.apply {
+        tally::kafka::topics::apply_blocking(run.brokers, &[], &prefixed(topics, run.prefix))?;
+        for t in run.threads {
+            let own = prefixed(topics, &format!("{}t{t}-", run.prefix));
+            tally::kafka::topics::apply_blocking(run.brokers, &[], &own)?;
+        }
+    }
+    let mut cfg = base.clone();
+    cfg.kafka.brokers = run.brokers.to_string();
+    cfg.topics.apply_topics = false;
+    cfg.prefix_topics(run.prefix);
+    let records = gen::generate(&GenSpec {
+        count: run.events,
+        customers: 10_000,
+        ..GenSpec::default()
+    });
+    gen::produce(
+        run.brokers,
+        &cfg.topics.input_topic,
+        &[],
+        &records,
+        0.0,
+        &|| false,
+    )?;
+    let total = records.len() as u64;
+    drop(records);
+
+    let mut pipe_cfg = cfg.clone();
+    pipe_cfg.kafka.group = format!("{}pipe", run.prefix);
+    // Into the job's own output topic (declared, as many partitions as the
+    // input): an undeclared topic would be made with one partition, and an
+    // idempotent producer keeps at most five requests in flight per
+    // partition (measured on tansu: 6.5k events/s into one partition).
+    let (pipe_rate, pipe_cpu) = pipe(&pipe_cfg, &cfg.topics.enriched_topic, total)?;
+    let mut out = json!({
+        "scenario": "throughput",
+        "events": total,
+        "pipe_events_per_sec": pipe_rate,
+        "pipe_cpu_us_per_event": pipe_cpu,
+    });
+    for &t in run.threads {
+        let prefix = format!("{}t{t}-", run.prefix);
+        let mut own = base.clone();
+        own.prefix_topics(&prefix);
+        let (rate, cpu) = tally_job(run, (&cfg, &own), &prefix, t, total)?;
+        out[format!("job_{t}t_events_per_sec")] = json!(rate);
+        out[format!("job_{t}t_cpu_us_per_event")] = json!(cpu);
+        out[format!("job_{t}t_over_pipe_events_per_sec")] = json!(rate / pipe_rate);
+        out[format!("job_{t}t_over_pipe_cpu_per_event")] = json!(cpu / pipe_cpu);
+    }
+    if let Some(q) = run.quix {
+        let (rate, cpu) = quix_job(q, run.brokers, &cfg.topics.input_topic, total)?;
+        out["quix_events_per_sec"] = json!(rate);
+        out["quix_cpu_us_per_event"] = json!(cpu);
+        if let Some(&t) = run.threads.first() {
+            let job_cpu = out[format!("job_{t}t_cpu_us_per_event")]
+                .as_f64()
+                .unwrap_or(f64::NAN);
+            out[format!("quix_cpu_over_job_{t}t_cpu")] = json!(cpu / job_cpu);
+        }
+    }
+    Ok(out)
+}
+
+/// What [`loaded`] runs.
+pub struct Loaded<'a> {
+    pub brokers: &'a str,
+    /// The `tally` binary the job runs as.
+    pub tally: &'a std::path::Path,
+    /// Input orders per second (issue 17: half the job's maximum).
+    pub rate: f64,
+    /// `/revenue` requests per second.
+    pub rps: f64,
+    pub seconds: f64,
+    pub threads: usize,
+    /// Every topic name gets it (see [`prefixed`]).
+    pub prefix: &'a str,
+    /// Create the topics (false: the caller did, as on the embedded
+    /// broker, which has no CreateTopics).
+    pub apply: bool,
+}
+
+/// `loaded` (issue 17): latency and serving with the broker, the job and
+/// the load generator as three processes (the broker external, the job a
+/// `tally run` child, the load and the measuring in this process). Once
+/// the job is ready (`/readyz`), orders are produced at `rate`/s for
+/// `seconds` with latency probes among them ([`paced_with_probes`]: from a
+/// probe's send to its region's first record on `revenue-windows`), while
+/// `/revenue` is asked `rps` times a second (open loop, [`http_load`]).
+/// Also the job's CPU µs per event over the load.
+pub fn loaded(
+    topics: &[TopicSpec],
+    base: &PodConfig,
+    run: &Loaded,
+) -> Result<serde_json::Value, BenchError> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    if !(run.rate >= 1.0 && run.seconds > 0.0 && run.rps > 0.0) {
+        return Err(BenchError::Invalid(
+            "--rate must be ≥ 1, --rps > 0 and --seconds > 0".into(),
+        ));
+    }
+    let prefix = run.prefix;
+    if run.apply {
+        tally::kafka::topics::apply_blocking(run.brokers, &[], &prefixed(topics, prefix))?;
+    }
+    let mut cfg = base.clone();
+    cfg.prefix_topics(prefix);
+    let records = gen::generate(&GenSpec {
+        count: (run.rate * run.seconds) as u64,
+        rate: run.rate,
+        customers: 100_000,
+        start_ms: pod::now_ms() + 5_000,
+        invalid_pct: 0.0,
+        duplicate_pct: 0.0,
+        late_pct: 0.0,
+        ..GenSpec::default()
+    });
+    let http = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?
+    };
+    let state_dir = std::env::temp_dir().join(format!("tally-bench-{prefix}"));
+    let mut child = spawn_tally(
+        run.tally,
+        run.brokers,
+        (&cfg, &cfg),
+        (&format!("{prefix}job"), &state_dir, &http.to_string()),
+        run.threads,
+    )?;
+    let pid = child.id().to_string();
+    let result = (|| -> Result<serde_json::Value, BenchError> {
+        let ready = Instant::now() + Duration::from_secs(120);
+        while http_status(&http.to_string(), "/readyz") != Some(200) {
+            if Instant::now() > ready {
+                return Err(BenchError::Timeout("the job did not become ready".into()));
+            }
+            if let Ok(Some(s)) = child.try_wait() {
+                return Err(BenchError::Invalid(format!("the pod exited: {s}")));
+            }
+            std::thread::park_timeout(Duration::from_millis(50));
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let (reader, seen) = probe_reader(
+            run.brokers,
+            &cfg.topics.windows_topic,
+            partitions_of(topics, "revenue-windows"),
+            stop.clone(),
+        )?;
+        let (rps, seconds) = (run.rps, run.seconds);
+        let serving = std::thread::spawn(move || -> Result<Vec<f64>, BenchError> {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            Ok(rt.block_on(http_load(http, rps, seconds)))
+        });
+        let producer = load_producer(run.brokers)?;
+        let cpu0 = cpu_seconds(&pid).unwrap_or(f64::NAN);
+        let started = Instant::now();
+        let probes = paced_with_probes(&producer, &cfg.topics.input_topic, &records, run.rate)?;
+        let send_secs = started.elapsed().as_secs_f64();
+        let cpu = cpu_seconds(&pid).unwrap_or(f64::NAN) - cpu0;
+        let consumed = consumed_from_metrics(&http.to_string());
+        rdkafka::producer::Producer::flush(&producer, Duration::from_secs(60))?;
+        let (lat, unseen) = probe_latencies(&probes, started, &seen);
+        stop.store(true, Ordering::SeqCst);
+        let _ = reader.join();
+        let mut served = serving
+            .join()
+            .map_err(|_| BenchError::Invalid("the HTTP load thread panicked".into()))??;
+        served.sort_by(f64::total_cmp);
+        let sent = records.len() + probes.len();
         Ok(json!({
-            "scenario": "throughput",
-            "events": total,
-            "pipe_events_per_sec": pipe_rate,
-            "pipe_cpu_us_per_event": pipe_cpu,
-            "job_events_per_sec": job_rate,
-            "job_cpu_us_per_event": job_cpu,
-            "job_over_pipe_events_per_sec": job_rate / pipe_rate,
-            "job_over_pipe_cpu_per_event": job_cpu / pipe_cpu,
+            "scenario": "loaded",
+            "engine_threads": run.threads,
+            "target_rate_per_sec": run.rate,
+            "sent_per_sec": sent as f64 / send_secs,
+            // What the job had read when the last record was sent.
+            "consumed_per_sec": consumed as f64 / send_secs,
+            "job_cpu_us_per_event": cpu * 1e6 / sent as f64,
+            "probes": lat.len(),
+            "probes_unseen": unseen,
+            "e2e_p50_ms": pct(&lat, 0.50),
+            "e2e_p99_ms": pct(&lat, 0.99),
+            "e2e_max_ms": lat.last().copied().unwrap_or(f64::NAN),
+            "http_target_rps": run.rps,
+            "http_requests": served.len(),
+            "http_failed": served.iter().filter(|x| x.is_infinite()).count(),
+            "revenue_p50_ms": pct(&served, 0.50),
+            "revenue_p99_ms": pct(&served, 0.99),
         }))
     })();
     let _ = child.kill();

@@ -27,6 +27,10 @@ enum Scenario {
     /// The pass-through pipe and the full job (a `tally run` child) over the
     /// same `--events`, in one run on `--brokers`: events/s and CPU per event.
     Throughput,
+    /// End-to-end latency and `/revenue` latency with the broker
+    /// (`--brokers`), the job (a `tally run` child) and the load (this
+    /// process) apart: `--rate` orders/s, `--rps` requests/s, `--seconds`.
+    Loaded,
 }
 
 /// tally's benchmark scenarios on the embedded broker.
@@ -35,10 +39,10 @@ enum Scenario {
 struct Args {
     #[arg(long, value_enum, default_value = "flush")]
     scenario: Scenario,
-    /// serving, latency: ingest rate, events/s.
+    /// serving, latency, loaded: ingest rate, events/s.
     #[arg(long, default_value_t = 50_000.0)]
     rate: f64,
-    /// serving: /revenue requests per second.
+    /// serving, loaded: /revenue requests per second.
     #[arg(long, default_value_t = 1_000.0)]
     rps: f64,
     /// serving, latency: duration, seconds.
@@ -70,9 +74,21 @@ struct Args {
     /// restore: an external broker (the embedded one keeps ~5 MiB per partition).
     #[arg(long = "brokers")]
     external_brokers: Option<String>,
-    /// rss: the `tally` binary to measure; by default the one built beside this one.
+    /// rss, throughput: the `tally` binary to measure; by default the one built beside this one.
     #[arg(long)]
     tally_bin: Option<PathBuf>,
+    /// throughput: one job per entry, with that many engine threads
+    /// (loaded: the first entry).
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    threads: Vec<usize>,
+    /// throughput: the Python interpreter of a venv with quixstreams, to
+    /// run the Quix Streams peer in the same run (`benches/throughput.sh`
+    /// makes one).
+    #[arg(long)]
+    quix_python: Option<PathBuf>,
+    /// throughput: the peer's job.
+    #[arg(long, default_value = "benches/peers/quix_job.py")]
+    quix_job: PathBuf,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -130,10 +146,45 @@ fn main() -> anyhow::Result<()> {
                 tally_bench::throughput(
                     &specs,
                     &base,
-                    args.events,
-                    &b,
-                    &exe,
-                    (&format!("bench{}-", tally::pod::now_ms()), true),
+                    &tally_bench::Throughput {
+                        events: args.events,
+                        brokers: &b,
+                        tally: &exe,
+                        prefix: &format!("bench{}-", tally::pod::now_ms()),
+                        apply: true,
+                        threads: &args.threads,
+                        quix: args
+                            .quix_python
+                            .as_deref()
+                            .map(|p| (p, args.quix_job.as_path())),
+                    },
+                )?
+            );
+        }
+        Scenario::Loaded => {
+            let Some(b) = args.external_brokers else {
+                bail!("--scenario loaded needs --brokers (the broker as its own process)")
+            };
+            let exe = match args.tally_bin {
+                Some(p) => p,
+                None => tally_bench::sibling_tally_binary()?,
+            };
+            let threads = args.threads.first().copied().unwrap_or(1);
+            println!(
+                "{}",
+                tally_bench::loaded(
+                    &specs,
+                    &base,
+                    &tally_bench::Loaded {
+                        brokers: &b,
+                        tally: &exe,
+                        rate: args.rate,
+                        rps: args.rps,
+                        seconds: args.seconds,
+                        threads,
+                        prefix: &format!("loaded{}-", tally::pod::now_ms()),
+                        apply: true,
+                    },
                 )?
             );
         }

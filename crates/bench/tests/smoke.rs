@@ -73,8 +73,9 @@ fn ceiling_reports_both_rates_and_their_ratio() {
     assert!((ratio - job / raw).abs() < 1e-9, "{r}");
 }
 
-/// The throughput scenario runs the pipe and a `tally run` child over the
-/// same input and reports both sides and their ratios (here on an
+/// The throughput scenario runs the pipe and a `tally run` child of one
+/// and of two engine threads over the same input and reports each side
+/// and their ratios (here on an
 /// embedded broker; the figures are measured on tansu).
 #[test]
 fn throughput_reports_the_pipe_and_the_job() {
@@ -82,7 +83,10 @@ fn throughput_reports_the_pipe_and_the_job() {
         return;
     }
     let prefix = "tp-";
-    let topics = tally_bench::prefixed(&declared_topics(), prefix);
+    let mut topics = Vec::new();
+    for p in [prefix, "tp-t1-", "tp-t2-"] {
+        topics.extend(tally_bench::prefixed(&declared_topics(), p));
+    }
     let broker =
         tally::kafka::broker::EmbeddedBroker::start(1, &topics).expect("an embedded broker");
     let exe =
@@ -90,19 +94,65 @@ fn throughput_reports_the_pipe_and_the_job() {
     let r = tally_bench::throughput(
         &declared_topics(),
         &base(),
-        2_000,
-        &broker.bootstrap_servers(),
-        exe,
-        (prefix, false),
+        &tally_bench::Throughput {
+            events: 2_000,
+            brokers: &broker.bootstrap_servers(),
+            tally: exe,
+            prefix,
+            apply: false,
+            threads: &[1, 2],
+            quix: None,
+        },
     )
     .unwrap();
     assert_eq!(r["scenario"], "throughput");
     for k in [
         "pipe_events_per_sec",
         "pipe_cpu_us_per_event",
-        "job_events_per_sec",
-        "job_cpu_us_per_event",
+        "job_1t_events_per_sec",
+        "job_1t_cpu_us_per_event",
+        "job_2t_events_per_sec",
+        "job_2t_cpu_us_per_event",
     ] {
+        let v = r[k].as_f64().unwrap_or(f64::NAN);
+        assert!(v.is_finite() && v > 0.0, "{k}: {r}");
+    }
+}
+
+/// The loaded scenario runs a `tally run` child, waits for it to be ready,
+/// loads it with orders and `/revenue` requests and reports end-to-end
+/// and serving percentiles (here on an embedded broker; the figures are
+/// measured on tansu, each process apart).
+#[test]
+fn loaded_reports_end_to_end_and_serving_latency() {
+    if skip_on_external("it would share its topics with the other tests") {
+        return;
+    }
+    let prefix = "ld-";
+    let topics = tally_bench::prefixed(&declared_topics(), prefix);
+    let broker =
+        tally::kafka::broker::EmbeddedBroker::start(1, &topics).expect("an embedded broker");
+    let exe =
+        &tally_bench::sibling_tally_binary().expect("build the workspace: cargo test --workspace");
+    let r = tally_bench::loaded(
+        &declared_topics(),
+        &base(),
+        &tally_bench::Loaded {
+            brokers: &broker.bootstrap_servers(),
+            tally: exe,
+            rate: 400.0,
+            rps: 50.0,
+            seconds: 3.0,
+            threads: 1,
+            prefix,
+            apply: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(r["scenario"], "loaded");
+    assert_eq!(r["probes_unseen"], 0, "{r}");
+    assert_eq!(r["http_failed"], 0, "{r}");
+    for k in ["e2e_p99_ms", "revenue_p99_ms", "job_cpu_us_per_event"] {
         let v = r[k].as_f64().unwrap_or(f64::NAN);
         assert!(v.is_finite() && v > 0.0, "{k}: {r}");
     }
