@@ -696,13 +696,16 @@ pub fn restore(
     }))
 }
 
-/// The region of latency probe `n`: a window key of its own, so the first
-/// `revenue-windows` record naming it is the probe becoming visible.
-fn probe_region(n: usize) -> String {
+/// The customer of latency probe `n`: a session key of its own, so the
+/// first `revenue-windows` record naming it is the probe becoming
+/// visible. (A region of its own per probe, as before, made `/revenue`,
+/// which lists every region, thousands of entries long: the `loaded`
+/// scenario then measured the size of that answer, not serving.)
+fn probe_customer(n: usize) -> String {
     format!("lat-{n}")
 }
 
-/// When each latency probe's region (`lat-<n>`, [`probe_region`]) first
+/// When each latency probe's customer (`lat-<n>`, [`probe_customer`]) first
 /// appears on `topic`, read from the start by a plain consumer (what any
 /// downstream reader sees), until `stop`.
 #[allow(clippy::type_complexity)]
@@ -759,8 +762,8 @@ fn load_producer(brokers: &str) -> Result<rdkafka::producer::BaseProducer, Bench
 }
 
 /// Sends `records` to `topic` paced at `rate`/s from now, and after every
-/// `rate / 200`-th a probe order in a region of its own
-/// ([`probe_region`]); returns when each probe was sent.
+/// `rate / 200`-th a probe order from a customer of its own
+/// ([`probe_customer`]); returns when each probe was sent.
 fn paced_with_probes(
     producer: &rdkafka::producer::BaseProducer,
     topic: &str,
@@ -789,9 +792,9 @@ fn paced_with_probes(
         if i % every == 0 {
             let n = probes.len();
             let json = format!(
-                r#"{{"order_id":"lat-{n}","customer_id":"lat-{n}","amount":1,"currency":"USD","created_at":{},"region":"{}"}}"#,
+                r#"{{"order_id":"lat-{n}","customer_id":"{}","amount":1,"currency":"USD","created_at":{},"region":"probe"}}"#,
+                probe_customer(n),
                 pod::now_ms(),
-                probe_region(n)
             );
             probes.push(Instant::now());
             send(format!("lat-{n}").as_bytes(), json.as_bytes())?;
@@ -833,9 +836,9 @@ fn probe_latencies(
 
 /// `latency`: end-to-end latency at a fixed input rate. Orders are
 /// generated before the clock starts, then produced at `rate`/s for
-/// `seconds`; every `rate / 200`-th send is a probe order in a region of its
-/// own. A probe's latency runs from its `send` to the first record on
-/// `revenue-windows` naming its region, read by a plain consumer (what any
+/// `seconds`; every `rate / 200`-th send is a probe order from a customer
+/// of its own. A probe's latency runs from its `send` to the first record
+/// on `revenue-windows` naming its customer (its session), read by a plain consumer (what any
 /// downstream reader sees). Probes of the first second are warm-up and not
 /// counted. After the load, the run waits up to 60 s for the remaining
 /// probes: one never seen counts as unseen, not as a figure.
@@ -1539,7 +1542,7 @@ pub struct Loaded<'a> {
 /// `tally run` child, the load and the measuring in this process). Once
 /// the job is ready (`/readyz`), orders are produced at `rate`/s for
 /// `seconds` with latency probes among them ([`paced_with_probes`]: from a
-/// probe's send to its region's first record on `revenue-windows`), while
+/// probe's send to its session's first record on `revenue-windows`), while
 /// `/revenue` is asked `rps` times a second (open loop, [`http_load`]).
 /// Also the job's CPU µs per event over the load.
 pub fn loaded(
