@@ -1399,7 +1399,9 @@ fn tally_job(
             if n >= total {
                 break;
             }
-            std::thread::park_timeout(Duration::from_millis(10));
+            // Not faster: each look renders the job's /metrics, on the
+            // job's CPU (at every 10 ms, 6 % of its process).
+            std::thread::park_timeout(Duration::from_millis(50));
         }
         let secs = started.map_or(f64::NAN, |s| s.elapsed().as_secs_f64());
         let cpu = cpu_seconds(&pid).unwrap_or(f64::NAN) - cpu0;
