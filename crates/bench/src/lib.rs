@@ -1383,7 +1383,12 @@ fn tally_job(
     let pid = child.id().to_string();
     let result = (|| -> Result<(f64, f64), BenchError> {
         let deadline = Instant::now() + Duration::from_secs(600);
-        let (mut started, mut cpu0) = (None, 0.0);
+        // The job's run starts between the last look that saw nothing
+        // consumed and the first that saw something: it is timed from
+        // the former, so a run shorter than a look's interval (a small
+        // input) is still a run, not zero seconds and zero CPU.
+        let mut before = (Instant::now(), cpu_seconds(&pid).unwrap_or(0.0));
+        let mut started = None;
         loop {
             if Instant::now() > deadline {
                 return Err(BenchError::Timeout("the job did not finish".into()));
@@ -1391,10 +1396,12 @@ fn tally_job(
             if let Ok(Some(s)) = child.try_wait() {
                 return Err(BenchError::Invalid(format!("the pod exited: {s}")));
             }
+            let look = (Instant::now(), cpu_seconds(&pid).unwrap_or(0.0));
             let n = consumed_from_metrics(&http);
-            if n > 0 && started.is_none() {
-                started = Some(Instant::now());
-                cpu0 = cpu_seconds(&pid).unwrap_or(0.0);
+            if n == 0 {
+                before = look;
+            } else if started.is_none() {
+                started = Some(before);
             }
             if n >= total {
                 break;
@@ -1403,7 +1410,8 @@ fn tally_job(
             // job's CPU (at every 10 ms, 6 % of its process).
             std::thread::park_timeout(Duration::from_millis(50));
         }
-        let secs = started.map_or(f64::NAN, |s| s.elapsed().as_secs_f64());
+        let (t0, cpu0) = started.unwrap_or(before);
+        let secs = t0.elapsed().as_secs_f64();
         let cpu = cpu_seconds(&pid).unwrap_or(f64::NAN) - cpu0;
         Ok((total as f64 / secs, cpu * 1e6 / total as f64))
     })();

@@ -95,7 +95,7 @@ fn throughput_reports_the_pipe_and_the_job() {
         &declared_topics(),
         &base(),
         &tally_bench::Throughput {
-            events: 2_000,
+            events: 5_000,
             brokers: &broker.bootstrap_servers(),
             tally: exe,
             prefix,
