@@ -67,16 +67,28 @@ pub const SESSION_SET_BYTES: u64 = 600;
 impl RocksSizing {
     /// The settings for a limit (`fraction` in (0, 1], checked by the config).
     pub fn for_limit(limit_bytes: u64, source: LimitSource, fraction: f64) -> RocksSizing {
-        let budget = ((limit_bytes as f64 * fraction) as u64).max(MIN_BUDGET_BYTES);
         RocksSizing {
             limit_bytes,
             source,
-            budget_bytes: budget,
-            block_cache_bytes: budget / 2,
-            write_buffer_bytes: budget / 4 / MAX_WRITE_BUFFERS as u64,
+            budget_bytes: 0,
+            block_cache_bytes: 0,
+            write_buffer_bytes: 0,
             max_write_buffers: MAX_WRITE_BUFFERS,
             dedup_cache_entries: limit_bytes / 4 / DEDUP_ENTRY_BYTES,
             session_cache_sets: limit_bytes / 8 / SESSION_SET_BYTES,
+        }
+        .with_budget((limit_bytes as f64 * fraction) as u64)
+    }
+
+    /// RocksDB's budget (at least [`MIN_BUDGET_BYTES`]) and its split:
+    /// half block cache, a quarter memtables.
+    fn with_budget(self, budget: u64) -> RocksSizing {
+        let budget = budget.max(MIN_BUDGET_BYTES);
+        RocksSizing {
+            budget_bytes: budget,
+            block_cache_bytes: budget / 2,
+            write_buffer_bytes: budget / 4 / MAX_WRITE_BUFFERS as u64,
+            ..self
         }
     }
 
@@ -84,13 +96,12 @@ impl RocksSizing {
     /// its own RocksDB and caches, and together they keep to the limit).
     pub fn shared_by(self, threads: usize) -> RocksSizing {
         let n = threads.max(1) as u64;
-        let limit = self.limit_bytes / n;
-        let mut s = RocksSizing::for_limit(limit, self.source, 1.0);
-        s.limit_bytes = self.limit_bytes;
-        s.budget_bytes = (self.budget_bytes / n).max(MIN_BUDGET_BYTES);
-        s.block_cache_bytes = s.budget_bytes / 2;
-        s.write_buffer_bytes = s.budget_bytes / 4 / MAX_WRITE_BUFFERS as u64;
-        s
+        RocksSizing {
+            dedup_cache_entries: self.dedup_cache_entries / n,
+            session_cache_sets: self.session_cache_sets / n,
+            ..self
+        }
+        .with_budget(self.budget_bytes / n)
     }
 
     /// The settings for this process: the configured limit, else the cgroup's

@@ -751,6 +751,22 @@ fn probe_reader(
     Ok((reader, seen))
 }
 
+/// `seconds` of valid orders at `rate`/s over 100,000 customers, event
+/// times from `lead_ms` from now (the time the run takes to start): the
+/// load of the latency scenarios, generated before the clock starts.
+fn paced_orders(rate: f64, seconds: f64, lead_ms: i64) -> Vec<gen::GenRecord> {
+    gen::generate(&GenSpec {
+        count: (rate * seconds) as u64,
+        rate,
+        customers: 100_000,
+        start_ms: pod::now_ms() + lead_ms,
+        invalid_pct: 0.0,
+        duplicate_pct: 0.0,
+        late_pct: 0.0,
+        ..GenSpec::default()
+    })
+}
+
 /// The load generator's producer (what a client of the job would use).
 fn load_producer(brokers: &str) -> Result<rdkafka::producer::BaseProducer, BenchError> {
     Ok(ClientConfig::new()
@@ -859,17 +875,7 @@ pub fn latency(
     let broker = EmbeddedBroker::start(1, topics)?;
     let brokers = broker.bootstrap_servers();
     let cfg = bench_pod_config(base, &brokers, "bench-latency");
-    let count = (rate * seconds) as u64;
-    let records = gen::generate(&GenSpec {
-        count,
-        rate,
-        customers: 100_000,
-        start_ms: pod::now_ms() + 1_000,
-        invalid_pct: 0.0,
-        duplicate_pct: 0.0,
-        late_pct: 0.0,
-        ..GenSpec::default()
-    });
+    let records = paced_orders(rate, seconds, 1_000);
     let handle = pod::start(cfg.clone())?;
     let warm = Instant::now() + Duration::from_secs(60);
     while !handle.stats.joined.load(Ordering::SeqCst) {
@@ -1574,16 +1580,7 @@ pub fn loaded(
     }
     let mut cfg = base.clone();
     cfg.prefix_topics(prefix);
-    let records = gen::generate(&GenSpec {
-        count: (run.rate * run.seconds) as u64,
-        rate: run.rate,
-        customers: 100_000,
-        start_ms: pod::now_ms() + 5_000,
-        invalid_pct: 0.0,
-        duplicate_pct: 0.0,
-        late_pct: 0.0,
-        ..GenSpec::default()
-    });
+    let records = paced_orders(run.rate, run.seconds, 5_000);
     let http = {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         l.local_addr()?

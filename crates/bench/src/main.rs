@@ -91,6 +91,15 @@ struct Args {
     quix_job: PathBuf,
 }
 
+/// The `tally` binary a scenario runs as a child: `--tally-bin`, else the
+/// one built beside this one.
+fn tally_exe(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    Ok(match given {
+        Some(p) => p,
+        None => tally_bench::sibling_tally_binary()?,
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tally::telemetry::init_logging(tally::telemetry::log_format_from_env());
@@ -116,10 +125,7 @@ fn main() -> anyhow::Result<()> {
             tally_bench::latency(&specs, &base, args.rate, args.seconds)?
         ),
         Scenario::Rss => {
-            let exe = match args.tally_bin {
-                Some(p) => p,
-                None => tally_bench::sibling_tally_binary()?,
-            };
+            let exe = tally_exe(args.tally_bin)?;
             let orders = args.orders.unwrap_or(args.customers);
             println!(
                 "{}",
@@ -137,10 +143,7 @@ fn main() -> anyhow::Result<()> {
             let Some(b) = args.external_brokers else {
                 bail!("--scenario throughput needs --brokers (tansu in memory: run it as its own process)")
             };
-            let exe = match args.tally_bin {
-                Some(p) => p,
-                None => tally_bench::sibling_tally_binary()?,
-            };
+            let exe = tally_exe(args.tally_bin)?;
             println!(
                 "{}",
                 tally_bench::throughput(
@@ -165,10 +168,7 @@ fn main() -> anyhow::Result<()> {
             let Some(b) = args.external_brokers else {
                 bail!("--scenario loaded needs --brokers (the broker as its own process)")
             };
-            let exe = match args.tally_bin {
-                Some(p) => p,
-                None => tally_bench::sibling_tally_binary()?,
-            };
+            let exe = tally_exe(args.tally_bin)?;
             let threads = args.threads.first().copied().unwrap_or(1);
             println!(
                 "{}",
