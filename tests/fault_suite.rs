@@ -50,6 +50,30 @@ fn three_brokers(group_name: &str, leader: impl Fn(&str) -> i32) -> TestBroker {
     broker
 }
 
+/// [`three_brokers`] with the changelog alone on broker 3, so a fault put
+/// on broker 3 reaches the changelog and nothing else; with the
+/// brokers' address, a state directory and a pod configuration for them.
+/// `None` (the test skips) on external brokers, where no fault can be
+/// put: `fault` says which.
+fn changelog_on_broker_3(
+    group_name: &str,
+    fault: &str,
+) -> Option<(
+    TestBroker,
+    String,
+    std::path::PathBuf,
+    tally::config::PodConfig,
+)> {
+    if skip_on_external(&format!("it {fault}, which only the mock cluster can do")) {
+        return None;
+    }
+    let broker = three_brokers(group_name, |t| if t == "tally-changelog" { 3 } else { 1 });
+    let brokers = broker.bootstrap_servers();
+    let dir = temp_dir(group_name);
+    let cfg = pod_config(&brokers, group_name, dir.clone());
+    Some((broker, brokers, dir, cfg))
+}
+
 /// Scenario 7: a changelog with fewer partitions than `raw-orders` is
 /// refused at start, with an error that names the topic and both counts.
 /// Before: the pod started, and died mid-run with `Message production
@@ -159,17 +183,14 @@ fn a_transient_broker_error_at_start_up_is_retried() {
 /// where 1,000 were new).
 #[test]
 fn a_transient_error_during_restore_keeps_the_state() {
-    if skip_on_external("it injects request errors, which only the mock cluster can do") {
-        return;
-    }
     let group_name = "restore-errors";
-    // The changelog on broker 3, everything else on broker 1, so errors on
-    // broker 3 reach the restore's reads and nothing else.
-    let broker = three_brokers(group_name, |t| if t == "tally-changelog" { 3 } else { 1 });
-    let brokers = broker.bootstrap_servers();
+    // Errors on broker 3 reach the restore's reads and nothing else.
+    let Some((broker, brokers, dir, cfg)) =
+        changelog_on_broker_3(group_name, "injects request errors")
+    else {
+        return;
+    };
     let mock = broker.mock().expect("the mock cluster");
-    let dir = temp_dir("restore-errors");
-    let cfg = pod_config(&brokers, group_name, dir.clone());
     let first = orders(1_000, 82);
     let second = gen::generate(&GenSpec {
         count: 1_000,
@@ -250,15 +271,13 @@ fn latest_finals(brokers: &str) -> std::collections::BTreeMap<(String, String, i
 /// `revenue-windows` (the deadline below ran out with hundreds open).
 #[test]
 fn finals_made_during_a_slow_changelog_are_published() {
-    if skip_on_external("it slows one broker down, which only the mock cluster can do") {
-        return;
-    }
     let group_name = "slow-changelog";
-    let broker = three_brokers(group_name, |t| if t == "tally-changelog" { 3 } else { 1 });
-    let brokers = broker.bootstrap_servers();
+    let Some((broker, brokers, dir, mut cfg)) =
+        changelog_on_broker_3(group_name, "slows one broker down")
+    else {
+        return;
+    };
     let cluster = broker.mock().expect("the mock cluster").cluster();
-    let dir = temp_dir("slow-changelog");
-    let mut cfg = pod_config(&brokers, group_name, dir.clone());
     cfg.kafka.max_poll_interval_ms = 9_000; // a 3 s flush budget
                                             // Longer than the flush budget: the driver below stays active across
                                             // one timed-out flush, while the other partitions are long idle.
@@ -352,6 +371,90 @@ fn finals_made_during_a_slow_changelog_are_published() {
     });
     handle.join().unwrap();
     assert_eq!(last, 0, "windows of idle partitions left without a final");
+    assert_totals_equal(&published_totals(&brokers), &truth_totals(&all));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The pipelined flush (issue 17): while a batch waits for a slow
+/// changelog, the pod goes on processing records into the next batch and
+/// sending their outputs, and the totals stay exact. The changelog's
+/// leader answers after 2 s, so the batch holding the first of the second
+/// part's records waits at least 4 s (two changelog groups, one after the
+/// other); the whole second part's outputs reach `enriched-orders` while
+/// no record of it is reported durable yet
+/// (`tally_records_consumed_total` counts a batch when it is done).
+///
+/// Checked to fail with the run loop driving the blocking flush whenever
+/// a flush was due, as before: the pod thread stopped for the whole
+/// flush, so the second part's outputs came only after that batch was
+/// done ("the second part's outputs before its first batch is durable":
+/// records() was 2,559, not 1,200).
+#[test]
+fn records_are_processed_while_a_flush_waits_for_the_changelog() {
+    let group_name = "pipelined";
+    let Some((broker, brokers, dir, mut cfg)) =
+        changelog_on_broker_3(group_name, "slows one broker down")
+    else {
+        return;
+    };
+    let cluster = broker.mock().expect("the mock cluster").cluster();
+    cfg.kafka.max_poll_interval_ms = 60_000; // a 10 s flush budget
+    let first = orders(1_200, 91);
+    // Only valid orders: each makes exactly one `enriched-orders` record.
+    let second = gen::generate(&GenSpec {
+        count: 2_000,
+        seed: 92,
+        customers: 200,
+        start_ms: GenSpec::default().start_ms + 60_000,
+        invalid_pct: 0.0,
+        duplicate_pct: 0.0,
+        late_pct: 0.0,
+        ..GenSpec::default()
+    });
+    produce_input(&brokers, &first);
+    let handle = pod::start(cfg.clone()).unwrap();
+    wait_all_committed(
+        &brokers,
+        group_name,
+        "the first part",
+        Duration::from_secs(60),
+    );
+    let stats = handle.stats.clone();
+    wait_until("the first part reported", Duration::from_secs(30), || {
+        stats.records() == first.len() as u64
+    });
+    let enriched = |b: &str| end_offsets(b, "enriched-orders").values().sum::<i64>();
+    let before = enriched(&brokers);
+
+    cluster
+        .broker_round_trip_time(3, Duration::from_secs(2))
+        .unwrap();
+    produce_input(&brokers, &second);
+    let want = before + second.len() as i64;
+    let mut seen_at = None;
+    wait_until("the second part's outputs", Duration::from_secs(60), || {
+        if enriched(&brokers) < want {
+            return false;
+        }
+        seen_at = Some(stats.records());
+        true
+    });
+    assert_eq!(
+        seen_at,
+        Some(first.len() as u64),
+        "the second part's outputs before its first batch is durable"
+    );
+    cluster.broker_round_trip_time(3, Duration::ZERO).unwrap();
+    let mut all = first.clone();
+    all.extend_from_slice(&second);
+    wait_all_committed(
+        &brokers,
+        group_name,
+        "the second part",
+        Duration::from_secs(90),
+    );
+    handle.join().unwrap();
+    assert_eq!(stats.records(), all.len() as u64);
     assert_totals_equal(&published_totals(&brokers), &truth_totals(&all));
     let _ = std::fs::remove_dir_all(&dir);
 }

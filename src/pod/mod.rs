@@ -290,6 +290,8 @@ pub struct Processor {
     out: Vec<OutRecord>,
     /// The batch in flight (sealed), with its records' bytes.
     sealed: Option<Sealed>,
+    /// The batch the cycle just let go of, until it is reported.
+    finished: Option<flush::Finished>,
     /// Delivery reports taken from the producer's context (reused buffer).
     reports: Vec<Report>,
     effects: Vec<Effect>,
@@ -310,6 +312,9 @@ pub struct Processor {
     /// Assigned partitions whose state is being restored, in order; their
     /// fetches are paused meanwhile.
     restoring: BTreeMap<Partition, Restoring>,
+    /// The changelog readers of the restores under way (none when nothing
+    /// is restoring).
+    restore_clients: Option<restore::RestoreClients>,
     /// Fetching is paused for every partition (outputs unacknowledged).
     fetch_paused: bool,
     /// Restored partitions waiting for their seek to the resume offset

@@ -298,9 +298,8 @@ impl Processor {
     }
 
     /// Per-flush metric updates.
-    pub(super) fn report(&mut self, started: Instant) {
+    pub(super) fn report(&mut self, c: Counts, started: Instant) {
         let m = &self.metrics;
-        let c = std::mem::take(&mut self.unreported);
         let invalid: u64 = c.invalid.iter().sum();
         m.flush_duration.observe(started.elapsed().as_secs_f64());
         m.flush_records.observe(c.records as f64);
@@ -440,9 +439,10 @@ impl Processor {
         self.stats.lag.store(sum as u64, Ordering::Relaxed);
     }
 
+    /// Whether the batch being collected is due to be sealed: full, or
+    /// its interval is over.
     pub(super) fn due(&self) -> bool {
         self.pending >= self.cfg.flush.flush_max_events
-            || self.sealed.is_some()
             || self.last_flush.elapsed() >= Duration::from_millis(self.cfg.flush.flush_interval_ms)
     }
 }

@@ -3,11 +3,21 @@
 
 use super::*;
 
+/// The clients of a run of restores, one partition at a time: made at
+/// the first restore step, dropped once nothing is restoring.
+pub(super) struct RestoreClients {
+    /// Reads the changelog partition being restored, in order.
+    pub(super) reader: BaseConsumer,
+    /// Finds where the changelog partition really ends (`true_end`).
+    pub(super) probe: BaseConsumer,
+}
+
 /// The progress of one partition's restore from the changelog.
 pub(super) struct Restoring {
     pub(super) started: Instant,
-    /// Reads the changelog partition; created at the first step.
-    pub(super) reader: Option<BaseConsumer>,
+    /// The shared reader is set up for this partition (at its first
+    /// step; cleared to start over).
+    pub(super) reading: bool,
     /// The changelog's end when the restore began (exclusive).
     pub(super) high: i64,
     /// The last changelog offset applied to the store.
@@ -38,7 +48,7 @@ impl Restoring {
     pub(super) fn new() -> Restoring {
         Restoring {
             started: Instant::now(),
-            reader: None,
+            reading: false,
             high: 0,
             last: -1,
             count: 0,
@@ -81,7 +91,7 @@ impl Processor {
                     error!(partition = p, error = %e, "cannot clear the partition's local state");
                 }
                 if let Some(r) = self.restoring.get_mut(&p) {
-                    r.reader = None;
+                    r.reading = false;
                 }
                 false
             }
@@ -107,7 +117,7 @@ impl Processor {
                     error!(partition = p, error = %e, "cannot clear the partition's local state");
                 }
                 if let Some(r) = self.restoring.get_mut(&p) {
-                    r.reader = None;
+                    r.reading = false;
                     r.failed = true;
                 }
                 true
@@ -238,7 +248,7 @@ impl Processor {
     fn restore_stalled(&mut self, p: Partition, step: &str, e: &PodError) {
         self.metrics.restore_retries.inc();
         if let Some(r) = self.restoring.get_mut(&p) {
-            r.reader = None;
+            r.reading = false;
             let wait = r.backoff.next_delay();
             r.retry_at = Some(Instant::now() + wait);
             warn!(partition = p, step, error = %e, retry_in_ms = wait.as_millis() as u64, "restore stalled on a broker error; retrying");
@@ -361,20 +371,32 @@ impl Processor {
         if r.failed {
             return Ok(true);
         }
-        if r.reader.is_none() {
+        if self.restore_clients.is_none() {
             // Through the factory: a TLS or SASL cluster needs the user's
-            // properties here as much as on the main consumer.
-            let reader: BaseConsumer = self.clients.reader("tally-restore").create()?;
+            // properties here as much as on the main consumer. Made once
+            // for a run of restores, not once a partition: two clients a
+            // partition were most of a restore's time (a pod restoring six
+            // small partitions took 1.4 s, and the SIGKILL test's pods
+            // were killed before they had processed anything).
+            self.restore_clients = Some(RestoreClients {
+                reader: self.clients.reader("tally-restore").create()?,
+                probe: self.clients.reader("tally-restore-probe").create()?,
+            });
+        }
+        let Some(clients) = self.restore_clients.as_ref() else {
+            return Ok(true);
+        };
+        if !r.reading {
+            let reader = &clients.reader;
             let (low, reported) = reader.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
             // The end the broker reports is not trusted on its own: some
             // brokers (tansu) report one past the first offset of the last
             // record batch. The last batch itself says where the log ends.
             // On a reader of its own: records the probe fetched must not
             // reach the restore loop ahead of the tail it reads in order.
-            // An empty changelog needs no probe (nor its client).
+            // An empty changelog needs no probe.
             let high = if reported > low {
-                let probe: BaseConsumer = self.clients.reader("tally-restore-probe").create()?;
-                true_end(&probe, &topic, p, low, reported)?
+                true_end(&clients.probe, &topic, p, low, reported)?
             } else {
                 reported
             };
@@ -440,12 +462,10 @@ impl Processor {
                 tpl.add_partition_offset(&topic, p, Offset::Offset(from))?;
                 reader.assign(&tpl)?;
             }
-            r.reader = Some(reader);
+            r.reading = true;
         }
         let (high, mut last, mut max_epoch, tail) = (r.high, r.last, r.max_epoch, r.tail);
-        let Some(reader) = r.reader.as_ref() else {
-            return Ok(true);
-        };
+        let reader = &clients.reader;
         let mut batch: Vec<Encoded> = Vec::with_capacity(10_000);
         let mut count = 0u64;
         let mut stale = 0u64;
@@ -463,6 +483,10 @@ impl Processor {
                 continue;
             };
             let m = msg?;
+            if m.partition() != p {
+                // The shared reader's earlier partition: not this one's.
+                continue;
+            }
             last = m.offset();
             let epoch = claim::epoch_of(&m);
             if epoch < max_epoch {
@@ -653,7 +677,11 @@ fn true_end(
     // here, the rest are queued behind it.
     while last.is_none() && Instant::now() < deadline {
         if let Some(m) = reader.poll(Duration::from_millis(20)) {
-            last = Some(m?.offset());
+            let m = m?;
+            // The shared probe's earlier partition: not this one's.
+            if m.partition() == p {
+                last = Some(m.offset());
+            }
         }
     }
     if last.is_none() {
@@ -666,7 +694,10 @@ fn true_end(
         return Ok(reported);
     }
     while let Some(m) = reader.poll(Duration::from_millis(20)) {
-        last = Some(m?.offset());
+        let m = m?;
+        if m.partition() == p {
+            last = Some(m.offset());
+        }
     }
     let end = last.map_or(reported, |o| o + 1).max(reported);
     if end != reported {

@@ -252,6 +252,7 @@ pub fn start_with_stats(cfg: PodConfig, stats: Arc<Stats>) -> Result<PodHandle, 
         cycle: Cycle::new(),
         out: Vec::new(),
         sealed: None,
+        finished: None,
         reports: Vec::new(),
         effects: Vec::new(),
         pending: 0,
@@ -265,6 +266,7 @@ pub fn start_with_stats(cfg: PodConfig, stats: Arc<Stats>) -> Result<PodHandle, 
         reported_cache: Default::default(),
         published: HashMap::new(),
         restoring: BTreeMap::new(),
+        restore_clients: None,
         fetch_paused: false,
         seeks: BTreeMap::new(),
         resumes: HashMap::new(),
@@ -348,8 +350,17 @@ pub(super) fn run_loop(
         // callback, which takes the processor itself (a std Mutex is not
         // reentrant). So each record takes the lock on its own; uncontended,
         // that costs nanoseconds next to the record's processing.
-        let mut wait = Duration::from_millis(20);
-        for _ in 0..1024 {
+        // While a batch is in flight its acknowledgements are served every
+        // few records, and an empty poll waits only a moment, so the
+        // flush's rounds (outputs, changelog groups, write, commit) do not
+        // each wait for a full round of polling.
+        let in_flight = lock(&processor).sealed.is_some();
+        let (mut wait, round) = if in_flight {
+            (Duration::from_millis(1), 128)
+        } else {
+            (Duration::from_millis(20), 1024)
+        };
+        for _ in 0..round {
             match consumer.poll(wait) {
                 Some(Ok(m)) => {
                     let mut proc = lock(&processor);
@@ -386,6 +397,9 @@ pub(super) fn run_loop(
         }
         if !proc.restoring.is_empty() {
             proc.restore_step(&consumer, Duration::from_millis(50));
+        } else {
+            // Nothing left to restore: the readers' connections go.
+            proc.restore_clients = None;
         }
         proc.retry_seeks(&consumer);
         if last_tick.elapsed() >= Duration::from_millis(500) {
@@ -397,43 +411,48 @@ pub(super) fn run_loop(
             }
             last_tick = Instant::now();
         }
-        if proc.due() {
-            match proc.flush(&consumer, flush_budget) {
-                Ok(()) => {
-                    if proc.fetch_paused {
-                        // Not the partitions still restoring: they resume
-                        // when their restore is done.
-                        if let Ok(a) = consumer.assignment() {
-                            let mut tpl = TopicPartitionList::new();
-                            for e in a.elements() {
-                                if !proc.restoring.contains_key(&e.partition())
-                                    && !proc.seeks.contains_key(&e.partition())
-                                    && !proc.refused.contains(&e.partition())
-                                {
-                                    tpl.add_partition(e.topic(), e.partition());
-                                }
+        // The batch being collected is full and the last one is still in
+        // flight: wait for it (backpressure), so the next can be sealed.
+        let step = if proc.sealed.is_some() && proc.pending >= cfg.flush.flush_max_events {
+            proc.flush(&consumer, flush_budget)
+        } else {
+            proc.flush_step(&consumer, flush_budget)
+        };
+        match step {
+            Ok(()) => {
+                if proc.fetch_paused && proc.sealed.is_none() {
+                    // Not the partitions still restoring: they resume
+                    // when their restore is done.
+                    if let Ok(a) = consumer.assignment() {
+                        let mut tpl = TopicPartitionList::new();
+                        for e in a.elements() {
+                            if !proc.restoring.contains_key(&e.partition())
+                                && !proc.seeks.contains_key(&e.partition())
+                                && !proc.refused.contains(&e.partition())
+                            {
+                                tpl.add_partition(e.topic(), e.partition());
                             }
-                            let _ = consumer.resume(&tpl);
                         }
-                        proc.fetch_paused = false;
-                        info!("outputs acknowledged again; consumption resumed");
+                        let _ = consumer.resume(&tpl);
                     }
+                    proc.fetch_paused = false;
+                    info!("outputs acknowledged again; consumption resumed");
                 }
-                Err(PodError::ProduceTimeout(_)) => {
-                    // Keep polling (the group must see us alive) but stop
-                    // fetching until the outputs are acknowledged.
-                    if !proc.fetch_paused {
-                        if let Ok(a) = consumer.assignment() {
-                            let _ = consumer.pause(&a);
-                        }
-                        proc.fetch_paused = true;
-                        warn!("outputs not acknowledged; consumption paused until they are");
+            }
+            Err(PodError::ProduceTimeout(_)) => {
+                // Keep polling (the group must see us alive) but stop
+                // fetching until the outputs are acknowledged.
+                if !proc.fetch_paused {
+                    if let Ok(a) = consumer.assignment() {
+                        let _ = consumer.pause(&a);
                     }
+                    proc.fetch_paused = true;
+                    warn!("outputs not acknowledged; consumption paused until they are");
                 }
-                Err(e) => {
-                    error!(error = %e, "flush failed");
-                    return Err(e);
-                }
+            }
+            Err(e) => {
+                error!(error = %e, "flush failed");
+                return Err(e);
             }
         }
     }
