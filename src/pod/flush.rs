@@ -14,11 +14,14 @@ const ACK_WAIT: Duration = Duration::from_micros(200);
 pub(super) struct Sealed {
     pub(super) id: BatchId,
     pub(super) outputs: Vec<OutRecord>,
-    pub(super) changelog: Vec<OutRecord>,
-    /// The encoded state changes, in changelog order.
+    /// The encoded state changes, in changelog order: the changelog
+    /// records are sent from these bytes (no copy a record), and the same
+    /// bytes are written to RocksDB.
     pub(super) changes: Vec<Encoded>,
     /// The highest changelog offset acknowledged per partition.
     pub(super) changelog_max: BTreeMap<Partition, i64>,
+    /// Each partition's `tally-writer` header value.
+    pub(super) writers: BTreeMap<Partition, Vec<u8>>,
     /// Each partition's next input offset as of the seal: what the batch
     /// makes durable, and so what may be committed (records processed
     /// after the seal belong to the next batch).
@@ -223,30 +226,17 @@ impl Processor {
             .partitions()
             .map(|(p, s)| (p, s.next_offset))
             .collect();
-        // Every changelog record names its writer's ownership epoch and the
-        // input offset it reflects, so restore can tell a stale writer's;
-        // the header value is made once per partition.
-        let writers: BTreeMap<Partition, Vec<u8>> = offsets
+        // The `tally-writer` header value, made once for every partition
+        // with a change.
+        let writers: BTreeMap<Partition, Vec<u8>> = encoded
             .iter()
-            .map(|(p, o)| {
-                let epoch = self.epochs.get(p).copied().unwrap_or(0);
-                (*p, claim::writer_value(epoch, *o))
-            })
-            .collect();
-        let changelog = encoded
-            .iter()
-            .map(|(p, key, value)| OutRecord {
-                topic: self.cfg.topics.changelog_topic.clone(),
-                partition: Some(*p),
-                key: Some(key.clone()),
-                payload: value.clone(),
-                headers: vec![(
-                    claim::WRITER_HEADER.to_string(),
-                    writers
-                        .get(p)
-                        .cloned()
-                        .unwrap_or_else(|| claim::writer_value(0, 0)),
-                )],
+            .map(|(p, _, _)| *p)
+            .collect::<BTreeSet<Partition>>()
+            .into_iter()
+            .map(|p| {
+                let epoch = self.epochs.get(&p).copied().unwrap_or(0);
+                let next = offsets.get(&p).copied().unwrap_or(0);
+                (p, claim::writer_value(epoch, next))
             })
             .collect();
         let batch = self
@@ -256,9 +246,9 @@ impl Processor {
         self.sealed = Some(Sealed {
             id: batch,
             outputs: std::mem::take(&mut self.out),
-            changelog,
             changes: encoded,
             changelog_max: BTreeMap::new(),
+            writers,
             offsets,
             counts,
             started,
@@ -288,14 +278,42 @@ impl Processor {
         n
     }
 
-    fn record(&self, tag: Tag) -> Option<&OutRecord> {
+    /// The record a tag names, as the producer takes it; `None` for a
+    /// batch that is gone.
+    fn record(&self, tag: Tag) -> Option<BaseRecord<'_, [u8], [u8], usize>> {
+        let opaque = tag.to_opaque();
         if tag.batch == self.cycle.collecting() {
-            return self.out.get(tag.index as usize);
+            return self
+                .out
+                .get(tag.index as usize)
+                .map(|r| base_record(r, opaque));
         }
         let s = self.sealed.as_ref().filter(|s| s.id == tag.batch)?;
         match tag.lane {
-            Lane::Outputs => s.outputs.get(tag.index as usize),
-            Lane::Changelog => s.changelog.get(tag.index as usize),
+            Lane::Outputs => s
+                .outputs
+                .get(tag.index as usize)
+                .map(|r| base_record(r, opaque)),
+            Lane::Changelog => {
+                let (p, key, value) = s.changes.get(tag.index as usize)?;
+                // Every changelog record names its writer's ownership
+                // epoch and the input offset it reflects, so restore can
+                // tell a stale writer's.
+                // The seal made one for every partition with a change.
+                let writer = s.writers.get(p)?;
+                let mut r: BaseRecord<'_, [u8], [u8], usize> =
+                    BaseRecord::with_opaque_to(&self.cfg.topics.changelog_topic, opaque)
+                        .partition(*p)
+                        .key(key.as_slice())
+                        .headers(OwnedHeaders::new().insert(Header {
+                            key: claim::WRITER_HEADER,
+                            value: Some(writer.as_slice()),
+                        }));
+                if let Some(v) = value {
+                    r = r.payload(v.as_slice());
+                }
+                Some(r)
+            }
         }
     }
 
@@ -369,7 +387,7 @@ impl Processor {
         let Some(rec) = self.record(tag) else {
             return Ok(());
         };
-        match self.producer.send(base_record(rec, tag.to_opaque())) {
+        match self.producer.send(rec) {
             Ok(()) => self.cycle.sent(tag),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 self.cycle.refused(tag)
