@@ -175,11 +175,17 @@ fn run(
     mut ends: HashMap<i32, i64>,
     metrics: Arc<Metrics>,
 ) {
-    let mut batch: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::with_capacity(1024);
+    // Decoded as each record is read (from the fetched bytes, no copy),
+    // outside the lock; readers only wait for the map updates. Reused, so
+    // a batch's updates do not take fresh memory each time (before, the
+    // records' bytes were copied out and a new vector of updates made
+    // for every batch: page faults and copies were a third of this
+    // thread).
+    let mut parsed = Vec::with_capacity(512);
     while !stop.load(Ordering::SeqCst) {
         let mut first = consumer.poll(Duration::from_millis(50));
         while let Some(r) = first.take().or_else(|| {
-            if batch.len() < 512 {
+            if parsed.len() < 512 {
                 consumer.poll(Duration::ZERO)
             } else {
                 None
@@ -193,23 +199,19 @@ fn run(
                     {
                         ends.remove(&m.partition());
                     }
-                    batch.push((
-                        m.key().unwrap_or_default().to_vec(),
-                        m.payload().map(<[u8]>::to_vec),
+                    parsed.push(crate::wire::windows::decode(
+                        m.key().unwrap_or_default(),
+                        m.payload(),
                     ));
                 }
                 Err(e) => warn!(error = %e, "revenue-windows consume error"),
             }
         }
-        if !batch.is_empty() {
-            // Decode outside the lock; readers only wait for map updates.
-            let parsed: Vec<_> = batch
-                .iter()
-                .map(|(k, p)| crate::wire::windows::decode(k, p.as_deref()))
-                .collect();
+        if !parsed.is_empty() {
+            let records = parsed.len() as u64;
             let mut invalid = 0;
             if let Ok(mut v) = view.write() {
-                for p in parsed {
+                for p in parsed.drain(..) {
                     match p {
                         Ok(update) => v.apply(update),
                         Err(e) => {
@@ -219,9 +221,9 @@ fn run(
                     }
                 }
             }
-            metrics.view_records.inc_by(batch.len() as u64);
+            parsed.clear();
+            metrics.view_records.inc_by(records);
             metrics.view_invalid_records.inc_by(invalid);
-            batch.clear();
         }
         if !ends.is_empty() {
             // Compaction may have removed the last offsets: the position
