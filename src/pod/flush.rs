@@ -298,8 +298,8 @@ impl Processor {
                 let (p, key, value) = s.changes.get(tag.index as usize)?;
                 // Every changelog record names its writer's ownership
                 // epoch and the input offset it reflects, so restore can
-                // tell a stale writer's.
-                // The seal made one for every partition with a change.
+                // tell a stale writer's (the seal made the value for every
+                // partition with a change).
                 let writer = s.writers.get(p)?;
                 let mut r: BaseRecord<'_, [u8], [u8], usize> =
                     BaseRecord::with_opaque_to(&self.cfg.topics.changelog_topic, opaque)

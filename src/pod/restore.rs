@@ -483,8 +483,10 @@ impl Processor {
                 continue;
             };
             let m = msg?;
-            if m.partition() != p {
-                // The shared reader's earlier partition: not this one's.
+            if m.partition() != p || m.offset() <= last {
+                // The shared reader's earlier partition, or a record of an
+                // earlier read of this one (librdkafka drops those after
+                // an assign; this does not rely on it): not this read's.
                 continue;
             }
             last = m.offset();
