@@ -39,13 +39,6 @@ pub(super) struct Sealed {
     pub(super) deadline: Instant,
 }
 
-/// A batch the cycle let go of, for its report.
-pub(super) struct Finished {
-    counts: Counts,
-    started: Instant,
-    sealed_at: Instant,
-}
-
 pub(super) fn base_record(rec: &OutRecord, opaque: usize) -> BaseRecord<'_, [u8], [u8], usize> {
     let mut r: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(&rec.topic, opaque);
     if let Some(p) = rec.partition {
@@ -98,7 +91,6 @@ impl Processor {
         }
         loop {
             self.drive(consumer)?;
-            self.finish(consumer);
             if self.sealed.is_none() {
                 break;
             }
@@ -152,7 +144,6 @@ impl Processor {
         self.take_reports();
         self.cycle.resume_sending();
         self.drive(consumer)?;
-        self.finish(consumer);
         if let Some(s) = self.sealed.as_mut() {
             if Instant::now() >= s.deadline {
                 s.deadline += budget;
@@ -163,12 +154,9 @@ impl Processor {
         Ok(())
     }
 
-    /// After a batch is done: its counts to the metrics, the lag, and the
-    /// interval's new start.
-    fn finish(&mut self, consumer: &BaseConsumer<PodContext>) {
-        let Some(f) = self.finished.take() else {
-            return;
-        };
+    /// After a batch is done (or abandoned): its counts to the metrics,
+    /// and the lag.
+    fn finish(&mut self, consumer: &BaseConsumer<PodContext>, f: Sealed) {
         self.report(f.counts, f.started);
         self.update_lag(consumer);
         debug!(
@@ -371,11 +359,7 @@ impl Processor {
                 }
                 Action::Forget(id) => {
                     if let Some(s) = self.sealed.take_if(|s| s.id == id) {
-                        self.finished = Some(Finished {
-                            counts: s.counts,
-                            started: s.started,
-                            sealed_at: s.sealed_at,
-                        });
+                        self.finish(consumer, s);
                     }
                 }
             }

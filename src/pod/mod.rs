@@ -290,8 +290,6 @@ pub struct Processor {
     out: Vec<OutRecord>,
     /// The batch in flight (sealed), with its records' bytes.
     sealed: Option<Sealed>,
-    /// The batch the cycle just let go of, until it is reported.
-    finished: Option<flush::Finished>,
     /// Delivery reports taken from the producer's context (reused buffer).
     reports: Vec<Report>,
     effects: Vec<Effect>,

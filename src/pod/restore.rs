@@ -636,14 +636,6 @@ impl Processor {
     }
 }
 
-/// The end of changelog partition `p` (one past its last offset), from the
-/// last record batch the broker holds rather than from its reported high
-/// watermark alone: a broker may report one past the *first* offset of the
-/// last batch (tansu does), and a restore that stopped there would miss
-/// the rest of the batch, while local state that reflects them would look
-/// ahead of the changelog and be thrown away. Reading the batch that
-/// starts at `reported - 1` is the positive evidence either way: on a
-/// correct broker it is that one record, and the answer is `reported`.
 /// Stores the records read so far with the checkpoint `upto` (the offset
 /// before a record of another format), and empties the batch.
 fn write_restored_upto(
@@ -660,6 +652,24 @@ fn write_restored_upto(
     Ok(())
 }
 
+/// The offset of a record the shared probe read, if it is partition
+/// `p`'s (not an earlier partition's).
+fn offset_in(
+    m: rdkafka::error::KafkaResult<BorrowedMessage<'_>>,
+    p: Partition,
+) -> Result<Option<i64>, PodError> {
+    let m = m?;
+    Ok((m.partition() == p).then(|| m.offset()))
+}
+
+/// The end of changelog partition `p` (one past its last offset), from the
+/// last record batch the broker holds rather than from its reported high
+/// watermark alone: a broker may report one past the *first* offset of the
+/// last batch (tansu does), and a restore that stopped there would miss
+/// the rest of the batch, while local state that reflects them would look
+/// ahead of the changelog and be thrown away. Reading the batch that
+/// starts at `reported - 1` is the positive evidence either way: on a
+/// correct broker it is that one record, and the answer is `reported`.
 fn true_end(
     reader: &BaseConsumer,
     topic: &str,
@@ -679,11 +689,7 @@ fn true_end(
     // here, the rest are queued behind it.
     while last.is_none() && Instant::now() < deadline {
         if let Some(m) = reader.poll(Duration::from_millis(20)) {
-            let m = m?;
-            // The shared probe's earlier partition: not this one's.
-            if m.partition() == p {
-                last = Some(m.offset());
-            }
+            last = offset_in(m, p)?.or(last);
         }
     }
     if last.is_none() {
@@ -696,10 +702,7 @@ fn true_end(
         return Ok(reported);
     }
     while let Some(m) = reader.poll(Duration::from_millis(20)) {
-        let m = m?;
-        if m.partition() == p {
-            last = Some(m.offset());
-        }
+        last = offset_in(m, p)?.or(last);
     }
     let end = last.map_or(reported, |o| o + 1).max(reported);
     if end != reported {
