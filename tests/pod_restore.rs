@@ -158,3 +158,108 @@ fn state_beyond_the_cache_is_read_from_rocksdb() {
     assert_totals_equal(&published_totals(&brokers), &truth_totals(&all));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Dedup entries reach the changelog as one segment row per partition per
+/// flush, not one record per order (issue 17's write-amplification lever):
+/// before, every new order cost a changelog record of its own, and its
+/// tombstone an hour later, so the changelog carried twice as many dedup
+/// records as orders. The entries still move between pods: a pod with an
+/// empty state directory restores them from the segments (once with a
+/// dedup cache of nothing, every lookup a RocksDB read of the expanded
+/// rows, once with every entry in memory) and recognises resent orders as
+/// duplicates; the totals equal the batch truth. Checked to fail on the
+/// code before segments (the engine patched back to per-id puts): "1961 per-id
+/// dedup records in the changelog".
+#[test]
+fn dedup_entries_reach_the_changelog_as_segments() {
+    if skip_on_external("it reads the whole changelog, which other tests share") {
+        return;
+    }
+    let broker = TestBroker::start(1, &declared_topics());
+    let brokers = broker.bootstrap_servers();
+    let records = gen::generate(&GenSpec {
+        count: 3_000,
+        seed: 47,
+        customers: 200,
+        ..GenSpec::default()
+    });
+    let (a, rest) = records.split_at(2_000);
+    let (b, c) = rest.split_at(500);
+    let resent_b = resent(a, 200);
+    let resent_c = resent(&a[1_000..], 200);
+    let caught_up = || {
+        wait_all_committed(
+            &brokers,
+            "segments",
+            "the pod to catch up",
+            Duration::from_secs(90),
+        );
+    };
+    let run = |dir: &std::path::Path, cache: Option<u64>| {
+        let mut cfg = pod_config(&brokers, "segments", dir.to_path_buf());
+        cfg.resources.dedup_cache_entries = cache;
+        let pod = pod::start(cfg).unwrap();
+        caught_up();
+        let m = pod.metrics.clone();
+        let stats = pod.stats.clone();
+        pod.join().unwrap();
+        (m.events.with_label_values(&["duplicate"]).get(), stats)
+    };
+
+    produce_input(&brokers, a);
+    let dir1 = temp_dir("segments-1");
+    run(&dir1, None);
+    // The first byte of an encoded key is its `RowKey` variant: 2 is a
+    // per-id dedup entry, 6 a dedup segment.
+    let changelog = read_all(&brokers, "tally-changelog");
+    let tag = |t: u8| {
+        changelog
+            .iter()
+            .filter(|r| r.key.as_deref().and_then(|k| k.first()) == Some(&t))
+            .count()
+    };
+    assert_eq!(
+        tag(2),
+        0,
+        "{} per-id dedup records in the changelog",
+        tag(2)
+    );
+    let segments = tag(6);
+    assert!(
+        segments > 0 && segments < a.len() / 10,
+        "{segments} dedup segments for {} orders",
+        a.len()
+    );
+
+    // A new pod, nothing local, no dedup entry in memory: the entries
+    // come from the segments through RocksDB.
+    produce_input(&brokers, &resent_b);
+    produce_input(&brokers, b);
+    let dir2 = temp_dir("segments-2");
+    let (dups, stats) = run(&dir2, Some(0));
+    assert!(stats.restored_rows() > 0, "nothing was restored");
+    assert!(
+        dups >= resent_b.len() as u64,
+        "{dups} duplicates recognised of {} resent",
+        resent_b.len()
+    );
+
+    // Another, with every entry in memory.
+    produce_input(&brokers, &resent_c);
+    produce_input(&brokers, c);
+    let dir3 = temp_dir("segments-3");
+    let (dups, _) = run(&dir3, None);
+    assert!(
+        dups >= resent_c.len() as u64,
+        "{dups} duplicates recognised of {} resent",
+        resent_c.len()
+    );
+
+    let mut all = records.clone();
+    all.extend(resent_b);
+    all.extend(resent_c);
+    assert_totals_equal(&published_totals(&brokers), &truth_totals(&all));
+    for d in [dir1, dir2, dir3] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}

@@ -16,8 +16,8 @@
 use std::path::Path;
 
 use tally::core::{
-    customer_hash, Aggregate, Currency, DedupRow, PartitionMeta, RowKey, Session, SessionSet,
-    StateRow, WindowKey, WindowRow,
+    customer_hash, Aggregate, Currency, DedupRow, DedupSegment, PartitionMeta, RowKey, Session,
+    SessionSet, StateRow, WindowKey, WindowRow,
 };
 use tally::state::codec::{decode_row, encode_key, encode_row, FORMAT_VERSION};
 
@@ -92,6 +92,23 @@ fn rows() -> Vec<(&'static str, StateRow)> {
             StateRow::Members(key.clone(), 3, vec![1, u64::MAX]),
         ),
         ("expiry", StateRow::Expiry(key, 1_714_651_260_000)),
+        (
+            "dedup_segment",
+            StateRow::DedupSegment(
+                100,
+                2,
+                DedupSegment {
+                    expire_ms: 3_700_099,
+                    entries: vec![(
+                        "o-1".into(),
+                        DedupRow {
+                            event_ms: 99,
+                            offset: 3,
+                        },
+                    )],
+                },
+            ),
+        ),
     ]
 }
 
@@ -133,7 +150,7 @@ fn every_pinned_row_decodes_to_itself() {
     }
     // Every variant has a row here. The match has no wildcard, so a new
     // variant does not compile until it is added (and pinned) above.
-    let mut seen = [false; 6];
+    let mut seen = [false; 7];
     for (_, row) in rows() {
         let i = match row.key() {
             RowKey::Window(_) => 0,
@@ -142,8 +159,9 @@ fn every_pinned_row_decodes_to_itself() {
             RowKey::Meta => 3,
             RowKey::Members(..) => 4,
             RowKey::Expiry(_) => 5,
+            RowKey::DedupSegment(..) => 6,
         };
         seen[i] = true;
     }
-    assert_eq!(seen, [true; 6]);
+    assert_eq!(seen, [true; 7]);
 }

@@ -18,6 +18,9 @@ pub(super) struct Sealed {
     /// records are sent from these bytes (no copy a record), and the same
     /// bytes are written to RocksDB.
     pub(super) changes: Vec<Encoded>,
+    /// Changes for RocksDB only ([`StateChange::in_changelog`]): written
+    /// with the batch, never sent.
+    pub(super) local: Vec<Encoded>,
     /// The highest changelog offset acknowledged per partition.
     pub(super) changelog_max: BTreeMap<Partition, i64>,
     /// Each partition's `tally-writer` header value.
@@ -204,6 +207,9 @@ impl Processor {
         self.publish_progress();
         // Stable: within a group the engine's order stays.
         changes.sort_by_key(StateChange::group);
+        let (changes, local): (Vec<StateChange>, Vec<StateChange>) =
+            changes.into_iter().partition(StateChange::in_changelog);
+        let local = local.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
         let groups: Vec<(Partition, usize)> = changes
             .iter()
             .map(|c| (partition_of(c), c.group()))
@@ -235,6 +241,7 @@ impl Processor {
             id: batch,
             outputs: std::mem::take(&mut self.out),
             changes: encoded,
+            local,
             changelog_max: BTreeMap::new(),
             writers,
             offsets,
@@ -320,20 +327,14 @@ impl Processor {
                         .filter(|(p, _)| parts.contains(p))
                         .map(|(p, o)| (*p, *o))
                         .collect();
-                    if s.changes.iter().all(|c| parts.contains(&c.0)) {
-                        self.store
-                            .write_encoded_at(&s.changes, &checkpoints, Some(now_ms()))?;
-                    } else {
-                        // A partition was revoked mid-flush: its rows stay out.
-                        let kept: Vec<Encoded> = s
-                            .changes
-                            .iter()
-                            .filter(|c| parts.contains(&c.0))
-                            .cloned()
-                            .collect();
-                        self.store
-                            .write_encoded_at(&kept, &checkpoints, Some(now_ms()))?;
-                    }
+                    // A partition revoked mid-flush: its rows stay out.
+                    let kept = s
+                        .changes
+                        .iter()
+                        .chain(&s.local)
+                        .filter(|c| parts.contains(&c.0));
+                    self.store
+                        .write_encoded_at(kept, &checkpoints, Some(now_ms()))?;
                     self.cycle.written(id);
                 }
                 Action::Commit(id, parts) => {

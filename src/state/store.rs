@@ -14,7 +14,9 @@ use rocksdb::{
 };
 
 use super::codec::{self, CodecError, Encoded};
-use crate::core::{DedupRow, Partition, RowKey, SessionSet, StateChange, StateReader, StateRow};
+use crate::core::{
+    DedupRow, DedupSegment, Partition, RowKey, SessionSet, StateChange, StateReader, StateRow,
+};
 use crate::telemetry::memory::RocksSizing;
 
 #[derive(Debug, thiserror::Error)]
@@ -160,7 +162,7 @@ pub struct Store {
 
 /// A batch putting or deleting each encoded change under its partition's
 /// prefix.
-fn changes_batch(changes: &[Encoded]) -> WriteBatch {
+fn changes_batch<'a>(changes: impl IntoIterator<Item = &'a Encoded>) -> WriteBatch {
     let mut batch = WriteBatch::default();
     for (p, key, value) in changes {
         let mut k = partition_prefix(*p).to_vec();
@@ -175,6 +177,33 @@ fn changes_batch(changes: &[Encoded]) -> WriteBatch {
                     Some(&DEDUP_KEY_TAG) => {
                         if let Ok(StateRow::Dedup(id, d)) = codec::decode_row(v) {
                             batch.put(dedup_index_key(*p, d.event_ms, id.as_bytes()), []);
+                        }
+                    }
+                    Some(&SEGMENT_KEY_TAG) => {
+                        // A segment: its entries become rows of their own
+                        // (lookups and the expiry index are per id), and
+                        // the segment's key stays with none, so the engine
+                        // knows which segments to tombstone.
+                        if let Ok(StateRow::DedupSegment(seq, n, seg)) = codec::decode_row(v) {
+                            for (id, d) in &seg.entries {
+                                let row = StateRow::Dedup(id.clone(), *d);
+                                if let Ok(value) = codec::encode_row(&row) {
+                                    batch.put(dedup_row_key(*p, id), value);
+                                    batch.put(dedup_index_key(*p, d.event_ms, id.as_bytes()), []);
+                                }
+                            }
+                            let mark = StateRow::DedupSegment(
+                                seq,
+                                n,
+                                DedupSegment {
+                                    expire_ms: seg.expire_ms,
+                                    entries: Vec::new(),
+                                },
+                            );
+                            if let Ok(value) = codec::encode_row(&mark) {
+                                batch.put(k, value);
+                            }
+                            continue;
                         }
                     }
                     Some(&SESSIONS_KEY_TAG) => {
@@ -200,6 +229,10 @@ fn changes_batch(changes: &[Encoded]) -> WriteBatch {
 /// The first byte of every encoded dedup key (`RowKey::Dedup`'s variant
 /// index in postcard; pinned by a test).
 const DEDUP_KEY_TAG: u8 = 2;
+
+/// The first byte of every encoded dedup segment key
+/// (`RowKey::DedupSegment`).
+const SEGMENT_KEY_TAG: u8 = 6;
 
 /// The first byte of every encoded session-set key (`RowKey::Sessions`).
 const SESSIONS_KEY_TAG: u8 = 1;
@@ -548,16 +581,16 @@ impl Store {
 
     /// [`Store::write_encoded`], also recording `now_ms` as the time each
     /// checkpointed partition's state was last written.
-    pub fn write_encoded_at(
+    pub fn write_encoded_at<'a>(
         &self,
-        changes: &[Encoded],
+        changes: impl IntoIterator<Item = &'a Encoded>,
         checkpoints: &[(Partition, i64)],
         now_ms: Option<i64>,
     ) -> Result<(), StoreError> {
-        if changes.is_empty() && checkpoints.is_empty() {
+        let mut batch = changes_batch(changes);
+        if batch.is_empty() && checkpoints.is_empty() {
             return Ok(());
         }
-        let mut batch = changes_batch(changes);
         for (p, offset) in checkpoints {
             batch.put(checkpoint_key(*p), offset.to_be_bytes());
             if let Some(now) = now_ms {
@@ -669,7 +702,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::{DedupRow, PartitionMeta};
+    use crate::core::PartitionMeta;
 
     fn sizing() -> RocksSizing {
         RocksSizing::for_limit(
@@ -739,6 +772,69 @@ mod tests {
             .is_empty());
         s.clear_partition(4).unwrap();
         assert!(s.dedup_expiring(4, None, 100).unwrap().is_empty());
+        drop(s);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A dedup segment (the changelog's form of dedup entries, written by
+    /// a flush and by a restore alike) is stored as one row per entry,
+    /// found by lookups, `load_partition` and the expiry index, and the
+    /// segment's key with no entries (what the engine needs to tombstone
+    /// it). A row for an id that a later segment holds again is the
+    /// later one's.
+    #[test]
+    fn a_dedup_segment_is_stored_as_rows_of_its_own() {
+        assert_eq!(
+            codec::encode_key(&RowKey::DedupSegment(1, 0)).unwrap()[0],
+            SEGMENT_KEY_TAG,
+            "the segment key's tag"
+        );
+        let dir = tmp("segment");
+        let s = Store::open(&dir, 7, &sizing()).unwrap();
+        let row = |t: i64, offset: i64| DedupRow {
+            event_ms: t,
+            offset,
+        };
+        let segment = |seq: i64, entries: Vec<(&str, DedupRow)>| {
+            StateChange::Put(
+                3,
+                StateRow::DedupSegment(
+                    seq,
+                    0,
+                    DedupSegment {
+                        expire_ms: 1_000,
+                        entries: entries.into_iter().map(|(i, d)| (i.into(), d)).collect(),
+                    },
+                ),
+            )
+        };
+        s.write(&[segment(10, vec![("a", row(5, 1)), ("b", row(7, 2))])])
+            .unwrap();
+        s.write(&[segment(20, vec![("a", row(50, 15))])]).unwrap();
+        assert_eq!(s.dedup(3, "a").unwrap(), Some(row(50, 15)));
+        assert_eq!(s.dedup(3, "b").unwrap(), Some(row(7, 2)));
+        let mut due = s.dedup_expiring(3, None, 10).unwrap();
+        due.sort();
+        assert_eq!(due, vec!["a", "b"], "the index holds each entry");
+        let mut rows = s.load_partition(3).unwrap();
+        rows.sort_by_key(|r| format!("{r:?}"));
+        let marks: Vec<&StateRow> = rows
+            .iter()
+            .filter(|r| matches!(r, StateRow::DedupSegment(..)))
+            .collect();
+        assert_eq!(marks.len(), 2);
+        for m in &marks {
+            let StateRow::DedupSegment(_, _, seg) = m else {
+                unreachable!()
+            };
+            assert!(seg.entries.is_empty(), "the store's copy has no entries");
+            assert_eq!(seg.expire_ms, 1_000);
+        }
+        // Without dedup entries, the segments' keys still come.
+        assert_eq!(s.load_partition_rows(3, false, |_| true).unwrap().len(), 2);
+        s.write(&[StateChange::Delete(3, RowKey::DedupSegment(10, 0))])
+            .unwrap();
+        assert_eq!(s.load_partition_rows(3, false, |_| true).unwrap().len(), 1);
         drop(s);
         let _ = std::fs::remove_dir_all(dir);
     }

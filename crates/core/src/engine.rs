@@ -253,6 +253,34 @@ pub struct DedupRow {
     pub offset: Offset,
 }
 
+/// The dedup entries one flush made in one partition, as one row: the
+/// changelog's form of dedup state.
+///
+/// Why: one changelog record an order (and a tombstone an hour later)
+/// made dedup the largest share of the job's Kafka messages, two of the
+/// four or five each order cost. A segment is one record a partition a
+/// flush, and one tombstone when all of its entries have expired. The
+/// shell's store expands a segment into per-id rows (its point lookups
+/// and expiry index stay per id) and keeps the segment's key with no
+/// entries, so a pod knows which segments to tombstone. Per-id deletes
+/// stay local ([`StateChange::in_changelog`]): an expired entry restored
+/// from a segment not yet tombstoned counts as absent anyway (an entry
+/// counts only until its expiry), and is expired again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DedupSegment {
+    /// When every entry has expired: the latest event time plus the
+    /// dedup horizon. The segment is tombstoned once a durable watermark
+    /// covers it.
+    pub expire_ms: i64,
+    /// Empty in the store's copy (its entries are rows of their own there).
+    pub entries: Vec<(String, DedupRow)>,
+}
+
+/// A segment's entries stop at about this many bytes of ids, so that a
+/// flush of many orders makes records well under Kafka's default
+/// `message.max.bytes` (1 MB).
+const SEGMENT_BYTES: usize = 256 * 1024;
+
 /// Per-partition progress: where to resume, and the watermark.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionMeta {
@@ -289,6 +317,10 @@ pub enum StateRow {
     /// this row deleted. Kept apart from the window's row, which leaves
     /// the state at close; a few bytes a window.
     Expiry(WindowKey, i64),
+    /// Dedup entries made by one flush: (the partition's next input
+    /// offset at that flush, chunk number, entries). Appended last, so
+    /// the other variants keep their encoding.
+    DedupSegment(i64, u32, DedupSegment),
 }
 
 /// The key of a [`StateRow`].
@@ -300,6 +332,7 @@ pub enum RowKey {
     Meta,
     Members(WindowKey, u64),
     Expiry(WindowKey),
+    DedupSegment(i64, u32),
 }
 
 impl StateRow {
@@ -311,6 +344,7 @@ impl StateRow {
             StateRow::Meta(_) => RowKey::Meta,
             StateRow::Members(k, n, _) => RowKey::Members(k.clone(), *n),
             StateRow::Expiry(k, _) => RowKey::Expiry(k.clone()),
+            StateRow::DedupSegment(seq, n, _) => RowKey::DedupSegment(*seq, *n),
         }
     }
 }
@@ -351,6 +385,13 @@ impl StateChange {
             StateChange::Put(_, StateRow::Meta(_)) | StateChange::Delete(_, RowKey::Meta) => 3,
             _ => 1,
         }
+    }
+
+    /// Whether the change goes to the changelog as well as to the local
+    /// store. A per-id dedup delete does not: the changelog holds dedup
+    /// entries as segments ([`DedupSegment`]), tombstoned whole.
+    pub fn in_changelog(&self) -> bool {
+        !matches!(self, StateChange::Delete(_, RowKey::Dedup(_)))
     }
 }
 
@@ -615,6 +656,11 @@ struct Part {
     /// Index ranges read, each with the flush that carries the deletes
     /// they caused: forgotten once that flush is durable.
     dedup_forget: VecDeque<(FlushId, i64)>,
+    /// The stored dedup segments: (expiry, seq, chunk).
+    dedup_segments: BTreeSet<(i64, i64, u32)>,
+    /// Segments expired under a durable watermark: tombstoned by the
+    /// next flush.
+    segments_expired: Vec<(i64, u32)>,
     /// Session sets written by flushes not yet durable (with a session
     /// cache limit only): they may not be evicted before.
     sessions_inflight: VecDeque<(FlushId, Vec<(u16, String)>)>,
@@ -682,6 +728,21 @@ impl Part {
         {
             self.idle = true;
         }
+    }
+
+    /// A restored dedup entry. Of two for one id (a segment and a row,
+    /// or two segments: the id seen again after its first entry
+    /// expired) the later one wins, whatever order they come in.
+    fn restore_dedup(&mut self, id: String, d: DedupRow, horizon: i64) {
+        if let Some(old) = self.dedup.get(&id) {
+            if old.offset >= d.offset {
+                return;
+            }
+            self.dedup_expiry
+                .remove(&(old.event_ms + horizon, id.clone()));
+        }
+        self.dedup_expiry.insert((d.event_ms + horizon, id.clone()));
+        self.dedup.insert(id, d);
     }
 
     fn is_closed_at(&self, close_at: i64) -> bool {
@@ -972,8 +1033,17 @@ impl Engine {
                     // With a cache limit the store holds them, and their
                     // expiry index too.
                     if self.dedup_limit.is_none() {
-                        part.dedup_expiry.insert((d.event_ms + horizon, id.clone()));
-                        part.dedup.insert(id, d);
+                        part.restore_dedup(id, d, horizon);
+                    }
+                }
+                StateRow::DedupSegment(seq, n, seg) => {
+                    part.dedup_segments.insert((seg.expire_ms, seq, n));
+                    // The store's copy has no entries (they are rows of
+                    // their own there); a changelog's copy has them.
+                    if self.dedup_limit.is_none() {
+                        for (id, d) in seg.entries {
+                            part.restore_dedup(id, d, horizon);
+                        }
                     }
                 }
                 StateRow::Window(key, row) => {
@@ -1434,6 +1504,7 @@ impl Engine {
     /// then call [`Engine::on_durable`] with the returned id.
     pub fn flush(&mut self, effects: &mut Vec<Effect>, changes: &mut Vec<StateChange>) -> FlushId {
         self.flush_seq += 1;
+        let horizon = self.cfg.dedup_horizon_ms;
         let parts: Vec<Partition> = self.parts.keys().copied().collect();
         for p in parts {
             let Some(part) = self.parts.get_mut(&p) else {
@@ -1510,9 +1581,24 @@ impl Engine {
                     _ => changes.push(StateChange::Delete(p, RowKey::Sessions(spec, customer))),
                 }
             }
+            let mut segments: Vec<DedupSegment> = Vec::new();
+            let mut bytes = SEGMENT_BYTES;
             for id in ids {
                 match part.dedup.get(&id) {
-                    Some(d) => changes.push(StateChange::Put(p, StateRow::Dedup(id, *d))),
+                    Some(d) => {
+                        if bytes >= SEGMENT_BYTES {
+                            bytes = 0;
+                            segments.push(DedupSegment {
+                                expire_ms: i64::MIN,
+                                entries: Vec::new(),
+                            });
+                        }
+                        bytes += id.len();
+                        if let Some(seg) = segments.last_mut() {
+                            seg.expire_ms = seg.expire_ms.max(d.event_ms.saturating_add(horizon));
+                            seg.entries.push((id, *d));
+                        }
+                    }
                     None => changes.push(StateChange::Delete(p, RowKey::Dedup(id))),
                 }
             }
@@ -1520,6 +1606,18 @@ impl Engine {
             let Some(part) = self.parts.get_mut(&p) else {
                 continue;
             };
+            for (n, seg) in segments.into_iter().enumerate() {
+                let n = n as u32;
+                part.dedup_segments
+                    .insert((seg.expire_ms, part.next_offset, n));
+                changes.push(StateChange::Put(
+                    p,
+                    StateRow::DedupSegment(part.next_offset, n, seg),
+                ));
+            }
+            for (at, n) in std::mem::take(&mut part.segments_expired) {
+                changes.push(StateChange::Delete(p, RowKey::DedupSegment(at, n)));
+            }
             for (key, at) in std::mem::take(&mut part.expiry_new) {
                 changes.push(StateChange::Put(p, StateRow::Expiry(key, at)));
             }
@@ -1575,6 +1673,13 @@ impl Engine {
                 if let Some((_, key)) = part.expiring.pop_first() {
                     part.expired.push(key);
                 }
+            }
+            while let Some(&(at, seq, n)) = part.dedup_segments.first() {
+                if !covered(at, durable_wm) {
+                    break;
+                }
+                part.dedup_segments.pop_first();
+                part.segments_expired.push((seq, n));
             }
             let pending = std::mem::take(&mut part.pending_purge);
             for item in pending {

@@ -31,10 +31,10 @@ pub mod window;
 
 pub use aggregate::{customer_hash, usd, Aggregate, PartialAgg};
 pub use engine::{
-    window_id, CacheStats, ConfigError, CoreConfig, DedupRow, Effect, Engine, FlushId, InMemory,
-    Offset, Partition, PartitionMeta, PartitionStatus, Readable, RowCacheStats, RowKey, Session,
-    SessionSet, StateChange, StateReader, StateRow, WindowKey, WindowRow, WindowUpdate,
-    CHANGE_GROUPS,
+    window_id, CacheStats, ConfigError, CoreConfig, DedupRow, DedupSegment, Effect, Engine,
+    FlushId, InMemory, Offset, Partition, PartitionMeta, PartitionStatus, Readable, RowCacheStats,
+    RowKey, Session, SessionSet, StateChange, StateReader, StateRow, WindowKey, WindowRow,
+    WindowUpdate, CHANGE_GROUPS,
 };
 pub use order::{
     enrich, parse_order, parse_time, validate, Currency, EnrichedOrder, FxTable, FxUpdate, Limits,

@@ -39,8 +39,8 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use proptest::prelude::*;
 use tally_core::{
-    CoreConfig, DedupRow, Effect, Engine, FlushId, FxTable, GroupBy, Partition, RowKey, SessionSet,
-    StateChange, StateReader, StateRow, WindowSpec,
+    CoreConfig, DedupRow, DedupSegment, Effect, Engine, FlushId, FxTable, GroupBy, Partition,
+    RowKey, SessionSet, StateChange, StateReader, StateRow, WindowSpec,
 };
 
 const T0: i64 = 1_699_999_980_000;
@@ -89,6 +89,25 @@ impl Durable {
                     match row {
                         StateRow::Dedup(id, d) => {
                             self.index.insert((*p, d.event_ms, id.clone()));
+                        }
+                        // As the shell's store does: a segment's entries
+                        // become rows of their own, and the segment's key
+                        // stays with none.
+                        StateRow::DedupSegment(seq, n, seg) => {
+                            for (id, d) in &seg.entries {
+                                self.index.insert((*p, d.event_ms, id.clone()));
+                                self.rows.insert(
+                                    (*p, RowKey::Dedup(id.clone())),
+                                    StateRow::Dedup(id.clone(), *d),
+                                );
+                            }
+                            let mark = DedupSegment {
+                                expire_ms: seg.expire_ms,
+                                entries: Vec::new(),
+                            };
+                            self.rows
+                                .insert((*p, row.key()), StateRow::DedupSegment(*seq, *n, mark));
+                            continue;
                         }
                         StateRow::Sessions(spec, customer, set) => {
                             for s in set.sessions.iter().filter(|s| !s.closed) {
