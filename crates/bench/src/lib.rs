@@ -1255,6 +1255,25 @@ fn http_get_blocking(addr: &str, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// How many records `topics` hold: the sum of their partitions' high
+/// watermarks (a topic that does not exist holds none).
+fn produced(brokers: &str, topics: &[&String]) -> Result<i64, BenchError> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let mut sum = 0;
+    for topic in topics {
+        let md = c.fetch_metadata(Some(topic.as_str()), Duration::from_secs(10))?;
+        for t in md.topics() {
+            for p in t.partitions() {
+                let (_, high) = c.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+                sum += high;
+            }
+        }
+    }
+    Ok(sum)
+}
+
 /// The pass-through pipe: the pod's consumer (same group settings) reads
 /// every record of `cfg`'s input topic and produces it once, key and
 /// payload as they are, to `out_topic` with the pod's producer settings;
@@ -1516,6 +1535,21 @@ pub fn throughput(
         let mut own = base.clone();
         own.prefix_topics(&prefix);
         let (rate, cpu) = tally_job(run, (&cfg, &own), &prefix, t, total)?;
+        let t_ = &own.topics;
+        let messages = produced(
+            run.brokers,
+            &[
+                &t_.enriched_topic,
+                &t_.windows_topic,
+                &t_.changelog_topic,
+                &t_.late_topic,
+                &t_.dlq_topic,
+                &t_.alerts_topic,
+            ],
+        )?;
+        // What the job wrote per input record, every output topic and the
+        // changelog: the pipe writes one.
+        out[format!("job_{t}t_messages_per_event")] = json!(messages as f64 / total as f64);
         out[format!("job_{t}t_events_per_sec")] = json!(rate);
         out[format!("job_{t}t_cpu_us_per_event")] = json!(cpu);
         out[format!("job_{t}t_over_pipe_events_per_sec")] = json!(rate / pipe_rate);
