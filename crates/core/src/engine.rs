@@ -1606,17 +1606,27 @@ impl Engine {
             let Some(part) = self.parts.get_mut(&p) else {
                 continue;
             };
-            for (n, seg) in segments.into_iter().enumerate() {
-                let n = n as u32;
+            // A new segment's key may be an old one's: a pod that died
+            // after a segment was acknowledged and before its partition
+            // meta was resumes below that segment's offset, and may seal a
+            // flush at the same offset again. The new value replaces the
+            // old, so the old one's schedule goes, and a tombstone due for
+            // it would delete the new one (the tombstones go first anyway).
+            let here = part.next_offset;
+            let fresh = segments.len() as u32;
+            if fresh > 0 {
                 part.dedup_segments
-                    .insert((seg.expire_ms, part.next_offset, n));
-                changes.push(StateChange::Put(
-                    p,
-                    StateRow::DedupSegment(part.next_offset, n, seg),
-                ));
+                    .retain(|&(_, s, n)| !(s == here && n < fresh));
+                part.segments_expired
+                    .retain(|&(s, n)| !(s == here && n < fresh));
             }
             for (at, n) in std::mem::take(&mut part.segments_expired) {
                 changes.push(StateChange::Delete(p, RowKey::DedupSegment(at, n)));
+            }
+            for (n, seg) in segments.into_iter().enumerate() {
+                let n = n as u32;
+                part.dedup_segments.insert((seg.expire_ms, here, n));
+                changes.push(StateChange::Put(p, StateRow::DedupSegment(here, n, seg)));
             }
             for (key, at) in std::mem::take(&mut part.expiry_new) {
                 changes.push(StateChange::Put(p, StateRow::Expiry(key, at)));

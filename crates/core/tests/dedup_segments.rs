@@ -234,3 +234,59 @@ fn of_two_entries_for_one_id_the_later_one_is_restored() {
         );
     }
 }
+
+/// A new segment may take an old one's key: a pod that died after a
+/// segment was acknowledged and before the partition meta that follows
+/// it resumes below that segment's offset, and may seal a flush at the
+/// same offset again. The old segment's schedule must not tombstone the
+/// new one. Checked to fail without the engine dropping the old key's
+/// schedule: the key was tombstoned at the old segment's expiry, while
+/// the new one's entries were live.
+#[test]
+fn a_segment_written_again_under_its_key_is_not_tombstoned_by_the_old_schedule() {
+    let old = StateRow::DedupSegment(
+        2,
+        0,
+        DedupSegment {
+            expire_ms: T0 + HORIZON,
+            entries: vec![(
+                "a".to_string(),
+                DedupRow {
+                    event_ms: T0,
+                    offset: 0,
+                },
+            )],
+        },
+    );
+    // The meta that lagged: the pod resumes at offset 0.
+    let meta = StateRow::Meta(tally_core::PartitionMeta {
+        next_offset: 0,
+        max_event_ms: None,
+        watermark: None,
+    });
+    let mut e = engine();
+    let mut out = Vec::new();
+    e.restore(0, vec![old, meta], 0, &mut out);
+    // Sealed at offset 2 again, with entries that live longer.
+    e.on_record(0, 0, &order("x", T0), 0, &mut out);
+    e.on_record(0, 1, &order("b", T0 + 5 * MIN), 0, &mut out);
+    let first = flush(&mut e);
+    assert!(
+        first.iter().any(|c| matches!(
+            c,
+            StateChange::Put(_, StateRow::DedupSegment(2, 0, s)) if s.entries.len() == 2
+        )),
+        "{first:?}"
+    );
+    // Past the old segment's expiry, not the new one's.
+    e.on_record(0, 2, &order("c", T0 + HORIZON + MIN), 0, &mut out);
+    for _ in 0..3 {
+        let changes = flush(&mut e);
+        assert!(
+            !changes
+                .iter()
+                .any(|c| matches!(c, StateChange::Delete(_, RowKey::DedupSegment(2, 0)))),
+            "the new segment was tombstoned on the old one's schedule"
+        );
+    }
+}
