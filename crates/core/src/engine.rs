@@ -257,8 +257,9 @@ pub struct DedupRow {
 /// changelog's form of dedup state.
 ///
 /// Why: one changelog record an order (and a tombstone an hour later)
-/// made dedup the largest share of the job's Kafka messages, two of the
-/// four or five each order cost. A segment is one record a partition a
+/// was the largest share of what the job wrote: of the 2.3 records each
+/// order cost in the throughput scenario, one was its dedup entry (1.37
+/// with segments, BENCHMARKS.md). A segment is one record a partition a
 /// flush, and one tombstone when all of its entries have expired. The
 /// shell's store expands a segment into per-id rows (its point lookups
 /// and expiry index stay per id) and keeps the segment's key with no
