@@ -11,6 +11,16 @@ use support::kafka::*;
 use tally::gen::{self, GenSpec};
 use tally::pod;
 
+/// Waits until group `group` has committed every input record.
+fn caught_up(brokers: &str, group: &str) {
+    wait_all_committed(
+        brokers,
+        group,
+        "the pod to catch up",
+        Duration::from_secs(90),
+    );
+}
+
 #[test]
 fn a_partition_moves_through_the_changelog() {
     let specs = declared_topics();
@@ -24,14 +34,7 @@ fn a_partition_moves_through_the_changelog() {
     });
     let (a, rest) = records.split_at(3_000);
     let (b, c) = rest.split_at(3_000);
-    let caught_up = || {
-        wait_all_committed(
-            &brokers,
-            "restore",
-            "the pod to catch up",
-            Duration::from_secs(90),
-        );
-    };
+    let caught_up = || caught_up(&brokers, "restore");
 
     // Pod 1 processes the first third, then stops.
     let dir1 = temp_dir("restore-1");
@@ -113,14 +116,7 @@ fn state_beyond_the_cache_is_read_from_rocksdb() {
     let mut cfg = pod_config(&brokers, "dedup-cache", dir.clone());
     cfg.resources.dedup_cache_entries = Some(0);
     cfg.resources.session_cache_sets = Some(0);
-    let caught_up = || {
-        wait_all_committed(
-            &brokers,
-            "dedup-cache",
-            "the pod to catch up",
-            Duration::from_secs(90),
-        );
-    };
+    let caught_up = || caught_up(&brokers, "dedup-cache");
     produce_input(&brokers, a);
     let pod1 = pod::start(cfg.clone()).unwrap();
     caught_up();
@@ -187,14 +183,7 @@ fn dedup_entries_reach_the_changelog_as_segments() {
     let (b, c) = rest.split_at(500);
     let resent_b = resent(a, 200);
     let resent_c = resent(&a[1_000..], 200);
-    let caught_up = || {
-        wait_all_committed(
-            &brokers,
-            "segments",
-            "the pod to catch up",
-            Duration::from_secs(90),
-        );
-    };
+    let caught_up = || caught_up(&brokers, "segments");
     let run = |dir: &std::path::Path, cache: Option<u64>| {
         let mut cfg = pod_config(&brokers, "segments", dir.to_path_buf());
         cfg.resources.dedup_cache_entries = cache;

@@ -53,11 +53,12 @@ fn flush(e: &mut Engine) -> Vec<StateChange> {
     changes.into_iter().filter(|c| c.in_changelog()).collect()
 }
 
-fn segments(changes: &[StateChange]) -> Vec<(i32, &DedupSegment)> {
+/// The segments a flush put: partition, key, segment.
+fn segments(changes: &[StateChange]) -> Vec<(i32, RowKey, &DedupSegment)> {
     changes
         .iter()
         .filter_map(|c| match c {
-            StateChange::Put(p, StateRow::DedupSegment(_, _, s)) => Some((*p, s)),
+            StateChange::Put(p, r @ StateRow::DedupSegment(_, _, s)) => Some((*p, r.key(), s)),
             _ => None,
         })
         .collect()
@@ -83,10 +84,10 @@ fn a_flush_writes_its_dedup_entries_as_one_segment_a_partition() {
         .count();
     assert_eq!(per_id, 0, "per-id dedup records in the changelog");
     let segs = segments(&changes);
-    let sizes: Vec<(i32, usize)> = segs.iter().map(|(p, s)| (*p, s.entries.len())).collect();
+    let sizes: Vec<(i32, usize)> = segs.iter().map(|(p, _, s)| (*p, s.entries.len())).collect();
     assert_eq!(sizes, vec![(0, 1_000), (1, 500)]);
     // Expiry: the latest entry's event time plus the horizon.
-    assert_eq!(segs[0].1.expire_ms, T0 + 999 + HORIZON);
+    assert_eq!(segs[0].2.expire_ms, T0 + 999 + HORIZON);
 }
 
 #[test]
@@ -101,16 +102,10 @@ fn a_large_flush_is_cut_into_segments_under_a_quarter_megabyte() {
     let segs = segments(&changes);
     assert_eq!(segs.len(), 3, "600 kB of ids in 256 kB segments");
     assert_eq!(
-        segs.iter().map(|(_, s)| s.entries.len()).sum::<usize>(),
+        segs.iter().map(|(_, _, s)| s.entries.len()).sum::<usize>(),
         300
     );
-    let keys: Vec<RowKey> = changes
-        .iter()
-        .filter_map(|c| match c {
-            StateChange::Put(_, r @ StateRow::DedupSegment(..)) => Some(r.key()),
-            _ => None,
-        })
-        .collect();
+    let keys: Vec<RowKey> = segs.into_iter().map(|(_, k, _)| k).collect();
     assert_eq!(
         keys,
         vec![
@@ -128,16 +123,9 @@ fn a_segment_is_tombstoned_once_every_entry_has_expired() {
     e.on_record(0, 0, &order("a", T0), 0, &mut out);
     e.on_record(0, 1, &order("b", T0 + 5 * MIN), 0, &mut out);
     let first = flush(&mut e);
-    let key = match &first[..] {
-        c if segments(c).len() == 1 => c
-            .iter()
-            .find_map(|c| match c {
-                StateChange::Put(_, r @ StateRow::DedupSegment(..)) => Some(r.key()),
-                _ => None,
-            })
-            .unwrap(),
-        _ => panic!("one segment expected: {first:?}"),
-    };
+    let segs = segments(&first);
+    assert_eq!(segs.len(), 1, "one segment expected: {first:?}");
+    let key = segs[0].1.clone();
     let deleted = |changes: &[StateChange]| {
         changes
             .iter()
