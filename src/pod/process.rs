@@ -51,6 +51,13 @@ impl Processor {
         };
         let (mut valid, mut late, mut dup, mut expired) = (0, 0, 0, 0);
         let payload = original.map(|o| o.0).unwrap_or_default();
+        // The fields of the record just read (none for effects no record
+        // carries).
+        let fields = if original.is_some() {
+            self.engine.fields()
+        } else {
+            &[]
+        };
         let mut effects = std::mem::take(&mut self.effects);
         for e in effects.drain(..) {
             let start = self.out.len();
@@ -76,6 +83,7 @@ impl Processor {
                         .add_revenue(order.order.currency, order.order.amount_micros);
                     outputs.accepted(
                         payload,
+                        fields,
                         &order,
                         alert,
                         Source {
@@ -95,6 +103,7 @@ impl Processor {
                     late += 1;
                     outputs.late(
                         payload,
+                        fields,
                         &order,
                         alert,
                         Source {

@@ -14,7 +14,9 @@
 use serde_json::{Map, Value};
 
 use crate::config::{LatePolicy, PodConfig};
-use crate::core::{usd, window_id, EnrichedOrder, Partition, Rejection, WindowKey, WindowUpdate};
+use crate::core::{
+    usd, window_id, EnrichedOrder, FieldSpan, Partition, Rejection, WindowKey, WindowUpdate,
+};
 
 pub mod windows;
 pub use windows::{WindowRecord, PROGRESS_PREFIX};
@@ -45,14 +47,40 @@ pub struct Source<'a> {
 /// passthrough fields are copied as raw text and the added ones are written
 /// directly. An object whose keys contain escapes takes the general path
 /// ([`enriched_json_tree`]); both give the same JSON value.
-pub fn enriched_json(original: &[u8], o: &EnrichedOrder, src: Source<'_>) -> Vec<u8> {
+///
+/// `fields`: the message's fields as the core's one-pass parse listed them
+/// ([`crate::core::parse_order_fields`]: sorted, the last of a key given
+/// twice), so the message is not parsed again; empty, it is parsed here.
+pub fn enriched_json(
+    original: &[u8],
+    fields: &[FieldSpan],
+    o: &EnrichedOrder,
+    src: Source<'_>,
+) -> Vec<u8> {
     use std::collections::BTreeMap;
     use std::io::Write;
 
     use serde_json::value::RawValue;
 
-    let Ok(fields) = serde_json::from_slice::<BTreeMap<&str, &RawValue>>(original) else {
-        return enriched_json_tree(original, o, src);
+    let listed = fields.iter().map(|f| {
+        let text = |r: (u32, u32)| original.get(r.0 as usize..r.1 as usize).unwrap_or_default();
+        (
+            std::str::from_utf8(text(f.key)).unwrap_or_default(),
+            text(f.value),
+        )
+    });
+    let parsed;
+    let fields: Vec<(&str, &[u8])> = if fields.is_empty() {
+        let Ok(map) = serde_json::from_slice::<BTreeMap<&str, &RawValue>>(original) else {
+            return enriched_json_tree(original, o, src);
+        };
+        parsed = map;
+        parsed
+            .iter()
+            .map(|(k, v)| (*k, v.get().as_bytes()))
+            .collect()
+    } else {
+        listed.collect()
     };
     let mut out = Vec::with_capacity(original.len() + 200);
     // Writing to a Vec cannot fail, and serialising a str or a number with
@@ -62,7 +90,7 @@ pub fn enriched_json(original: &[u8], o: &EnrichedOrder, src: Source<'_>) -> Vec
         let _ = serde_json::to_writer(&mut *out, key);
         out.push(b':');
         match value {
-            Added::Raw(v) => out.extend_from_slice(v.get().as_bytes()),
+            Added::Raw(v) => out.extend_from_slice(v),
             Added::Str(v) => {
                 let _ = serde_json::to_writer(&mut *out, v);
             }
@@ -99,10 +127,11 @@ pub fn enriched_json(original: &[u8], o: &EnrichedOrder, src: Source<'_>) -> Vec
     ];
     let mut passthrough = fields
         .iter()
-        .filter(|(k, _)| !added.iter().any(|(a, _)| a == *k))
+        .copied()
+        .filter(|(k, _)| !added.iter().any(|(a, _)| a == k))
         .peekable();
     for &(key, value) in &added {
-        while let Some((k, v)) = passthrough.next_if(|(k, _)| **k < key) {
+        while let Some((k, v)) = passthrough.next_if(|(k, _)| *k < key) {
             put(&mut out, k, Added::Raw(v));
         }
         put(&mut out, key, value);
@@ -117,7 +146,8 @@ pub fn enriched_json(original: &[u8], o: &EnrichedOrder, src: Source<'_>) -> Vec
 /// A field of the enriched JSON, as it is written.
 #[derive(Clone, Copy)]
 enum Added<'a> {
-    Raw(&'a serde_json::value::RawValue),
+    /// A passed-through value's JSON text.
+    Raw(&'a [u8]),
     Str(&'a str),
     Num(f64),
     /// Epoch milliseconds, written as RFC 3339 UTC with milliseconds.
@@ -219,12 +249,13 @@ impl Outputs<'_> {
     pub fn accepted(
         &self,
         original: &[u8],
+        fields: &[FieldSpan],
         o: &EnrichedOrder,
         alert: bool,
         src: Source<'_>,
         out: &mut Vec<OutRecord>,
     ) {
-        let json = enriched_json(original, o, src);
+        let json = enriched_json(original, fields, o, src);
         if alert {
             out.push(self.alert(&json, o));
         }
@@ -240,12 +271,13 @@ impl Outputs<'_> {
     pub fn late(
         &self,
         original: &[u8],
+        fields: &[FieldSpan],
         o: &EnrichedOrder,
         alert: bool,
         src: Source<'_>,
         out: &mut Vec<OutRecord>,
     ) {
-        let json = enriched_json(original, o, src);
+        let json = enriched_json(original, fields, o, src);
         if alert {
             out.push(self.alert(&json, o));
         }
@@ -343,7 +375,7 @@ impl Outputs<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::order::{validate, FxTable, Limits};
+    use crate::core::order::{parse_order_fields, validate, FxTable, Limits};
     use proptest::prelude::*;
 
     const SRC: Source<'static> = Source {
@@ -352,6 +384,8 @@ mod tests {
         offset: 42,
     };
 
+    /// The direct writer's bytes (checked to be the same from the core's
+    /// field list as from its own parse) and the tree's.
     fn both(original: &str) -> (Vec<u8>, Vec<u8>) {
         let fx = FxTable::with_defaults();
         let o = validate(
@@ -361,10 +395,17 @@ mod tests {
             1_714_564_801_234,
         )
         .expect("a valid order");
-        (
-            enriched_json(original.as_bytes(), &o, SRC),
-            enriched_json_tree(original.as_bytes(), &o, SRC),
-        )
+        let mut fields = Vec::new();
+        parse_order_fields(original.as_bytes(), &Limits::default(), &mut fields)
+            .expect("a valid order");
+        let own = enriched_json(original.as_bytes(), &[], &o, SRC);
+        let listed = enriched_json(original.as_bytes(), &fields, &o, SRC);
+        assert_eq!(
+            String::from_utf8_lossy(&listed),
+            String::from_utf8_lossy(&own),
+            "{original}"
+        );
+        (own, enriched_json_tree(original.as_bytes(), &o, SRC))
     }
 
     #[test]
@@ -373,6 +414,7 @@ mod tests {
             r#"{"order_id":"o1","customer_id":"c1","amount":12.34,"currency":"eur","created_at":"2024-05-01T12:00:00Z"}"#,
             r#"{"zeta":{"a":[1,2,{"b":null}]},"order_id":7,"customer_id":99,"amount":"0.10","currency":"Usd","created_at":1714564800,"region":"eu-west","extra":[1,2],"a":true,"fx_rate":"ignored","source":"x"}"#,
             r#"{"order_id":"o\"1\\u00e9","customer_id":"c\n1","amount":1e2,"currency":"JPY","created_at":"1714564800.5","region":""}"#,
+            r#"{"b":1,"order_id":"o1","customer_id":"c1","amount":1,"currency":"USD","created_at":1714564800,"b":[2],"a":"x","b":{"c":3}}"#,
         ] {
             let (fast, tree) = both(original);
             assert_eq!(

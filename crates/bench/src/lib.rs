@@ -799,11 +799,7 @@ fn paced_with_probes(
         )?)
     };
     for (i, r) in records.iter().enumerate() {
-        let due = started + Duration::from_secs_f64(i as f64 / rate);
-        let now = Instant::now();
-        if due > now {
-            producer.poll(due - now);
-        }
+        gen::pace_until(producer, started + Duration::from_secs_f64(i as f64 / rate));
         send(&r.key, &r.payload)?;
         if i % every == 0 {
             let n = probes.len();

@@ -24,7 +24,10 @@
 //! - **d** a batch's changelog records are sent group by group
 //!   ([`crate::StateChange::group`]): no record of group `g + 1` leaves
 //!   before all of group `g` is acknowledged, so what a crash leaves in
-//!   the changelog is whole groups plus a subset of the next.
+//!   the changelog is whole groups plus a subset of the next;
+//! - **e** no changelog record leaves before every output of its batch
+//!   is acknowledged: a row that says its records were applied never
+//!   lands before their outputs.
 //!
 //! Each record is named by a [`Tag`] (batch, lane, index), carried through
 //! the producer as the delivery opaque, so a late report of a batch that is

@@ -28,7 +28,9 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use super::aggregate::{customer_hash, Aggregate};
-use super::order::{validate, EnrichedOrder, FxTable, FxUpdate, Limits, Rejection};
+use super::order::{
+    enrich, parse_order_fields, EnrichedOrder, FieldSpan, FxTable, FxUpdate, Limits, Rejection,
+};
 use super::window::{assign, GroupBy, WindowKind, WindowSpec};
 
 pub type Partition = i32;
@@ -821,6 +823,10 @@ pub struct Engine {
     /// a purge; `None`: all of them.
     session_limit: Option<usize>,
     cache: CacheStats,
+    /// The fields of the last record [`Engine::on_record_in`] read
+    /// ([`crate::order::parse_order_fields`]), so the shell writes its
+    /// enriched record without parsing it again.
+    fields: Vec<FieldSpan>,
 }
 
 impl Engine {
@@ -839,7 +845,15 @@ impl Engine {
             dedup_limit: None,
             session_limit: None,
             cache: CacheStats::default(),
+            fields: Vec::new(),
         })
+    }
+
+    /// The top-level fields of the record the last [`Engine::on_record_in`]
+    /// read, as ranges of its bytes (empty when it was rejected, came
+    /// before the partition's next offset, or took the general parse).
+    pub fn fields(&self) -> &[FieldSpan] {
+        &self.fields
     }
 
     /// Holds at most `entries` dedup entries in memory (beyond the ones
@@ -1152,6 +1166,7 @@ impl Engine {
         out: &mut Vec<Effect>,
         reader: &mut dyn StateReader,
     ) {
+        self.fields.clear();
         let next_flush = self.flush_seq + 1;
         let session_limited = self.session_limit.is_some();
         let part = self
@@ -1166,7 +1181,8 @@ impl Engine {
         part.idle = false;
         part.meta_dirty = true;
 
-        let order = match validate(payload, &self.cfg.limits, &self.fx, wall_ms) {
+        let parsed = parse_order_fields(payload, &self.cfg.limits, &mut self.fields);
+        let order = match parsed.and_then(|o| enrich(o, &self.fx, wall_ms)) {
             Ok(o) => o,
             Err(rejection) => {
                 out.push(Effect::Rejected {

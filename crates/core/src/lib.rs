@@ -37,7 +37,7 @@ pub use engine::{
     WindowUpdate, CHANGE_GROUPS,
 };
 pub use order::{
-    enrich, parse_order, parse_time, validate, Currency, EnrichedOrder, FxTable, FxUpdate, Limits,
-    Order, Rate, Reason, Rejection, FROM_START,
+    enrich, parse_order, parse_order_fields, parse_time, validate, Currency, EnrichedOrder,
+    FieldSpan, FxTable, FxUpdate, Limits, Order, Rate, Reason, Rejection, FROM_START,
 };
 pub use window::{GroupBy, WindowKind, WindowSpec};

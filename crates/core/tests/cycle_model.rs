@@ -13,7 +13,9 @@
 //!   since the record was made;
 //! - c: at the end, with the faults gone, every output of a partition owned
 //!   throughout is acknowledged and its batch committed;
-//! - d: changelog groups leave in order.
+//! - d: changelog groups leave in order;
+//! - e: no changelog record leaves before the batch's outputs are
+//!   acknowledged.
 //!
 //! 1,000 cases (CI runs them in `make test`).
 
@@ -117,6 +119,19 @@ fn perform(c: &mut Cycle, m: &mut Model, a: Action, refuse: bool) -> Result<(), 
                             "group {} sent before {ot:?} (group {}) was acked",
                             r.group,
                             or.group
+                        );
+                    }
+                }
+            }
+            if t.lane == Lane::Changelog {
+                // e: a changelog record leaves only after every live
+                // output of its batch is acknowledged.
+                for (ot, or) in &m.recs {
+                    if ot.batch == t.batch && ot.lane == Lane::Outputs && m.live(or) {
+                        prop_assert!(
+                            or.acked,
+                            "changelog group {} sent before output {ot:?} was acked",
+                            r.group
                         );
                     }
                 }
