@@ -377,20 +377,23 @@ fn fast_fields(bytes: &[u8], fields: &mut Vec<FieldSpan>) -> Option<RawOrder> {
         created_at: value(4)?,
         region: value(5)?,
     };
-    // Sorted by key; of equal keys the last, as a map keeps it.
-    fields.sort_by(|a, b| {
-        bytes[a.key.0 as usize..a.key.1 as usize].cmp(&bytes[b.key.0 as usize..b.key.1 as usize])
-    });
-    let mut i = 0;
-    while i + 1 < fields.len() {
-        let same = bytes[fields[i].key.0 as usize..fields[i].key.1 as usize]
-            == bytes[fields[i + 1].key.0 as usize..fields[i + 1].key.1 as usize];
-        if same {
-            fields.remove(i);
-        } else {
-            i += 1;
+    // Sorted by key (a stable sort: equal keys keep their order), then of
+    // equal keys the last, as a map keeps it. One linear pass, not a
+    // removal each: a 64 KiB message of one key repeated would otherwise
+    // cost n² moves.
+    let key = |f: &FieldSpan| &bytes[f.key.0 as usize..f.key.1 as usize];
+    fields.sort_by(|a, b| key(a).cmp(key(b)));
+    let mut kept = 0;
+    for i in 0..fields.len() {
+        let superseded = fields
+            .get(i + 1)
+            .is_some_and(|next| key(next) == key(&fields[i]));
+        if !superseded {
+            fields[kept] = fields[i];
+            kept += 1;
         }
     }
+    fields.truncate(kept);
     Some(raw)
 }
 
