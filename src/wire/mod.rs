@@ -58,31 +58,38 @@ pub fn enriched_json(
     src: Source<'_>,
 ) -> Vec<u8> {
     use std::collections::BTreeMap;
-    use std::io::Write;
 
     use serde_json::value::RawValue;
 
-    let listed = fields.iter().map(|f| {
-        let text = |r: (u32, u32)| original.get(r.0 as usize..r.1 as usize).unwrap_or_default();
+    if fields.is_empty() {
+        let Ok(map) = serde_json::from_slice::<BTreeMap<&str, &RawValue>>(original) else {
+            return enriched_json_tree(original, o, src);
+        };
+        let fields = map.iter().map(|(k, v)| (*k, v.get().as_bytes()));
+        return write_enriched(fields, original.len(), o, src);
+    }
+    let text = |r: (u32, u32)| original.get(r.0 as usize..r.1 as usize).unwrap_or_default();
+    let fields = fields.iter().map(|f| {
         (
             std::str::from_utf8(text(f.key)).unwrap_or_default(),
             text(f.value),
         )
     });
-    let parsed;
-    let fields: Vec<(&str, &[u8])> = if fields.is_empty() {
-        let Ok(map) = serde_json::from_slice::<BTreeMap<&str, &RawValue>>(original) else {
-            return enriched_json_tree(original, o, src);
-        };
-        parsed = map;
-        parsed
-            .iter()
-            .map(|(k, v)| (*k, v.get().as_bytes()))
-            .collect()
-    } else {
-        listed.collect()
-    };
-    let mut out = Vec::with_capacity(original.len() + 200);
+    write_enriched(fields, original.len(), o, src)
+}
+
+/// [`enriched_json`]'s writer: the message's fields (`(key, JSON text)`,
+/// sorted by key) merged with the added ones. An iterator, not a list, so
+/// the hot path (the core's field list) allocates nothing but the output.
+fn write_enriched<'a>(
+    fields: impl Iterator<Item = (&'a str, &'a [u8])>,
+    original_len: usize,
+    o: &EnrichedOrder,
+    src: Source<'_>,
+) -> Vec<u8> {
+    use std::io::Write;
+
+    let mut out = Vec::with_capacity(original_len + 200);
     // Writing to a Vec cannot fail, and serialising a str or a number with
     // serde_json cannot either: the results are ignored.
     let put = |out: &mut Vec<u8>, key: &str, value: Added<'_>| {
@@ -126,8 +133,6 @@ pub fn enriched_json(
         ("source", Added::Source),
     ];
     let mut passthrough = fields
-        .iter()
-        .copied()
         .filter(|(k, _)| !added.iter().any(|(a, _)| a == k))
         .peekable();
     for &(key, value) in &added {
