@@ -9,6 +9,10 @@
 //! 3. Sessions do not depend on arrival order within bounds.
 //! 4. Aggregates over any split into partitions, merged in any grouping,
 //!    equal the aggregate over everything (p95 within the sketch's bound).
+//! 5. Announcing open results between flushes changes no state change and
+//!    no other effect; at every flush the results seen downstream are the
+//!    same as without it, and right after an announcement they are
+//!    current.
 
 mod support;
 
@@ -521,6 +525,39 @@ proptest! {
         assert_same(&sessions(&a1), &sessions(&a2))?;
     }
 
+    /// Law 5: announcements (`Engine::announce`, at any points) only
+    /// bring results forward. Runs the same input with and without them:
+    /// every flush's state changes are equal, the effects other than
+    /// window results are equal, and at each flush the latest result per
+    /// window downstream (retractions and expiries remove it) is equal;
+    /// right after an announcement, every open window's latest result
+    /// downstream is its current one.
+    ///
+    /// Seen to fail ("window … is stale after an announcement") with
+    /// `announce` emitting nothing, and with a change after an
+    /// announcement not marking its window unannounced again (then
+    /// neither the next announcement nor the flush emitted it).
+    #[test]
+    fn announcing_changes_no_state_and_no_final_result(
+        (evs, arrivals, grace, parts) in stream(),
+        flush_every in 1usize..7,
+        announce_at in prop::collection::vec(any::<bool>(), 120),
+    ) {
+        let cfg = config(grace);
+        let input = arrival_order(&evs, &arrivals, parts);
+        let plain = announced_run(&cfg, &input, parts, flush_every, &[])?;
+        let with = announced_run(&cfg, &input, parts, flush_every, &announce_at)?;
+        prop_assert_eq!(plain.changes.len(), with.changes.len());
+        for (n, (a, b)) in plain.changes.iter().zip(&with.changes).enumerate() {
+            prop_assert_eq!(a, b, "state changes of flush {}", n);
+        }
+        prop_assert_eq!(&plain.others, &with.others);
+        prop_assert_eq!(plain.views.len(), with.views.len());
+        for (n, (a, b)) in plain.views.iter().zip(&with.views).enumerate() {
+            prop_assert_eq!(a, b, "downstream results differ at flush {}", n);
+        }
+    }
+
     /// Law 4: merge is exact, associative and commutative; p95 stays in bound.
     #[test]
     fn aggregates_merge_across_any_split(
@@ -558,4 +595,94 @@ proptest! {
         let p95 = left.p95_usd().unwrap();
         prop_assert!((p95 - exact).abs() <= RELATIVE_ACCURACY * exact * (1.0 + 1e-9), "p95 {} vs exact {}", p95, exact);
     }
+}
+
+/// What [`announced_run`] saw.
+struct Announced {
+    /// Each flush's state changes.
+    changes: Vec<Vec<StateChange>>,
+    /// Every effect that is not a window result, a retraction or an expiry.
+    others: Vec<String>,
+    /// At each flush (and at the end), the latest result per window
+    /// downstream.
+    views: Vec<BTreeMap<(i32, u16, String, i64), WindowRow>>,
+}
+
+/// Runs `input` with a flush every `flush_every` records and an
+/// announcement after record `n` where `announce_at[n]` holds. Checks
+/// after each announcement that every open window's latest result
+/// downstream is current.
+fn announced_run(
+    cfg: &CoreConfig,
+    input: &[(i32, i64, Vec<u8>)],
+    parts: i32,
+    flush_every: usize,
+    announce_at: &[bool],
+) -> Result<Announced, TestCaseError> {
+    type Key = (i32, u16, String, i64);
+    let mut engine = Engine::new(cfg.clone(), FxTable::with_defaults()).unwrap();
+    for p in 0..parts {
+        engine.assign(p, 0);
+    }
+    let mut others = Vec::new();
+    let mut view: BTreeMap<Key, WindowRow> = BTreeMap::new();
+    let take =
+        |effects: Vec<Effect>, view: &mut BTreeMap<Key, WindowRow>, others: &mut Vec<String>| {
+            for e in effects {
+                match e {
+                    Effect::Window(w) => {
+                        view.insert((w.partition, w.key.spec, w.key.group, w.key.start), w.row);
+                    }
+                    Effect::Retracted { partition, key, .. }
+                    | Effect::Expired { partition, key, .. } => {
+                        view.remove(&(partition, key.spec, key.group, key.start));
+                    }
+                    other => others.push(format!("{other:?}")),
+                }
+            }
+        };
+    let mut changes_seen = Vec::new();
+    let mut views = Vec::new();
+    for (n, (p, o, bytes)) in input.iter().enumerate() {
+        let mut out = Vec::new();
+        engine.on_record(*p, *o, bytes, 0, &mut out);
+        take(out, &mut view, &mut others);
+        if announce_at.get(n).copied().unwrap_or(false) {
+            let mut out = Vec::new();
+            engine.announce(&mut out);
+            take(out, &mut view, &mut others);
+            for w in engine.snapshot().into_iter().filter(|w| !w.is_final()) {
+                let k = (w.partition, w.key.spec, w.key.group.clone(), w.key.start);
+                prop_assert_eq!(
+                    view.get(&k),
+                    Some(&w.row),
+                    "window {:?} is stale after an announcement",
+                    k
+                );
+            }
+        }
+        if n % flush_every == 0 {
+            let (mut out, mut changes) = (Vec::new(), Vec::new());
+            let id = engine.flush(&mut out, &mut changes);
+            engine.on_durable(id);
+            take(out, &mut view, &mut others);
+            changes_seen.push(changes);
+            views.push(view.clone());
+        }
+    }
+    let mut out = Vec::new();
+    for p in 0..parts {
+        engine.finish(p, &mut out);
+    }
+    let (mut fl, mut changes) = (Vec::new(), Vec::new());
+    engine.flush(&mut fl, &mut changes);
+    out.extend(fl);
+    take(out, &mut view, &mut others);
+    changes_seen.push(changes);
+    views.push(view);
+    Ok(Announced {
+        changes: changes_seen,
+        others,
+        views,
+    })
 }

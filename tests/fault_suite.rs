@@ -387,19 +387,13 @@ fn finals_made_during_a_slow_changelog_are_published() {
 /// Checked to fail with the run loop driving the blocking flush whenever
 /// a flush was due, as before: the pod thread stopped for the whole
 /// flush, so the second part's outputs came only after that batch was
-/// done ("the second part's outputs before its first batch is durable":
+/// done ("the second part's outputs before the batch in flight is durable":
 /// records() was 2,559, not 1,200).
 #[test]
 fn records_are_processed_while_a_flush_waits_for_the_changelog() {
-    let group_name = "pipelined";
-    let Some((broker, brokers, dir, mut cfg)) =
-        changelog_on_broker_3(group_name, "slows one broker down")
-    else {
+    let Some(run) = SlowChangelog::start("pipelined", 91) else {
         return;
     };
-    let cluster = broker.mock().expect("the mock cluster").cluster();
-    cfg.kafka.max_poll_interval_ms = 60_000; // a 10 s flush budget
-    let first = orders(1_200, 91);
     // Only valid orders: each makes exactly one `enriched-orders` record.
     let second = gen::generate(&GenSpec {
         count: 2_000,
@@ -411,52 +405,152 @@ fn records_are_processed_while_a_flush_waits_for_the_changelog() {
         late_pct: 0.0,
         ..GenSpec::default()
     });
-    produce_input(&brokers, &first);
-    let handle = pod::start(cfg.clone()).unwrap();
-    wait_all_committed(
-        &brokers,
-        group_name,
-        "the first part",
-        Duration::from_secs(60),
-    );
-    let stats = handle.stats.clone();
-    wait_until("the first part reported", Duration::from_secs(30), || {
-        stats.records() == first.len() as u64
-    });
     let enriched = |b: &str| end_offsets(b, "enriched-orders").values().sum::<i64>();
-    let before = enriched(&brokers);
+    let before = enriched(&run.brokers);
 
-    cluster
-        .broker_round_trip_time(3, Duration::from_secs(2))
-        .unwrap();
-    produce_input(&brokers, &second);
+    run.slow(Duration::from_secs(2));
+    produce_input(&run.brokers, &second);
     let want = before + second.len() as i64;
-    let mut seen_at = None;
-    wait_until("the second part's outputs", Duration::from_secs(60), || {
-        if enriched(&brokers) < want {
-            return false;
-        }
-        seen_at = Some(stats.records());
-        true
+    run.seen_before_durable("the second part's outputs", || {
+        enriched(&run.brokers) >= want
     });
-    assert_eq!(
-        seen_at,
-        Some(first.len() as u64),
-        "the second part's outputs before its first batch is durable"
-    );
-    cluster.broker_round_trip_time(3, Duration::ZERO).unwrap();
-    let mut all = first.clone();
+    let mut all = run.first.clone();
     all.extend_from_slice(&second);
-    wait_all_committed(
-        &brokers,
-        group_name,
-        "the second part",
-        Duration::from_secs(90),
-    );
-    handle.join().unwrap();
-    assert_eq!(stats.records(), all.len() as u64);
-    assert_totals_equal(&published_totals(&brokers), &truth_totals(&all));
-    let _ = std::fs::remove_dir_all(&dir);
+    run.finish(&all);
+}
+
+/// A pod with the changelog alone on broker 3 and a 10 s flush budget,
+/// once it has processed, committed and reported `first` (1,200 orders):
+/// the start of the tests of a flush that waits for a slow changelog.
+struct SlowChangelog {
+    broker: TestBroker,
+    brokers: String,
+    dir: std::path::PathBuf,
+    group_name: &'static str,
+    handle: pod::PodHandle,
+    stats: std::sync::Arc<pod::Stats>,
+    first: Vec<gen::GenRecord>,
+}
+
+impl SlowChangelog {
+    fn start(group_name: &'static str, seed: u64) -> Option<SlowChangelog> {
+        let (broker, brokers, dir, mut cfg) =
+            changelog_on_broker_3(group_name, "slows one broker down")?;
+        cfg.kafka.max_poll_interval_ms = 60_000; // a 10 s flush budget
+        let first = orders(1_200, seed);
+        produce_input(&brokers, &first);
+        let handle = pod::start(cfg).unwrap();
+        wait_all_committed(
+            &brokers,
+            group_name,
+            "the first part",
+            Duration::from_secs(60),
+        );
+        let stats = handle.stats.clone();
+        wait_until("the first part reported", Duration::from_secs(30), || {
+            stats.records() == first.len() as u64
+        });
+        Some(SlowChangelog {
+            broker,
+            brokers,
+            dir,
+            group_name,
+            handle,
+            stats,
+            first,
+        })
+    }
+
+    /// The changelog's leader answers after `rtt` from now on.
+    fn slow(&self, rtt: Duration) {
+        let cluster = self.broker.mock().expect("the mock cluster").cluster();
+        cluster.broker_round_trip_time(3, rtt).unwrap();
+    }
+
+    /// Waits (60 s at most) until `seen` holds, and checks that by then
+    /// no more than `first` was reported durable
+    /// (`tally_records_consumed_total` counts a batch when it is done):
+    /// what was seen came before the batch in flight was durable.
+    fn seen_before_durable(&self, what: &str, mut seen: impl FnMut() -> bool) {
+        let mut seen_at = None;
+        wait_until(what, Duration::from_secs(60), || {
+            if !seen() {
+                return false;
+            }
+            seen_at = Some(self.stats.records());
+            true
+        });
+        assert_eq!(
+            seen_at,
+            Some(self.first.len() as u64),
+            "{what} before the batch in flight is durable"
+        );
+    }
+
+    /// The changelog answers at once again; once `all` is committed, the
+    /// pod stops, and its counts and the published totals are exact.
+    fn finish(self, all: &[gen::GenRecord]) {
+        self.slow(Duration::ZERO);
+        wait_all_committed(
+            &self.brokers,
+            self.group_name,
+            "everything",
+            Duration::from_secs(90),
+        );
+        self.handle.join().unwrap();
+        assert_eq!(self.stats.records(), all.len() as u64);
+        assert_totals_equal(&published_totals(&self.brokers), &truth_totals(all));
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Issue 17 (latency): results are published while a flush waits for a
+/// slow changelog. The changelog's leader answers after 3 s, so a batch
+/// takes at least 6 s to become durable (two changelog groups, one after
+/// the other). A first burst's batch is sealed (its results are on
+/// `revenue-windows`) and waits; the orders of a second burst, processed
+/// meanwhile into the next batch, must reach `revenue-windows` before the
+/// first burst's batch is durable (`tally_records_consumed_total` counts a
+/// batch when it is done).
+///
+/// Checked to fail without `Processor::announce`: open results went out
+/// only at a seal, and a seal waits for the batch in flight, so the second
+/// burst's results came after the first burst's batch was durable ("the
+/// second burst's results before the batch in flight is durable":
+/// records() was 1,400, not 1,200).
+#[test]
+fn results_are_published_while_a_flush_waits_for_the_changelog() {
+    let Some(run) = SlowChangelog::start("announce", 93) else {
+        return;
+    };
+    let burst = |seed: u64, minutes: i64| {
+        gen::generate(&GenSpec {
+            count: 200,
+            seed,
+            customers: 50,
+            start_ms: GenSpec::default().start_ms + minutes * 60_000,
+            ..GenSpec::default()
+        })
+    };
+    let (a, b) = (burst(94, 60), burst(95, 61));
+
+    run.slow(Duration::from_secs(3));
+    let mut all = run.first.clone();
+    all.extend_from_slice(&a);
+    produce_input(&run.brokers, &a);
+    // The first burst's results come with its seal; from then on its
+    // batch waits for the slow changelog.
+    let want = truth_totals(&all);
+    wait_until("the first burst's results", Duration::from_secs(60), || {
+        published_totals(&run.brokers) == want
+    });
+    all.extend_from_slice(&b);
+    produce_input(&run.brokers, &b);
+    let want = truth_totals(&all);
+    run.seen_before_durable("the second burst's results", || {
+        published_totals(&run.brokers) == want
+    });
+    run.finish(&all);
 }
 
 /// Scenario 4: a pod that returns to a partition after longer than the

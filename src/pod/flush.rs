@@ -146,6 +146,11 @@ impl Processor {
         self.producer.poll(Duration::ZERO);
         self.take_reports();
         self.cycle.resume_sending();
+        if self.sealed.is_some()
+            && self.last_emit.elapsed() >= Duration::from_millis(self.cfg.flush.flush_interval_ms)
+        {
+            self.announce();
+        }
         self.drive(consumer)?;
         if let Some(s) = self.sealed.as_mut() {
             if Instant::now() >= s.deadline {
@@ -155,6 +160,21 @@ impl Processor {
             }
         }
         Ok(())
+    }
+
+    /// While a batch is in flight, once per flush interval: the open
+    /// window results that changed since they were last emitted go out
+    /// with the batch being collected (registered with the cycle like any
+    /// output, so they are acknowledged before that batch's changelog),
+    /// and so does each partition's progress. Why: results used to wait
+    /// for the next seal, and the next seal for the last flush to be
+    /// durable, four broker round trips that take well over the interval
+    /// on a busy broker; see `Engine::announce`.
+    fn announce(&mut self) {
+        self.last_emit = Instant::now();
+        self.engine.announce(&mut self.effects);
+        self.emit_engine();
+        self.publish_progress();
     }
 
     /// After a batch is done (or abandoned): its counts to the metrics,
@@ -198,6 +218,7 @@ impl Processor {
         // takes 50 ms of a 100 ms interval does not stretch the cycle to
         // 150 ms (every window update would wait that much longer).
         self.last_flush = started;
+        self.last_emit = started;
         // Records from here on belong to the next batch.
         self.pending = 0;
         let counts = std::mem::take(&mut self.unreported);

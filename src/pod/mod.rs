@@ -295,6 +295,9 @@ pub struct Processor {
     effects: Vec<Effect>,
     pending: usize,
     last_flush: Instant,
+    /// When open window results were last emitted: at a seal, or by an
+    /// announcement while a flush is in flight ([`Processor::announce`]).
+    last_emit: Instant,
     held: BTreeSet<Partition>,
     stats: Arc<Stats>,
     fx_follower: Option<FxFollower>,

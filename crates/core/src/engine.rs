@@ -640,7 +640,10 @@ struct Part {
     dedup: FastMap<String, DedupRow>,
     /// Live dedup entries by expiry time.
     dedup_expiry: BTreeSet<(i64, String)>,
-    touched: FastSet<WindowKey>,
+    /// Windows changed since the last flush (their rows go with the
+    /// next), each with whether its current result was announced
+    /// ([`Engine::announce`]) since its last change.
+    touched: FastMap<WindowKey, bool>,
     /// Customers each window gained since the last flush (its next chunk).
     new_members: FastMap<WindowKey, Vec<u64>>,
     /// The chunk numbers stored for each window, ascending.
@@ -648,7 +651,8 @@ struct Part {
     /// Stored chunks of windows that no longer exist (from a flush cut in
     /// half): deleted by the next flush.
     orphan_chunks: Vec<(WindowKey, u64)>,
-    sessions_touched: FastSet<(u16, String)>,
+    /// Session sets changed since the last flush, as `touched`.
+    sessions_touched: FastMap<(u16, String), bool>,
     dedup_touched: FastSet<String>,
     /// Dedup entries written by flushes not yet durable (kept with a
     /// cache limit only): they may not be evicted before.
@@ -697,10 +701,10 @@ impl Part {
             windows: HashMap::with_hasher(h()),
             sessions: HashMap::with_hasher(h()),
             dedup: HashMap::with_hasher(h()),
-            touched: HashSet::with_hasher(h()),
+            touched: HashMap::with_hasher(h()),
             new_members: HashMap::with_hasher(h()),
             chunks: HashMap::with_hasher(h()),
-            sessions_touched: HashSet::with_hasher(h()),
+            sessions_touched: HashMap::with_hasher(h()),
             dedup_touched: HashSet::with_hasher(h()),
             session_scan: vec![SessionScan::default(); specs],
             ..Part::default()
@@ -1480,7 +1484,7 @@ impl Engine {
                 let at = row.end.saturating_add(self.cfg.window_retention_ms);
                 part.expiring.insert((at, key.clone()));
                 part.expiry_new.push((key.clone(), at));
-                part.sessions_touched.insert(skey);
+                part.sessions_touched.insert(skey, false);
                 part.pending_purge
                     .push(Purge::Session(close_at, key.clone()));
                 row
@@ -1492,7 +1496,7 @@ impl Engine {
                 let at = row.end.saturating_add(self.cfg.window_retention_ms);
                 part.expiring.insert((at, key.clone()));
                 part.expiry_new.push((key.clone(), at));
-                part.touched.insert(key.clone());
+                part.touched.insert(key.clone(), false);
                 part.pending_purge
                     .push(Purge::Window(close_at, key.clone()));
                 row.clone()
@@ -1515,8 +1519,66 @@ impl Engine {
         }
     }
 
+    /// The current result (`final: false`) of every open window and
+    /// session that changed since it was last announced or flushed, to
+    /// `effects`, without draining anything for the store: the next
+    /// [`Engine::flush`] still writes their rows, and emits only what
+    /// changed after this.
+    ///
+    /// Why: a pod emits open results when it seals a flush, and it seals
+    /// one only when the last is durable; on a busy broker that cycle
+    /// (outputs, then the changelog group by group, then the store) takes
+    /// well over the flush interval, and every open result waited for it
+    /// (issue 17: end-to-end p99 of 384–498 ms at half the maximum load).
+    /// Announcing on the interval while a flush is in flight decouples
+    /// how fresh results are from how long durability takes, as Kafka
+    /// Streams' record cache is flushed downstream on its commit interval
+    /// whatever its changelog is doing. Results are upserts keyed by
+    /// window, so an extra intermediate result changes no final figure.
+    pub fn announce(&mut self, effects: &mut Vec<Effect>) {
+        let parts: Vec<Partition> = self.parts.keys().copied().collect();
+        for p in parts {
+            let Some(part) = self.parts.get_mut(&p) else {
+                continue;
+            };
+            let mut keys: Vec<WindowKey> = unannounced(&mut part.touched);
+            keys.sort_unstable();
+            let mut skeys: Vec<(u16, String)> = unannounced(&mut part.sessions_touched);
+            skeys.sort_unstable();
+            let part = &self.parts[&p];
+            for key in keys {
+                if let Some(row) = part.windows.get(&key).filter(|r| !r.closed) {
+                    effects.push(self.update(p, &key, row.clone()));
+                }
+            }
+            for skey in skeys {
+                if let Some(set) = part.sessions.get(&skey) {
+                    self.open_sessions(p, &skey, set, effects);
+                }
+            }
+        }
+    }
+
+    /// The current result of every open session of one customer's set.
+    fn open_sessions(
+        &self,
+        p: Partition,
+        skey: &(u16, String),
+        set: &SessionSet,
+        effects: &mut Vec<Effect>,
+    ) {
+        for s in set.sessions.iter().filter(|s| !s.closed) {
+            let key = WindowKey {
+                spec: skey.0,
+                group: skey.1.clone(),
+                start: s.start,
+            };
+            effects.push(self.update(p, &key, session_row(s)));
+        }
+    }
+
     /// Drains everything since the last flush: updates of open windows that
-    /// changed (`final: false`) go to `effects`; every changed row, delete
+    /// changed since they were last announced (`final: false`) go to `effects`; every changed row, delete
     /// and partition meta goes to `changes`, meta last. Make them durable,
     /// then call [`Engine::on_durable`] with the returned id.
     pub fn flush(&mut self, effects: &mut Vec<Effect>, changes: &mut Vec<StateChange>) -> FlushId {
@@ -1527,13 +1589,15 @@ impl Engine {
             let Some(part) = self.parts.get_mut(&p) else {
                 continue;
             };
-            let mut touched: Vec<WindowKey> = part.touched.drain().collect();
-            touched.sort();
-            let mut stouched: Vec<(u16, String)> = part.sessions_touched.drain().collect();
-            stouched.sort();
+            let mut touched: Vec<(WindowKey, bool)> = part.touched.drain().collect();
+            touched.sort_unstable();
+            let mut stouched: Vec<((u16, String), bool)> = part.sessions_touched.drain().collect();
+            stouched.sort_unstable();
             if self.session_limit.is_some() && !stouched.is_empty() {
-                part.sessions_inflight
-                    .push_back((self.flush_seq, stouched.clone()));
+                part.sessions_inflight.push_back((
+                    self.flush_seq,
+                    stouched.iter().map(|(k, _)| k.clone()).collect(),
+                ));
             }
             let mut ids: Vec<String> = part.dedup_touched.drain().collect();
             ids.sort();
@@ -1546,7 +1610,7 @@ impl Engine {
                 changes.push(StateChange::Delete(p, RowKey::Members(key, n)));
             }
             let part = &self.parts[&p];
-            for key in touched {
+            for (key, announced) in touched {
                 match part.windows.get(&key) {
                     Some(row) => {
                         if let Some(mut members) = new_members.remove(&key) {
@@ -1559,7 +1623,7 @@ impl Engine {
                                 StateRow::Members(key.clone(), n, members),
                             ));
                         }
-                        if !row.closed {
+                        if !row.closed && !announced {
                             effects.push(self.update(p, &key, row.clone()));
                         }
                         let stored = WindowRow {
@@ -1579,23 +1643,19 @@ impl Engine {
                     }
                 }
             }
-            for (spec, customer) in stouched {
-                match part.sessions.get(&(spec, customer.clone())) {
+            for (skey, announced) in stouched {
+                match part.sessions.get(&skey) {
                     Some(set) if !set.is_empty() => {
-                        for s in set.sessions.iter().filter(|s| !s.closed) {
-                            let key = WindowKey {
-                                spec,
-                                group: customer.clone(),
-                                start: s.start,
-                            };
-                            effects.push(self.update(p, &key, session_row(s)));
+                        if !announced {
+                            self.open_sessions(p, &skey, set, effects);
                         }
+                        let (spec, customer) = skey;
                         changes.push(StateChange::Put(
                             p,
                             StateRow::Sessions(spec, customer, set.clone()),
                         ));
                     }
-                    _ => changes.push(StateChange::Delete(p, RowKey::Sessions(spec, customer))),
+                    _ => changes.push(StateChange::Delete(p, RowKey::Sessions(skey.0, skey.1))),
                 }
             }
             let mut segments: Vec<DedupSegment> = Vec::new();
@@ -1714,7 +1774,7 @@ impl Engine {
                     Purge::Window(t, key) if covered(t, durable_wm) => {
                         if part.windows.get(&key).is_some_and(|r| r.closed) {
                             part.windows.remove(&key);
-                            part.touched.insert(key);
+                            part.touched.insert(key, false);
                         }
                     }
                     Purge::Session(t, key) if covered(t, durable_wm) => {
@@ -1727,7 +1787,7 @@ impl Engine {
                             if set.is_empty() && !sessions_limited {
                                 part.sessions.remove(&skey);
                             }
-                            part.sessions_touched.insert(skey);
+                            part.sessions_touched.insert(skey, false);
                         }
                     }
                     Purge::Retraction(fid, key) if fid <= id => {
@@ -1737,7 +1797,7 @@ impl Engine {
                             if set.is_empty() && !sessions_limited {
                                 part.sessions.remove(&skey);
                             }
-                            part.sessions_touched.insert(skey);
+                            part.sessions_touched.insert(skey, false);
                         }
                     }
                     Purge::Dedup(t, d) if covered(t, durable_wm) => {
@@ -1848,7 +1908,7 @@ impl Engine {
         let windows = &self.cfg.windows;
         for part in self.parts.values_mut() {
             let mut keep: FastSet<&(u16, String)> = FastSet::with_hasher(Seeded::with_seed(0));
-            keep.extend(part.sessions_touched.iter());
+            keep.extend(part.sessions_touched.keys());
             for (_, sets) in &part.sessions_inflight {
                 keep.extend(sets.iter());
             }
@@ -1961,9 +2021,7 @@ fn fold_fixed(
                 }
             }
             row.offset = offset;
-            if !part.touched.contains(key) {
-                part.touched.insert(key.clone());
-            }
+            touch(&mut part.touched, key);
         }
         None => {
             let mut agg = Aggregate::default();
@@ -1979,9 +2037,32 @@ fn fold_fixed(
                 },
             );
             part.closing.insert((close_at, key.clone()));
-            part.touched.insert(key.clone());
+            part.touched.insert(key.clone(), false);
         }
     }
+}
+
+/// Marks `key` changed and not announced (a clone only when new).
+fn touch<K: std::hash::Hash + Eq + Clone>(touched: &mut FastMap<K, bool>, key: &K) {
+    match touched.get_mut(key) {
+        Some(announced) => *announced = false,
+        None => {
+            touched.insert(key.clone(), false);
+        }
+    }
+}
+
+/// The keys of `touched` not announced since their last change, marked
+/// announced.
+fn unannounced<K: Clone>(touched: &mut FastMap<K, bool>) -> Vec<K> {
+    touched
+        .iter_mut()
+        .filter(|(_, announced)| !**announced)
+        .map(|(k, announced)| {
+            *announced = true;
+            k.clone()
+        })
+        .collect()
 }
 
 /// Returns whether the customer is new in `agg`.
@@ -2096,9 +2177,7 @@ impl SessionFold<'_> {
         crate::aggregate::first_of_many(&mut set.sessions);
         set.sessions.insert(at, merged);
         set.offset = self.offset;
-        if !part.sessions_touched.contains(&skey) {
-            part.sessions_touched.insert(skey);
-        }
+        touch(&mut part.sessions_touched, &skey);
         true
     }
 
