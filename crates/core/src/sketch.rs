@@ -135,6 +135,11 @@ impl QuantileSketch {
     }
 
     /// Number of stored buckets (memory is proportional to it).
+    /// The `(bucket, count)` pairs, sorted by bucket.
+    pub fn bins(&self) -> &[(i32, u64)] {
+        &self.bins
+    }
+
     pub fn buckets(&self) -> usize {
         self.bins.len()
     }
