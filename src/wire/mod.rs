@@ -347,12 +347,13 @@ impl Outputs<'_> {
 
     /// A window's partial, stamped with the writer's ownership `epoch`.
     pub fn window(&self, w: &WindowUpdate, epoch: u64, out: &mut Vec<OutRecord>) {
-        let mut rec = WindowRecord::from_update(w);
-        rec.epoch = epoch;
+        let id = w.window_id();
+        let payload =
+            serde_json::to_vec(&windows::RecordOut::new(w, &id, epoch)).unwrap_or_default();
         out.push(OutRecord {
             topic: self.cfg.topics.windows_topic.clone(),
-            key: Some(WindowRecord::record_key(&rec.window_id, w.partition).into_bytes()),
-            payload: Some(serde_json::to_vec(&rec).unwrap_or_default()),
+            key: Some(WindowRecord::record_key(&id, w.partition).into_bytes()),
+            payload: Some(payload),
             headers: Vec::new(),
             partition: Some(windows_partition(w.partition, self.windows_partitions)),
         });
