@@ -25,7 +25,6 @@ use tally::core::{
 use tally::serve::http::{app, sign, AppState, Webhook, SIGNATURE_HEADER};
 use tally::telemetry::metrics::Metrics;
 use tally::wire::windows::{decode, progress_key};
-use tally::wire::WindowRecord;
 use tower::ServiceExt;
 
 const SECRET: &[u8] = b"0123456789abcdef-secret";
@@ -66,11 +65,8 @@ fn record(
             closed,
         },
     };
-    let rec = WindowRecord::from_update(&w);
-    (
-        WindowRecord::record_key(&rec.window_id, p).into_bytes(),
-        serde_json::to_vec(&rec).unwrap(),
-    )
+    let (key, value) = tally::wire::windows::encode(&w, 0);
+    (key.into_bytes(), value)
 }
 
 fn view() -> View {

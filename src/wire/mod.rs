@@ -347,12 +347,10 @@ impl Outputs<'_> {
 
     /// A window's partial, stamped with the writer's ownership `epoch`.
     pub fn window(&self, w: &WindowUpdate, epoch: u64, out: &mut Vec<OutRecord>) {
-        let id = w.window_id();
-        let payload =
-            serde_json::to_vec(&windows::RecordOut::new(w, &id, epoch)).unwrap_or_default();
+        let (key, payload) = windows::encode(w, epoch);
         out.push(OutRecord {
             topic: self.cfg.topics.windows_topic.clone(),
-            key: Some(WindowRecord::record_key(&id, w.partition).into_bytes()),
+            key: Some(key.into_bytes()),
             payload: Some(payload),
             headers: Vec::new(),
             partition: Some(windows_partition(w.partition, self.windows_partitions)),

@@ -64,37 +64,6 @@ pub struct WindowRecord {
 }
 
 impl WindowRecord {
-    pub fn from_update(w: &WindowUpdate) -> WindowRecord {
-        let a = &w.row.agg;
-        WindowRecord {
-            window_id: w.window_id(),
-            spec: w.spec_name.clone(),
-            kind: w.kind.name().to_string(),
-            by: w.by.name().to_string(),
-            key: w.key.group.clone(),
-            start: w.key.start,
-            end: w.row.end,
-            is_final: w.row.closed,
-            partition: w.partition,
-            offset: w.row.offset,
-            count: a.count,
-            revenue_usd: usd(a.revenue_usd_micros),
-            revenue_usd_micros: a.revenue_usd_micros,
-            revenue_by_currency: a
-                .revenue_by_currency
-                .iter()
-                .map(|(c, m)| (c.to_string(), Value::from(usd(*m))))
-                .collect(),
-            unique_customers: a.unique_customers(),
-            avg_usd: a.avg_usd_micros().map(|m| usd(m.into())),
-            min_usd: a.min_usd().map(|m| usd(m.into())),
-            max_usd: a.max_usd().map(|m| usd(m.into())),
-            p95_usd: a.p95_usd(),
-            agg: PartialAgg::from(a),
-            epoch: 0,
-        }
-    }
-
     /// The record key: one row per window and input partition.
     pub fn record_key(window_id: &str, partition: Partition) -> String {
         format!("{window_id}|p{partition}")
@@ -109,7 +78,7 @@ impl WindowRecord {
 /// aggregate with its sketch, all to be serialized once and dropped
 /// (encoding window results was 8.5 % of a loaded pod's CPU, issue 17).
 #[derive(Serialize)]
-pub struct RecordOut<'a> {
+struct RecordOut<'a> {
     window_id: &'a str,
     spec: &'a str,
     kind: &'static str,
@@ -146,26 +115,28 @@ struct AggOut<'a> {
     sketch: &'a crate::core::sketch::QuantileSketch,
 }
 
-/// Revenue per currency in dollars, as a JSON object sorted by code (as
-/// `serde_json::Map` writes it).
+/// Revenue per currency in dollars, as a JSON object sorted by code.
 struct ByCurrency<'a>(&'a [(crate::core::Currency, i128)]);
 
 impl Serialize for ByCurrency<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let mut pairs: Vec<(&str, i128)> = self.0.iter().map(|(c, m)| (c.as_str(), *m)).collect();
-        pairs.sort_unstable_by_key(|(c, _)| *c);
-        let mut map = s.serialize_map(Some(pairs.len()))?;
-        for (c, m) in pairs {
-            map.serialize_entry(c, &usd(m))?;
-        }
-        map.end()
+        // `Aggregate` keeps its currencies sorted, and a code's bytes sort
+        // as its text: the order `serde_json::Map` writes.
+        s.collect_map(self.0.iter().map(|(c, m)| (c.as_str(), usd(*m))))
     }
+}
+
+/// The key and the value of a window result on `revenue-windows`, as the
+/// pod writes it, stamped with the writer's ownership `epoch`.
+pub fn encode(w: &WindowUpdate, epoch: u64) -> (String, Vec<u8>) {
+    let id = w.window_id();
+    let value = serde_json::to_vec(&RecordOut::new(w, &id, epoch)).unwrap_or_default();
+    (WindowRecord::record_key(&id, w.partition), value)
 }
 
 impl<'a> RecordOut<'a> {
     /// `window_id` is `w.window_id()`, made once by the caller for the key too.
-    pub fn new(w: &'a WindowUpdate, window_id: &'a str, epoch: u64) -> RecordOut<'a> {
+    fn new(w: &'a WindowUpdate, window_id: &'a str, epoch: u64) -> RecordOut<'a> {
         let a = &w.row.agg;
         RecordOut {
             window_id,
@@ -328,11 +299,8 @@ mod tests {
                 closed,
             },
         };
-        let rec = WindowRecord::from_update(&w);
-        (
-            WindowRecord::record_key(&rec.window_id, p).into_bytes(),
-            serde_json::to_vec(&rec).unwrap(),
-        )
+        let (key, value) = encode(&w, 0);
+        (key.into_bytes(), value)
     }
 
     /// The view reads what it keeps of a record, whatever form its
@@ -352,6 +320,40 @@ mod tests {
         assert!(v["agg"]["sketch"]["bins"][0].is_array(), "{v}");
         let listed = serde_json::to_vec(&v).unwrap();
         assert_eq!(decode(&key, Some(&listed)).unwrap(), a);
+    }
+
+    /// The reference for `RecordOut`: the owned record built field by
+    /// field from the update, as the pod wrote it before (`usd`, the map
+    /// of JSON values, `PartialAgg::from`).
+    fn owned_record(w: &WindowUpdate) -> WindowRecord {
+        let a = &w.row.agg;
+        WindowRecord {
+            window_id: w.window_id(),
+            spec: w.spec_name.clone(),
+            kind: w.kind.name().to_string(),
+            by: w.by.name().to_string(),
+            key: w.key.group.clone(),
+            start: w.key.start,
+            end: w.row.end,
+            is_final: w.row.closed,
+            partition: w.partition,
+            offset: w.row.offset,
+            count: a.count,
+            revenue_usd: usd(a.revenue_usd_micros),
+            revenue_usd_micros: a.revenue_usd_micros,
+            revenue_by_currency: a
+                .revenue_by_currency
+                .iter()
+                .map(|(c, m)| (c.to_string(), Value::from(usd(*m))))
+                .collect(),
+            unique_customers: a.unique_customers(),
+            avg_usd: a.avg_usd_micros().map(|m| usd(m.into())),
+            min_usd: a.min_usd().map(|m| usd(m.into())),
+            max_usd: a.max_usd().map(|m| usd(m.into())),
+            p95_usd: a.p95_usd(),
+            agg: PartialAgg::from(a),
+            epoch: 0,
+        }
     }
 
     /// The pod's borrowed record is byte for byte the `WindowRecord` it
@@ -400,7 +402,7 @@ mod tests {
                             closed,
                         },
                     };
-                    let mut rec = WindowRecord::from_update(&w);
+                    let mut rec = owned_record(&w);
                     rec.epoch = 9;
                     let id = w.window_id();
                     assert_eq!(

@@ -1091,10 +1091,8 @@ pub fn view(
             changes.clear();
             for e in out.drain(..) {
                 if let Effect::Window(w) = e {
-                    let rec = tally::wire::windows::WindowRecord::from_update(&w);
-                    let key =
-                        tally::wire::windows::WindowRecord::record_key(&rec.window_id, w.partition);
-                    latest.insert(key, serde_json::to_vec(&rec).unwrap_or_default());
+                    let (key, value) = tally::wire::windows::encode(&w, 0);
+                    latest.insert(key, value);
                 }
             }
         }
