@@ -134,12 +134,12 @@ impl QuantileSketch {
         self.bins.last().map(|b| Self::value_of(b.0))
     }
 
-    /// Number of stored buckets (memory is proportional to it).
     /// The `(bucket, count)` pairs, sorted by bucket.
     pub fn bins(&self) -> &[(i32, u64)] {
         &self.bins
     }
 
+    /// Number of stored buckets (memory is proportional to it).
     pub fn buckets(&self) -> usize {
         self.bins.len()
     }
