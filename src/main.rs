@@ -265,7 +265,7 @@ async fn start_http(
             .with_context(|| format!("cannot create {}", cfg.resources.state_dir.display()))?;
         let shelf =
             tally::serve::shelf::RocksShelf::open_fresh(&dir, metrics.view_shelf_errors.clone())?;
-        view.set_session_shelf(Box::new(shelf));
+        view.set_session_shelf(Box::new(shelf), tally::serve::shelf::HOT_CUSTOMERS);
     }
     let view = Arc::new(std::sync::RwLock::new(view));
     let caught_up = Arc::new(AtomicBool::new(false));

@@ -77,7 +77,8 @@ fn view() -> View {
 fn view_on(shelf: Option<Box<dyn tally::core::view::SessionShelf>>) -> View {
     let mut v = View::new(10_000);
     if let Some(s) = shelf {
-        v.set_session_shelf(s);
+        // One customer held: most updates write back, some are served from memory.
+        v.set_session_shelf(s, 1);
     }
     v.set_input_partitions(2);
     v.set_definitions(tally::core::WindowSpec::defaults());

@@ -242,6 +242,15 @@ pub trait SessionShelf: Send + Sync {
     fn put(&mut self, customer: &str, sessions: &[ShelvedSession]);
     /// Every customer's sessions, in any order, until `f` returns false.
     fn scan(&self, f: &mut dyn FnMut(&str, Vec<ShelvedSession>) -> bool);
+    /// Replaces the sessions of every customer in `batch` (as [`put`]
+    /// each; a shelf may write them as one batch).
+    ///
+    /// [`put`]: SessionShelf::put
+    fn put_many(&mut self, batch: &[(Arc<str>, Vec<ShelvedSession>)]) {
+        for (customer, sessions) in batch {
+            self.put(customer, sessions);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -275,6 +284,14 @@ pub struct View {
     expired: u64,
     /// With a shelf, sessions live there, not in `sessions`.
     shelf: Option<Box<dyn SessionShelf>>,
+    /// With a shelf: the customers changed since the last write-back, as
+    /// entries; the shelf's value of a customer here is stale. A customer's
+    /// sessions change several times in a row (results announced, sealed,
+    /// made final), and reading, decoding and writing them back each time
+    /// was most of the view's work (issue 17's profile). Written back
+    /// whole, as one batch, when more than `hot_cap` customers are here.
+    hot: HashMap<Arc<str>, Vec<Entry>>,
+    hot_cap: usize,
     /// Sessions on the shelf.
     shelved: usize,
 }
@@ -360,10 +377,30 @@ impl View {
         }
     }
 
-    /// Keeps the sessions on `shelf` instead of in memory (set before the
-    /// first update; the shelf starts empty).
-    pub fn set_session_shelf(&mut self, shelf: Box<dyn SessionShelf>) {
+    /// Keeps the sessions on `shelf` instead of in memory, with at most
+    /// `hot_customers` customers' sessions in memory between write-backs
+    /// (0: every change is written through). Set before the first update;
+    /// the shelf starts empty.
+    pub fn set_session_shelf(&mut self, shelf: Box<dyn SessionShelf>, hot_customers: usize) {
         self.shelf = Some(shelf);
+        self.hot_cap = hot_customers;
+    }
+
+    /// Writes every customer changed since the last write-back to the
+    /// shelf, as one batch.
+    fn write_back(&mut self) {
+        let Some(shelf) = self.shelf.as_mut() else {
+            return;
+        };
+        if self.hot.is_empty() {
+            return;
+        }
+        let batch: Vec<(Arc<str>, Vec<ShelvedSession>)> = self
+            .hot
+            .drain()
+            .map(|(customer, list)| (customer, list.iter().map(shelve).collect()))
+            .collect();
+        shelf.put_many(&batch);
     }
 
     /// Whether sessions are kept on a shelf.
@@ -385,13 +422,20 @@ impl View {
             }
             return r;
         }
-        let mut list = self.sessions_of(customer);
+        let (customer, mut list, was_hot) = match self.hot.remove_entry(customer) {
+            Some((k, list)) => (k, list, true),
+            None => (Arc::from(customer), self.shelved_sessions(customer), false),
+        };
         let before = list.len();
         let r = change(&mut list);
         self.shelved = (self.shelved + list.len()).saturating_sub(before);
-        let out: Vec<ShelvedSession> = list.iter().map(shelve).collect();
-        if let Some(s) = self.shelf.as_mut() {
-            s.put(customer, &out);
+        // A customer with nothing before or after (a tombstone of a session
+        // not held) has nothing to write back.
+        if was_hot || before > 0 || !list.is_empty() {
+            self.hot.insert(customer, list);
+            if self.hot.len() > self.hot_cap {
+                self.write_back();
+            }
         }
         r
     }
@@ -409,8 +453,19 @@ impl View {
                 }
             }
             Some(shelf) => {
+                for list in self.hot.values() {
+                    for e in list {
+                        if !f(e) {
+                            return;
+                        }
+                    }
+                }
                 let (kind, by) = (Arc::<str>::from("session"), Arc::<str>::from("customer"));
                 shelf.scan(&mut |customer, list| {
+                    if self.hot.contains_key(customer) {
+                        // Stale here: served from `hot` above.
+                        return true;
+                    }
                     let key: Arc<str> = Arc::from(customer);
                     for s in list {
                         let e = unshelved(&key, &kind, &by, s);
@@ -426,18 +481,26 @@ impl View {
 
     /// One customer's sessions, wherever kept.
     fn sessions_of(&self, customer: &str) -> Vec<Entry> {
-        match &self.shelf {
+        match self.hot.get(customer) {
+            Some(list) => list.clone(),
+            None if self.shelf.is_some() => self.shelved_sessions(customer),
             None => self.sessions.get(customer).cloned().unwrap_or_default(),
-            Some(shelf) => {
-                let (kind, by) = (Arc::<str>::from("session"), Arc::<str>::from("customer"));
-                let key: Arc<str> = Arc::from(customer);
-                shelf
-                    .get(customer)
-                    .into_iter()
-                    .map(|s| unshelved(&key, &kind, &by, s))
-                    .collect()
-            }
         }
+    }
+
+    /// One customer's sessions as the shelf has them (stale if the
+    /// customer is in `hot`).
+    fn shelved_sessions(&self, customer: &str) -> Vec<Entry> {
+        let Some(shelf) = &self.shelf else {
+            return Vec::new();
+        };
+        let (kind, by) = (Arc::<str>::from("session"), Arc::<str>::from("customer"));
+        let key: Arc<str> = Arc::from(customer);
+        shelf
+            .get(customer)
+            .into_iter()
+            .map(|s| unshelved(&key, &kind, &by, s))
+            .collect()
     }
 
     /// Records applied so far.
@@ -652,6 +715,8 @@ impl View {
             expired += (before - list.len()) as u64;
             !list.is_empty()
         });
+        // The sweep reads the shelf whole: it must be current.
+        self.write_back();
         if let Some(shelf) = self.shelf.as_ref() {
             let mut stale: Vec<String> = Vec::new();
             shelf.scan(&mut |customer, list| {
