@@ -288,8 +288,10 @@ pub struct View {
     /// entries; the shelf's value of a customer here is stale. A customer's
     /// sessions change several times in a row (results announced, sealed,
     /// made final), and reading, decoding and writing them back each time
-    /// was most of the view's work (issue 17's profile). Written back
-    /// whole, as one batch, when more than `hot_cap` customers are here.
+    /// was most of the view's work (issue 17's profile). When more than
+    /// `hot_cap` customers are here, a sixteenth of them (any) are written
+    /// back as one batch: writing them all at once held the view's lock,
+    /// and `/revenue` with it, for the whole batch.
     hot: HashMap<Arc<str>, Vec<Entry>>,
     hot_cap: usize,
     /// Sessions on the shelf.
@@ -386,18 +388,19 @@ impl View {
         self.hot_cap = hot_customers;
     }
 
-    /// Writes every customer changed since the last write-back to the
-    /// shelf, as one batch.
-    fn write_back(&mut self) {
+    /// Writes `n` of the customers held in memory (any `n`) to the shelf,
+    /// as one batch, and forgets them.
+    fn write_back(&mut self, n: usize) {
         let Some(shelf) = self.shelf.as_mut() else {
             return;
         };
-        if self.hot.is_empty() {
+        let out: Vec<Arc<str>> = self.hot.keys().take(n).cloned().collect();
+        if out.is_empty() {
             return;
         }
-        let batch: Vec<(Arc<str>, Vec<ShelvedSession>)> = self
-            .hot
-            .drain()
+        let batch: Vec<(Arc<str>, Vec<ShelvedSession>)> = out
+            .into_iter()
+            .filter_map(|customer| self.hot.remove_entry(&customer))
             .map(|(customer, list)| (customer, list.iter().map(shelve).collect()))
             .collect();
         shelf.put_many(&batch);
@@ -434,7 +437,7 @@ impl View {
         if was_hot || before > 0 || !list.is_empty() {
             self.hot.insert(customer, list);
             if self.hot.len() > self.hot_cap {
-                self.write_back();
+                self.write_back((self.hot_cap / 16).max(1));
             }
         }
         r
@@ -716,7 +719,7 @@ impl View {
             !list.is_empty()
         });
         // The sweep reads the shelf whole: it must be current.
-        self.write_back();
+        self.write_back(usize::MAX);
         if let Some(shelf) = self.shelf.as_ref() {
             let mut stale: Vec<String> = Vec::new();
             shelf.scan(&mut |customer, list| {
