@@ -22,8 +22,8 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 
-use crate::core::{parse_time, Currency, FxTable, FxUpdate, Rate, FROM_START};
 use crate::kafka::Clients;
+use tally_core::{parse_time, Currency, FxTable, FxUpdate, Rate, FROM_START};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FxError {

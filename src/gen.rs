@@ -20,9 +20,9 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use serde::{Deserialize, Serialize};
 
-use crate::core::order::{usd_micros, MICROS};
-use crate::core::{Currency, FxTable, Reason};
 use crate::kafka::Clients;
+use tally_core::order::{usd_micros, MICROS};
+use tally_core::{Currency, FxTable, Reason};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct GenSpec {
@@ -386,8 +386,8 @@ impl rdkafka::producer::ProducerContext for Undelivered {
 /// on the topic when this returns: a record librdkafka gives up on (a
 /// produce error it does not retry, a timeout while brokers are down) is
 /// sent again, up to five times, after the others; the truth's order then
-/// differs from the log's by those few records. Before, they were lost
-/// without a word, and a test counted them in its truth.
+/// differs from the log's by those few records. Otherwise they would be
+/// lost without a word while a test counted them in its truth.
 pub fn produce(
     brokers: &str,
     topic: &str,
@@ -456,7 +456,7 @@ pub fn produce(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::{validate, Limits};
+    use tally_core::{validate, Limits};
 
     #[test]
     fn the_stream_is_deterministic_and_its_truth_holds() {

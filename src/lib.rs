@@ -1,6 +1,6 @@
 //! tally: a Kafka-native stream processor that turns order events into live,
 //! exact revenue figures. This is the effectful shell around the pure core
-//! ([`tally_core`], re-exported as [`core`]).
+//! ([`tally_core`]).
 //!
 //! - [`config`]: the one configuration struct (flags, `TALLY_*` env, TOML).
 //! - [`pod`]: the consumer pod: the poll loop around the core, flush,
@@ -17,8 +17,6 @@
 //! - [`replay`]: the batch layer (`tally replay`).
 //!
 //! Benchmarks live in `crates/bench` (`tally-bench`), not here.
-
-pub use tally_core as core;
 
 pub mod config;
 pub mod fx;

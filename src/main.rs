@@ -1,5 +1,5 @@
 //! The `tally` command line. Startup and wiring only: semantics live in
-//! `tally::core`, adapters in their own modules. `anyhow` is used here and
+//! `tally_core`, adapters in their own modules. `anyhow` is used here and
 //! nowhere else.
 
 use std::path::PathBuf;
@@ -26,7 +26,7 @@ const VIEW_SESSIONS_DIR: &str = "view-sessions";
 /// mimalloc instead of glibc's malloc: the hot path allocates small,
 /// short-lived buffers (records, keys, rows) at hundreds of thousands a
 /// second, and glibc's malloc/free/consolidate were a fifth of the pod's
-/// CPU in the issue-17 profile (BENCHMARKS.md, "Throughput").
+/// CPU in a profile of the throughput scenario.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -237,7 +237,7 @@ async fn shutdown_signal() {
 
 /// The view a process serves, and whether it has caught up.
 type Served = (
-    Arc<std::sync::RwLock<tally::core::view::View>>,
+    Arc<std::sync::RwLock<tally_core::view::View>>,
     Arc<AtomicBool>,
 );
 
@@ -253,7 +253,7 @@ async fn start_http(
 ) -> anyhow::Result<(Served, tokio::task::JoinHandle<()>)> {
     let core = cfg.core()?;
     let extra = cfg.kafka_properties()?;
-    let mut view = tally::core::view::View::new(core.grace_ms);
+    let mut view = tally_core::view::View::new(core.grace_ms);
     // Queries that name no definition are answered from the configured ones.
     view.set_definitions(core.windows.clone());
     // Windows past their retention are dropped: the view stays bounded.

@@ -18,10 +18,10 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
 use crate::config::PodConfig;
-use crate::core::view::WindowQuery;
-use crate::core::{Effect, Engine, FxTable};
 use crate::kafka::Clients;
 use crate::telemetry::metrics::Metrics;
+use tally_core::view::WindowQuery;
+use tally_core::{Effect, Engine, FxTable};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -122,7 +122,7 @@ pub fn recompute(
     // is event time) the log's start: the engine needs every order to
     // reproduce the watermarks, and only windows starting at or after the
     // time are compared. A partition with nothing to read is not read:
-    // waiting for a position at the log's end used to hang the replay
+    // waiting for a position at the log's end would hang the replay
     // until its one-hour deadline.
     let mut tpl = TopicPartitionList::new();
     let mut ends: HashMap<i32, i64> = HashMap::new();

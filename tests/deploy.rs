@@ -14,9 +14,9 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use serde_yaml::Value;
 use support::manifests::{at, pod_config_from_env, root, str_at, yaml_docs};
-use tally::core::view::View;
 use tally::serve::http::{app, AppState};
 use tally::telemetry::metrics::Metrics;
+use tally_core::view::View;
 use tower::ServiceExt;
 
 /// Every resource of the kustomization, by kind and name.
@@ -321,13 +321,16 @@ fn autoscaling_follows_the_groups_lag_and_stops_at_the_partition_count() {
 }
 
 #[test]
-fn the_readme_documents_the_kubernetes_commands() {
-    let readme = std::fs::read_to_string(Path::new(&root()).join("README.md")).unwrap();
+fn the_operations_guide_documents_the_kubernetes_commands() {
+    let guide = std::fs::read_to_string(Path::new(&root()).join("docs/operations.md")).unwrap();
     for needle in [
         "kubectl apply -k deploy/",
         "kubectl -n tally scale statefulset tally",
         "## Run on Kubernetes",
     ] {
-        assert!(readme.contains(needle), "README lacks {needle:?}");
+        assert!(
+            guide.contains(needle),
+            "docs/operations.md lacks {needle:?}"
+        );
     }
 }

@@ -1,4 +1,4 @@
-//! Engine threads (`--engine-threads`, issue 17): a pod of several
+//! Engine threads (`--engine-threads`): a pod of several
 //! threads, each a member of the consumer group with its own engine,
 //! RocksDB and flush cycle. Kafka's assignment splits the partitions
 //! among them and moves them between threads as between pods, so the

@@ -1,5 +1,4 @@
-//! The fault suite: one test per scenario of the "exact under faults"
-//! issue, each on the mock cluster with faults injected (request errors,
+//! The fault suite: one test per fault scenario, each on the mock cluster with faults injected (request errors,
 //! round-trip time, brokers down), each checking what a user sees: totals
 //! against the generator's truth, and `revenue-windows` read latest-per-key
 //! (what compaction leaves).
@@ -375,7 +374,7 @@ fn finals_made_during_a_slow_changelog_are_published() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The pipelined flush (issue 17): while a batch waits for a slow
+/// The pipelined flush: while a batch waits for a slow
 /// changelog, the pod goes on processing records into the next batch and
 /// sending their outputs, and the totals stay exact. The changelog's
 /// leader answers after 2 s, so the batch holding the first of the second
@@ -504,7 +503,7 @@ impl SlowChangelog {
     }
 }
 
-/// Issue 17 (latency): results are published while a flush waits for a
+/// Latency: results are published while a flush waits for a
 /// slow changelog. The changelog's leader answers after 3 s, so a batch
 /// takes at least 6 s to become durable (two changelog groups, one after
 /// the other). A first burst's batch is sealed (its results are on
@@ -621,7 +620,7 @@ fn a_pod_back_after_a_long_absence_restores_in_full() {
 /// Every partition-meta row of `tally-changelog`, in log order per
 /// partition: `partition → [next_offset, …]`.
 fn changelog_meta(brokers: &str) -> std::collections::BTreeMap<i32, Vec<i64>> {
-    let meta_key = tally::state::codec::encode_key(&tally::core::RowKey::Meta).unwrap();
+    let meta_key = tally::state::codec::encode_key(&tally_core::RowKey::Meta).unwrap();
     let mut out: std::collections::BTreeMap<i32, Vec<i64>> = Default::default();
     let mut recs = read_all(brokers, "tally-changelog");
     recs.sort_by_key(|r| (r.partition, r.offset));
@@ -630,7 +629,7 @@ fn changelog_meta(brokers: &str) -> std::collections::BTreeMap<i32, Vec<i64>> {
             continue;
         }
         let Some(v) = r.payload else { continue };
-        if let Ok(tally::core::StateRow::Meta(m)) = tally::state::codec::decode_row(&v) {
+        if let Ok(tally_core::StateRow::Meta(m)) = tally::state::codec::decode_row(&v) {
             out.entry(r.partition).or_default().push(m.next_offset);
         }
     }
@@ -758,7 +757,7 @@ fn produce_raw(brokers: &str, name: &str, records: &[RawRecord]) {
     producer.flush(Duration::from_secs(30)).expect("flush");
 }
 
-/// Readers defend themselves (delivery 3 of the issue): changelog records
+/// Readers defend themselves : changelog records
 /// that a stale writer (a pod that lost a partition without knowing it)
 /// gets onto the log after the partition's next owner claimed it are
 /// ignored by restore. The stale records here are the last versions of
@@ -794,7 +793,7 @@ fn a_stale_writers_changelog_records_are_ignored_by_restore() {
 
     // The stale writer: the first ownership's last version of every row
     // but the partition meta, written again with the headers it had.
-    let meta_key = tally::state::codec::encode_key(&tally::core::RowKey::Meta).unwrap();
+    let meta_key = tally::state::codec::encode_key(&tally_core::RowKey::Meta).unwrap();
     let mut stale: std::collections::BTreeMap<(i32, Vec<u8>), _> = Default::default();
     for r in read_all(&brokers, "tally-changelog") {
         let Some(key) = r.key.clone() else { continue };
@@ -839,7 +838,7 @@ fn a_stale_writers_changelog_records_are_ignored_by_restore() {
     }
 }
 
-/// Invariant e) of the issue: a rebuild from the input log is refused,
+/// A rebuild from the input log is refused,
 /// with a clear error, a metric and a readiness that says why, when the log
 /// no longer starts at offset 0 (retention deleted its start: the orders
 /// there would be lost without a word). Here partition 0's changelog holds
@@ -1242,7 +1241,7 @@ fn a_rebuild_stopped_midway_is_taken_up_not_repeated() {
 /// (`UNKNOWN_MEMBER_ID` on OffsetCommit): the pod may have been a stale
 /// writer for that batch, its local checkpoint past a newer owner's
 /// claim with nothing after it for a later tail restore to notice (the
-/// soak, seed 16: 128 of 670 windows short of orders). So it releases the
+/// soak once ended 128 of 670 windows short of orders that way). So it releases the
 /// partitions of the batch and clears their local state at once, as Kafka
 /// Streams closes such tasks dirty; they come back through a full
 /// restore, and the totals stay exact. What this test checks is that

@@ -1,4 +1,4 @@
-//! Deterministic results end to end (issue 15, "done when"): a pod that
+//! Deterministic results end to end: a pod that
 //! converts orders while FX rates change, is SIGKILLed and restarted (once
 //! on an empty state directory), and holds a partition that never gets a
 //! record, produces finals that `tally replay` reproduces exactly.

@@ -18,13 +18,13 @@ use proptest::prelude::*;
 use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
 use serde_json::Value;
-use tally::core::view::{ProgressRecord, View};
-use tally::core::{
-    Aggregate, Currency, GroupBy, Limits, WindowKey, WindowKind, WindowRow, WindowUpdate,
-};
 use tally::serve::http::{app, sign, AppState, Webhook, SIGNATURE_HEADER};
 use tally::telemetry::metrics::Metrics;
 use tally::wire::windows::{decode, progress_key};
+use tally_core::view::{ProgressRecord, View};
+use tally_core::{
+    Aggregate, Currency, GroupBy, Limits, WindowKey, WindowKind, WindowRow, WindowUpdate,
+};
 use tower::ServiceExt;
 
 const SECRET: &[u8] = b"0123456789abcdef-secret";
@@ -46,7 +46,7 @@ fn record(
         usd,
         Currency::parse("EUR").unwrap(),
         usd,
-        tally::core::customer_hash(group),
+        tally_core::customer_hash(group),
     );
     let w = WindowUpdate {
         partition: p,
@@ -74,14 +74,14 @@ fn view() -> View {
 }
 
 /// The test view; its sessions on `shelf` if given.
-fn view_on(shelf: Option<Box<dyn tally::core::view::SessionShelf>>) -> View {
+fn view_on(shelf: Option<Box<dyn tally_core::view::SessionShelf>>) -> View {
     let mut v = View::new(10_000);
     if let Some(s) = shelf {
         // One customer held: most updates write back, some are served from memory.
         v.set_session_shelf(s, 1);
     }
     v.set_input_partitions(2);
-    v.set_definitions(tally::core::WindowSpec::defaults());
+    v.set_definitions(tally_core::WindowSpec::defaults());
     let t = WindowKind::Tumbling { size_ms: 60_000 };
     let rows = [
         record(
@@ -191,17 +191,16 @@ async fn get(state: &AppState, uri: &str) -> (StatusCode, Value) {
     (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
 }
 
-/// Scenario 4 of the determinism issue: `/revenue` sums one tumbling
+/// `/revenue` sums one tumbling
 /// definition per group-by. With a minute and an hour by currency, a 60 USD
-/// order counted 120 (reproduced through the view's API as the issue says;
-/// before, `View::revenue_split` summed every tumbling row by currency,
+/// order counted 120 (reproduced through the view's API; on the commit before, `View::revenue_split` summed every tumbling row by currency,
 /// which here, with a retired third definition, would be 180). The default
 /// is the shortest configured; `window=` names another;
 /// two of the same size are ambiguous (400); a definition no longer
 /// configured is served only when named.
 #[tokio::test]
 async fn revenue_sums_one_definition_per_group_by() {
-    use tally::core::WindowSpec;
+    use tally_core::WindowSpec;
     let mut v = View::new(0);
     v.set_input_partitions(1);
     v.set_definitions(vec![
@@ -650,7 +649,7 @@ proptest! {
         let st = state(true, Some(unreachable_hook()));
         let sig = signed.then(|| sign(SECRET, &body));
         let (s, _, b) = rt.block_on(call(&st, post(&body, sig)));
-        let valid = tally::core::parse_order(&body, &Limits::default()).is_ok();
+        let valid = tally_core::parse_order(&body, &Limits::default()).is_ok();
         prop_assert!(s.as_u16() < 500 || (valid && s == StatusCode::SERVICE_UNAVAILABLE), "{}", s);
         if !signed {
             prop_assert_eq!(s, StatusCode::UNAUTHORIZED);

@@ -18,10 +18,10 @@ use promql_parser::parser::{self, Expr};
 use serde_yaml::Value;
 use support::kafka::*;
 use support::manifests::{at, pod_config_from_env, root, str_at, yaml_docs};
-use tally::core::view::View;
 use tally::gen::{self, GenSpec};
 use tally::pod;
 use tally::serve::http::{app, AppState};
+use tally_core::view::View;
 use tower::ServiceExt;
 
 /// `ENV` settings of the Dockerfile's final stage, and the instructions.
@@ -515,12 +515,12 @@ fn dashboards_and_alerts_query_only_metrics_that_a_live_pod_exports() {
 }
 
 #[test]
-fn every_metric_of_the_readme_table_is_exported_by_name() {
-    let readme = std::fs::read_to_string(Path::new(&root()).join("README.md")).unwrap();
+fn every_exported_metric_is_in_the_operations_guide() {
+    let guide = std::fs::read_to_string(Path::new(&root()).join("docs/operations.md")).unwrap();
     for name in tally::telemetry::metrics::NAMES {
         assert!(
-            readme.contains(&format!("`{name}`")),
-            "README's metrics table lacks {name}"
+            guide.contains(&format!("`{name}`")),
+            "docs/operations.md's metrics table lacks {name}"
         );
     }
 }

@@ -67,7 +67,7 @@ fn run_until(child: &mut Child, at: Instant, log: &Path) {
     }
 }
 
-/// Also scenario 6 of the fault issue when run against tansu
+/// Also a restore's true end when run against tansu
 /// (`scripts/test-tansu.sh`), whose high watermark undercounts: a restore
 /// that trusted it stopped short of the changelog's end, and local state
 /// that reflected the last batch looked ahead of the changelog and was
@@ -79,7 +79,7 @@ fn run_until(child: &mut Child, at: Instant, log: &Path) {
 #[test]
 fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     if skip_on_tansu(
-        "on tansu it is not exact yet: with restore reading to the changelog's real end it passed once (25 SIGKILLs) and then ended two orders short (16 of 556 windows); the cause is not found (see BENCHMARKS.md, \"Soak\", for the same symptom on the mock cluster)",
+        "on tansu it is not exact yet: with restore reading to the changelog's real end it passed once (25 SIGKILLs) and then ended two orders short (16 of 556 windows); the cause is not found",
     ) {
         return;
     }

@@ -82,7 +82,7 @@ fn a_partition_moves_through_the_changelog() {
     }
 }
 
-/// State beyond the cache budget is still exact (issue 16): a pod whose
+/// State beyond the cache budget is still exact: a pod whose
 /// caches hold nothing (`--dedup-cache-entries 0 --session-cache-sets 0`:
 /// every dedup entry and session set leaves memory once durable, every
 /// lookup and every session fold reads RocksDB, and sessions not in
@@ -156,7 +156,7 @@ fn state_beyond_the_cache_is_read_from_rocksdb() {
 }
 
 /// Dedup entries reach the changelog as one segment row per partition per
-/// flush, not one record per order (issue 17's write-amplification lever):
+/// flush, not one record per order (to cut write amplification):
 /// before, every new order cost a changelog record of its own, and its
 /// tombstone an hour later, so the changelog carried twice as many dedup
 /// records as orders. The entries still move between pods: a pod with an

@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::kafka::*;
-use tally::core::view::WindowQuery;
 use tally::gen::{self, Expect, GenSpec};
 use tally::pod;
 use tally::serve::follower as serving;
 use tally::telemetry::metrics::Metrics;
+use tally_core::view::WindowQuery;
 
 #[test]
 fn the_view_merges_every_partition_to_the_exact_truth() {
@@ -124,7 +124,7 @@ fn the_view_merges_every_partition_to_the_exact_truth() {
     let _ = std::fs::remove_dir_all(&cfg.resources.state_dir);
 }
 
-/// Bounded serving state (issue 15, scenario 6): with a retention of 30 s
+/// Bounded serving state : with a retention of 30 s
 /// of event time, every window that ended more than that before the
 /// watermark is tombstoned on `revenue-windows` (latest-per-key: gone), the
 /// windows within it are still there and exact, and a view following the

@@ -15,11 +15,11 @@
 
 use std::path::Path;
 
-use tally::core::{
+use tally::state::codec::{decode_row, encode_key, encode_row, FORMAT_VERSION};
+use tally_core::{
     customer_hash, Aggregate, Currency, DedupRow, DedupSegment, PartitionMeta, RowKey, Session,
     SessionSet, StateRow, WindowKey, WindowRow,
 };
-use tally::state::codec::{decode_row, encode_key, encode_row, FORMAT_VERSION};
 
 fn agg() -> Aggregate {
     let mut a = Aggregate::default();

@@ -9,9 +9,9 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
-use crate::core::order::{Limits, MICROS};
-use crate::core::window::{format_window_list, parse_window_list};
-use crate::core::{CoreConfig, WindowSpec};
+use tally_core::order::{Limits, MICROS};
+use tally_core::window::{format_window_list, parse_window_list};
+use tally_core::{CoreConfig, WindowSpec};
 
 /// What happens to an order that is late for every window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
@@ -177,7 +177,7 @@ pub struct JobConfig {
     /// after its end, ms; then it is tombstoned on the windows topic and
     /// dropped by every view (one day by default, like Kafka Streams'
     /// windowed stores).
-    #[arg(long, env = "TALLY_WINDOW_RETENTION_MS", default_value_t = crate::core::engine::DEFAULT_WINDOW_RETENTION_MS)]
+    #[arg(long, env = "TALLY_WINDOW_RETENTION_MS", default_value_t = tally_core::engine::DEFAULT_WINDOW_RETENTION_MS)]
     pub window_retention_ms: i64,
     /// What to do with orders late for every window.
     #[arg(long, env = "TALLY_LATE_POLICY", value_enum, default_value_t = LatePolicy::Topic)]
@@ -666,8 +666,8 @@ mod tests {
         let c = parse(&[], None).unwrap();
         let mut core = c.core().unwrap();
         // The hash seed is the one value that is not a default: random, but
-        // drawn once per process, so two calls agree (they used to draw a
-        // new seed each, and two engines of one pod hashed differently).
+        // drawn once per process, so two calls agree (two engines of one
+        // pod must hash alike).
         assert_eq!(core.hash_seed, c.core().unwrap().hash_seed);
         core.hash_seed = CoreConfig::default().hash_seed;
         assert_eq!(core, CoreConfig::default());

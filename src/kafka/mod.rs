@@ -91,7 +91,7 @@ pub fn is_transient(e: &rdkafka::error::KafkaError) -> bool {
                 // metadata request while a broker was down.
                 | C::DestroyBroker
                 // A metadata request while the partition's leader is down
-                // (the soak, seed 11: the view's start exited on it). A
+                // (the view's start must ride it out). A
                 // topic that truly lacks a partition is refused by the
                 // partition-count check at start, and every retry here
                 // has a deadline.

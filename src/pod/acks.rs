@@ -1,6 +1,6 @@
 //! Delivery reports, queued for the flush cycle. The producer calls back
 //! inside `poll`, where the processor is already borrowed, so reports are
-//! queued here and the pod hands them to `core::cycle::Cycle` after each
+//! queued here and the pod hands them to `tally_core::cycle::Cycle` after each
 //! poll. Each record's opaque is its `Tag` (batch, lane, index): a report
 //! of a batch that is gone is recognised by the cycle, never credited to
 //! another batch.

@@ -1,4 +1,4 @@
-//! The flush, driven by `core::cycle::Cycle`: this file performs the
+//! The flush, driven by `tally_core::cycle::Cycle`: this file performs the
 //! cycle's actions (send, write, commit, durable, purge, forget) and feeds
 //! it the results. The order and the rules are the cycle's: outputs
 //! acknowledged, then the changelog group by group, then one synced
@@ -123,9 +123,9 @@ impl Processor {
     /// batch when it is due and none is in flight, then hands the
     /// delivery reports so far to the cycle and performs what it asks
     /// for. The pod goes on processing records between steps, into the
-    /// next batch, while this one waits for its acknowledgements (before,
-    /// the pod thread stopped for the whole flush: a third of its time
-    /// on tansu, in the throughput scenario). One batch at most is in
+    /// next batch, while this one waits for its acknowledgements (stopping
+    /// the pod thread for the whole flush cost a third of its time in
+    /// the throughput scenario). One batch at most is in
     /// flight (the cycle's rule), so a flush that takes longer than the
     /// interval delays the next seal, never overlaps it. Returns
     /// `ProduceTimeout` once per `budget` the sealed batch waits.
@@ -166,7 +166,7 @@ impl Processor {
     /// window results that changed since they were last emitted go out
     /// with the batch being collected (registered with the cycle like any
     /// output, so they are acknowledged before that batch's changelog),
-    /// and so does each partition's progress. Why: results used to wait
+    /// and so does each partition's progress. Why: otherwise results wait
     /// for the next seal, and the next seal for the last flush to be
     /// durable, four broker round trips that take well over the interval
     /// on a busy broker; see `Engine::announce`.
@@ -474,9 +474,9 @@ impl Processor {
     /// The group refused a commit because it went on without this pod: the
     /// partitions may have had other owners since, and what this batch
     /// just wrote to RocksDB (its checkpoint too) may lie after a newer
-    /// owner's claim, where no later tail restore looks (the soak, seed
-    /// 16: a pod out of the group for five seconds behind a slow broker
-    /// flushed once more, its checkpoint became the changelog's end, and
+    /// owner's claim, where no later tail restore looks (the soak
+    /// once had a pod out of the group for five seconds behind a slow broker
+    /// flush once more: its checkpoint became the changelog's end, and
     /// its next restore read nothing; sessions lost orders). Handled like
     /// a lost assignment, before the group says so: pending work dropped,
     /// the partitions released and paused, their local state cleared, so

@@ -2,7 +2,7 @@
 //!
 //! **Guarantee.** Window results are exact (no order lost or counted twice)
 //! across crashes and rebalances; output topics are at-least-once. This
-//! holds because of the flush order, which `core::cycle::Cycle` decides
+//! holds because of the flush order, which `tally_core::cycle::Cycle` decides
 //! and this module only performs:
 //! 1. produce every output of the micro-batch and wait for all acks
 //!    (idempotent producer, `acks=all`);
@@ -56,10 +56,6 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, error, info, info_span, trace_span, warn};
 
 use crate::config::PodConfig;
-use crate::core::cycle::{Action, BatchId, Cycle, Lane, Tag};
-use crate::core::order::MICROS;
-use crate::core::view::ProgressRecord;
-use crate::core::{Currency, Effect, Engine, Partition, Readable, Reason, StateChange, StateRow};
 use crate::fx::{self, FxFollower};
 use crate::kafka::Clients;
 use crate::state::codec::{encode, CodecError, Encoded};
@@ -67,6 +63,10 @@ use crate::state::store::{Store, StoreError, StoreReader};
 use crate::telemetry::memory::RocksSizing;
 use crate::telemetry::metrics::{GaugeShares, Metrics};
 use crate::wire::{OutRecord, Outputs, Source};
+use tally_core::cycle::{Action, BatchId, Cycle, Lane, Tag};
+use tally_core::order::MICROS;
+use tally_core::view::ProgressRecord;
+use tally_core::{Currency, Effect, Engine, Partition, Readable, Reason, StateChange, StateRow};
 
 mod acks;
 mod claim;
@@ -307,7 +307,7 @@ pub struct Processor {
     /// This engine thread's part of the pod-wide gauges.
     shares: GaugeShares,
     /// The dedup cache's counters as last exported.
-    reported_cache: crate::core::CacheStats,
+    reported_cache: tally_core::CacheStats,
     /// The progress last published per partition.
     published: HashMap<Partition, (i64, Option<i64>, bool)>,
     /// Assigned partitions whose state is being restored, in order; their

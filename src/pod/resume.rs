@@ -7,8 +7,8 @@
 //! later batch (measured with two engine threads: after a seek to 963 the
 //! first record was 1708, the next batch's first), and the engine would
 //! take the records after the gap as the next ones: the orders in the gap
-//! were lost while the offsets went on (issue 17's throughput run lost
-//! 95 to 952 of 200,000 orders that way).
+//! were lost while the offsets went on (a throughput run with two engine
+//! threads lost 95 to 952 of 200,000 orders that way).
 
 /// How far before the resume offset the first seek again goes; each
 /// further one goes ten times as far, down to the log's start.

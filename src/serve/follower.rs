@@ -15,9 +15,9 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::warn;
 
-use crate::core::view::View;
 use crate::kafka::Clients;
 use crate::telemetry::metrics::Metrics;
+use tally_core::view::View;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServingError {
@@ -59,7 +59,7 @@ pub fn follow(
     extra: &[(String, String)],
     topic: &str,
     input_topic: &str,
-    core: &crate::core::CoreConfig,
+    core: &tally_core::CoreConfig,
     metrics: Arc<Metrics>,
 ) -> Result<ViewFollower, ServingError> {
     let mut view = View::new(core.grace_ms);
@@ -177,10 +177,9 @@ fn run(
 ) {
     // Decoded as each record is read (from the fetched bytes, no copy),
     // outside the lock; readers only wait for the map updates. Reused, so
-    // a batch's updates do not take fresh memory each time (before, the
-    // records' bytes were copied out and a new vector of updates made
-    // for every batch: page faults and copies were a third of this
-    // thread).
+    // a batch's updates do not take fresh memory each time (copying each
+    // batch's bytes into a new vector of updates cost a third of this
+    // thread in page faults and copies).
     let mut parsed = Vec::with_capacity(512);
     while !stop.load(Ordering::SeqCst) {
         let mut first = consumer.poll(Duration::from_millis(50));

@@ -22,10 +22,10 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{json, Value};
 use sha2::Sha256;
 
-use crate::core::view::{View, WindowQuery};
-use crate::core::{parse_order, Limits};
 use crate::pod::Stats;
 use crate::telemetry::metrics::Metrics;
+use tally_core::view::{View, WindowQuery};
+use tally_core::{parse_order, Limits};
 
 /// The webhook's ingest path: verified bodies go to the input topic.
 pub struct Webhook {
@@ -341,7 +341,7 @@ async fn revenue(
     // configured (two of the same size are ambiguous: 400).
     let named = p.get("window").map(String::as_str);
     let mut used = serde_json::Map::new();
-    let mut split = |by: &str| -> Result<BTreeMap<String, crate::core::view::Split>, ApiError> {
+    let mut split = |by: &str| -> Result<BTreeMap<String, tally_core::view::Split>, ApiError> {
         let def = view
             .revenue_definition(by, named)
             .map_err(|e| ApiError::bad_request(format!("window: {e}")))?;
@@ -361,7 +361,7 @@ async fn revenue(
             "window: the definition groups by neither currency nor region",
         ));
     }
-    let sum_of = |m: &BTreeMap<String, crate::core::view::Split>| {
+    let sum_of = |m: &BTreeMap<String, tally_core::view::Split>| {
         let (f, l): (f64, f64) = m
             .values()
             .fold((0.0, 0.0), |a, s| (a.0 + s.final_usd, a.1 + s.live_usd));

@@ -1,6 +1,5 @@
 //! The view's sessions in a local RocksDB ([`SessionShelf`]), so a pod
-//! that serves ten million open sessions does not hold them in memory
-//! (issue 16).
+//! that serves ten million open sessions does not hold them in memory.
 //!
 //! The shelf is a cache of `revenue-windows`, which every pod reads from
 //! the start at every start: it is created empty each time (the
@@ -18,7 +17,7 @@ use prometheus::IntCounter;
 use rocksdb::{BlockBasedOptions, Cache, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use tracing::error;
 
-use crate::core::view::{SessionShelf, ShelvedSession};
+use tally_core::view::{SessionShelf, ShelvedSession};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShelfError {
@@ -162,7 +161,7 @@ impl SessionShelf for RocksShelf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::aggregate::PartialAgg;
+    use tally_core::aggregate::PartialAgg;
 
     #[test]
     fn a_fresh_shelf_is_empty_and_keeps_what_is_put() {

@@ -15,7 +15,7 @@
 //! The changelog record of partition `p` has exactly this key and value, so
 //! a change is encoded once for both.
 
-use crate::core::{Partition, RowKey, StateChange, StateRow};
+use tally_core::{Partition, RowKey, StateChange, StateRow};
 
 /// The version byte every value starts with. Bump it, and teach
 /// [`decode_row`] the old one, when the encoding of a row changes.
@@ -71,7 +71,7 @@ pub fn encode(change: &StateChange) -> Result<Encoded, CodecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::{DedupRow, PartitionMeta};
+    use tally_core::{DedupRow, PartitionMeta};
 
     #[test]
     fn a_value_round_trips_and_starts_with_the_version() {

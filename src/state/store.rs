@@ -14,10 +14,10 @@ use rocksdb::{
 };
 
 use super::codec::{self, CodecError, Encoded};
-use crate::core::{
+use crate::telemetry::memory::RocksSizing;
+use tally_core::{
     DedupRow, DedupSegment, Partition, RowKey, SessionSet, StateChange, StateReader, StateRow,
 };
-use crate::telemetry::memory::RocksSizing;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -435,8 +435,7 @@ impl Store {
     /// flush, and range tombstones pile up in the memtable, where every new
     /// iterator (each flush's index scans) and every read fragments them
     /// all again. At 2,000 orders/s that fragmenting was an eighth of the
-    /// pod thread and made flushes slower as the memtable filled
-    /// (BENCHMARKS.md, "Throughput").
+    /// pod thread and made flushes slower as the memtable filled.
     fn forget_index(&self, prefix: &[u8], upto: i64) -> Result<(), StoreError> {
         let mut opts = rocksdb::ReadOptions::default();
         opts.set_iterate_upper_bound(index_key(prefix, upto.saturating_add(1), b""));
@@ -702,7 +701,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::PartitionMeta;
+    use tally_core::PartitionMeta;
 
     fn sizing() -> RocksSizing {
         RocksSizing::for_limit(
@@ -864,14 +863,14 @@ mod tests {
         );
         let dir = tmp("sindex");
         let s = Store::open(&dir, 7, &sizing()).unwrap();
-        let session = |start: i64, last: i64, closed: bool| crate::core::Session {
+        let session = |start: i64, last: i64, closed: bool| tally_core::Session {
             start,
             last,
             agg: Default::default(),
             offset: 1,
             closed,
         };
-        let set = |p: Partition, spec: u16, c: &str, sessions: Vec<crate::core::Session>| {
+        let set = |p: Partition, spec: u16, c: &str, sessions: Vec<tally_core::Session>| {
             StateChange::Put(
                 p,
                 StateRow::Sessions(

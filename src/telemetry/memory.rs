@@ -54,14 +54,14 @@ pub struct RocksSizing {
     pub session_cache_sets: u64,
 }
 
-/// What a dedup entry costs in the engine's memory, measured (issue 16:
-/// about 400 bytes with its expiry index).
+/// What a dedup entry costs in the engine's memory, measured: about 400
+/// bytes with its expiry index.
 pub const DEDUP_ENTRY_BYTES: u64 = 400;
 
 /// What a held session set costs: the set, its aggregate's small vectors,
-/// its key and its entry in the closing index (BENCHMARKS.md, "Peak
-/// memory with a million open sessions": about 600 bytes of the 1.4 KB a
-/// customer cost then).
+/// its key and its entry in the closing index (measured with a
+/// million open sessions held in memory: about 600 bytes of the 1.4 KB a
+/// customer cost).
 pub const SESSION_SET_BYTES: u64 = 600;
 
 impl RocksSizing {

@@ -9,7 +9,7 @@ use prometheus::{
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::core::Reason;
+use tally_core::Reason;
 
 /// One engine thread's part of the pod-wide gauges (`--engine-threads`):
 /// each thread adds the change of its own value, so a gauge such as

@@ -14,7 +14,7 @@
 use serde_json::{Map, Value};
 
 use crate::config::{LatePolicy, PodConfig};
-use crate::core::{
+use tally_core::{
     usd, window_id, EnrichedOrder, FieldSpan, Partition, Rejection, WindowKey, WindowUpdate,
 };
 
@@ -49,7 +49,7 @@ pub struct Source<'a> {
 /// ([`enriched_json_tree`]); both give the same JSON value.
 ///
 /// `fields`: the message's fields as the core's one-pass parse listed them
-/// ([`crate::core::parse_order_fields`]: sorted, the last of a key given
+/// ([`tally_core::parse_order_fields`]: sorted, the last of a key given
 /// twice), so the message is not parsed again; empty, it is parsed here.
 pub fn enriched_json(
     original: &[u8],
@@ -379,8 +379,8 @@ impl Outputs<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::order::{parse_order_fields, validate, FxTable, Limits};
     use proptest::prelude::*;
+    use tally_core::order::{parse_order_fields, validate, FxTable, Limits};
 
     const SRC: Source<'static> = Source {
         topic: "raw-\"orders\"",

@@ -8,9 +8,9 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::core::aggregate::{usd, PartialAgg};
-use crate::core::view::{ViewUpdate, WindowPartial};
-use crate::core::{Partition, WindowUpdate};
+use tally_core::aggregate::{usd, PartialAgg};
+use tally_core::view::{ViewUpdate, WindowPartial};
+use tally_core::{Partition, WindowUpdate};
 
 /// Key prefix of progress rows on `revenue-windows`.
 pub const PROGRESS_PREFIX: &str = "__progress|p";
@@ -76,7 +76,7 @@ impl WindowRecord {
 /// `WindowRecord` for every result cost owned copies of the names, a map
 /// of JSON values for the per-currency revenue and a copy of the
 /// aggregate with its sketch, all to be serialized once and dropped
-/// (encoding window results was 8.5 % of a loaded pod's CPU, issue 17).
+/// (encoding window results was 8.5 % of a loaded pod's CPU).
 #[derive(Serialize)]
 struct RecordOut<'a> {
     window_id: &'a str,
@@ -108,15 +108,15 @@ struct RecordOut<'a> {
 struct AggOut<'a> {
     count: u64,
     revenue_usd_micros: i128,
-    revenue_by_currency: &'a [(crate::core::Currency, i128)],
+    revenue_by_currency: &'a [(tally_core::Currency, i128)],
     min_usd_micros: i64,
     max_usd_micros: i64,
     unique_customers: u64,
-    sketch: &'a crate::core::sketch::QuantileSketch,
+    sketch: &'a tally_core::sketch::QuantileSketch,
 }
 
 /// Revenue per currency in dollars, as a JSON object sorted by code.
-struct ByCurrency<'a>(&'a [(crate::core::Currency, i128)]);
+struct ByCurrency<'a>(&'a [(tally_core::Currency, i128)]);
 
 impl Serialize for ByCurrency<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -176,7 +176,7 @@ impl<'a> RecordOut<'a> {
 /// others are skipped as they are parsed, not built: decoding whole
 /// records (the per-currency map of values, the id, the display figures)
 /// was about a third of the view thread's decoding in a profile of the
-/// loaded scenario (issue 17).
+/// loaded scenario.
 #[derive(Deserialize)]
 struct ViewRow {
     spec: String,
@@ -252,8 +252,8 @@ fn parse_key(key: &[u8]) -> Result<(String, Partition), DecodeError> {
 #[allow(clippy::too_many_arguments)]
 mod tests {
     use super::*;
-    use crate::core::view::{ProgressRecord, View, WindowQuery};
-    use crate::core::{Aggregate, Currency, GroupBy, WindowKey, WindowKind, WindowRow};
+    use tally_core::view::{ProgressRecord, View, WindowQuery};
+    use tally_core::{Aggregate, Currency, GroupBy, WindowKey, WindowKind, WindowRow};
 
     /// Decodes and applies, as the follower does.
     fn apply(v: &mut View, key: &[u8], payload: Option<&[u8]>) -> Result<(), DecodeError> {
@@ -276,7 +276,7 @@ mod tests {
             usd,
             Currency::parse("USD").unwrap(),
             usd,
-            crate::core::customer_hash(group),
+            tally_core::customer_hash(group),
         );
         let w = WindowUpdate {
             partition: p,

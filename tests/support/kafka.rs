@@ -18,10 +18,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tally::config::PodConfig;
-use tally::core::window::{assign, tumbling_start};
-use tally::core::{WindowKind, WindowSpec};
 use tally::gen::{Expect, GenRecord};
 use tally::wire::WindowRecord;
+use tally_core::window::{assign, tumbling_start};
+use tally_core::{WindowKind, WindowSpec};
 
 /// The external broker under test, if any (`TALLY_TEST_BROKERS`).
 pub fn external_brokers() -> Option<String> {
@@ -428,9 +428,9 @@ pub fn truth_totals(records: &[GenRecord]) -> Totals {
         };
         for spec in WindowSpec::defaults() {
             let group = match spec.by {
-                tally::core::GroupBy::Currency => currency.clone(),
-                tally::core::GroupBy::Region => region.clone(),
-                tally::core::GroupBy::Customer => customer_id.clone(),
+                tally_core::GroupBy::Currency => currency.clone(),
+                tally_core::GroupBy::Region => region.clone(),
+                tally_core::GroupBy::Customer => customer_id.clone(),
             };
             match spec.kind {
                 WindowKind::Session { .. } => sessions

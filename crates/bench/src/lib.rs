@@ -17,7 +17,7 @@
 //! - [`view`]: the serving view's memory per window, and a new view's
 //!   catch-up time on `revenue-windows`.
 //! - [`throughput`]: the pass-through pipe and the full job on one
-//!   external broker, in one run: events/s and CPU per event (issue 17).
+//!   external broker, in one run: events/s and CPU per event.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -505,7 +505,7 @@ pub fn serving(
                             .payload(&json),
                     )
                     .map_err(|(e, _)| e)?;
-                let q = tally::core::view::WindowQuery {
+                let q = tally_core::view::WindowQuery {
                     kind: "tumbling".into(),
                     by: "region".into(),
                     key: Some(region),
@@ -583,7 +583,7 @@ pub fn restore(
     rows: u64,
     brokers: &str,
 ) -> Result<serde_json::Value, BenchError> {
-    use tally::core::{Engine, FxTable};
+    use tally_core::{Engine, FxTable};
     let prefix = format!("bench{}-", pod::now_ms());
     let specs: Vec<TopicSpec> = topics
         .iter()
@@ -1067,7 +1067,7 @@ pub fn view(
     events: u64,
     customers: u64,
 ) -> Result<serde_json::Value, BenchError> {
-    use tally::core::{Effect, Engine, FxTable};
+    use tally_core::{Effect, Engine, FxTable};
     let core = base.core()?;
     let records = gen::generate(&GenSpec {
         count: events,
@@ -1114,7 +1114,7 @@ pub fn view(
         .map(|(k, v)| (k.into_bytes(), v))
         .collect();
     let before = rss();
-    let mut view = tally::core::view::View::new(core.grace_ms);
+    let mut view = tally_core::view::View::new(core.grace_ms);
     view.set_input_partitions(partitions as usize);
     for (k, v) in &rows {
         if let Ok(u) = tally::wire::windows::decode(k, Some(v)) {
@@ -1471,14 +1471,14 @@ fn quix_job(
     Ok((get("events_per_sec"), get("cpu_us_per_event")))
 }
 
-/// `throughput` (issue 17): in one run on one external broker, over the
+/// `throughput`: in one run on one external broker, over the
 /// same pre-filled input of `events` generated orders: the pass-through
 /// pipe (the reference: consume every record, produce it once, the pod's
 /// client settings), the full job once per entry of `threads` (`tally
 /// run` as a child process with that many engine threads, each job with
 /// output and changelog topics of its own), and optionally the Quix
 /// Streams peer. Events/s and CPU µs per event of each, and each job's
-/// ratios to the pipe, in which the issue's targets are stated.
+/// ratios to the pipe, in which the targets are stated.
 pub fn throughput(
     topics: &[TopicSpec],
     base: &PodConfig,
@@ -1568,7 +1568,7 @@ pub struct Loaded<'a> {
     pub brokers: &'a str,
     /// The `tally` binary the job runs as.
     pub tally: &'a std::path::Path,
-    /// Input orders per second (issue 17: half the job's maximum).
+    /// Input orders per second (half the job's maximum, for the latency target).
     pub rate: f64,
     /// `/revenue` requests per second.
     pub rps: f64,
@@ -1581,7 +1581,7 @@ pub struct Loaded<'a> {
     pub apply: bool,
 }
 
-/// `loaded` (issue 17): latency and serving with the broker, the job and
+/// `loaded`: latency and serving with the broker, the job and
 /// the load generator as three processes (the broker external, the job a
 /// `tally run` child, the load and the measuring in this process). Once
 /// the job is ready (`/readyz`), orders are produced at `rate`/s for

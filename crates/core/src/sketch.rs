@@ -175,7 +175,7 @@ struct Bins(Vec<(i32, u64)>);
 /// Why packed: every window result on `revenue-windows` carries its sketch,
 /// and as a JSON list of pairs (hundreds of them for a busy window) it was
 /// the largest part of the record: its encoding cost 2.8 % of a loaded
-/// pod's CPU and the view's decoding of it 5.5 % (perf, issue 17). Packed,
+/// pod's CPU and the view's decoding of it 5.5 % (perf). Packed,
 /// the bins are one base64 string of LEB128 varints: the first bucket
 /// zigzagged, then each bucket's distance from the one before less one
 /// (buckets are strictly increasing), each count less one (counts are

@@ -1,5 +1,5 @@
-//! Dedup entries reach the changelog as segments (issue 17, write
-//! amplification): one [`StateRow::DedupSegment`] a partition a flush,
+//! Dedup entries reach the changelog as segments (to cut
+//! write amplification): one [`StateRow::DedupSegment`] a partition a flush,
 //! tombstoned whole once every entry in it has expired under a durable
 //! watermark; per-id deletes stay local. A pod restored from the
 //! changelog's segments alone still recognises every live duplicate.

@@ -1,4 +1,4 @@
-//! FX by event time (issue 15, scenario 1): an order's USD value is a
+//! FX by event time : an order's USD value is a
 //! function of the input alone. It converts at the rate in force at its
 //! `created_at`, so processing it again after a crash gives the same cent
 //! whatever rates arrived in between; a rate that arrives after orders it

@@ -1,4 +1,4 @@
-//! Bounded serving state (issue 15, scenario 6): a closed window is served
+//! Bounded serving state : a closed window is served
 //! for `window_retention_ms` of event time after its end, then tombstoned
 //! (an [`Effect::Expired`] per partial) by its pod, once that expiry is
 //! durable, and dropped whole by every view. The schedule is state (an

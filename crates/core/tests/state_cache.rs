@@ -1,4 +1,4 @@
-//! State larger than memory (issue 16): with bounded caches
+//! State larger than memory: with bounded caches
 //! ([`Engine::set_dedup_cache`], [`Engine::set_session_cache`]) the engine
 //! keeps only the rows not yet durable, the ones awaiting a purge and a
 //! few clean ones, and reads the others from the durable store (in the

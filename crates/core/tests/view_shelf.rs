@@ -1,4 +1,4 @@
-//! The view's sessions on a shelf (issue 16: every pod materialises every
+//! The view's sessions on a shelf (every pod materialises every
 //! session of the group, ten million at 512 MiB, so they cannot all be in
 //! memory): a view that keeps its sessions on a [`SessionShelf`] answers
 //! exactly what a view that keeps them in memory answers, for any
@@ -12,7 +12,7 @@
 //! tombstone empties a session (the customer's list left as it was), the
 //! shelved view still served the retracted session; with the retention
 //! sweep not reading the shelf, expired sessions stayed served. The
-//! write-back cache (issue 17): with the scan not skipping the customers
+//! write-back cache: with the scan not skipping the customers
 //! held in memory, a held customer's sessions were served twice; with the
 //! retention sweep not writing back first, a held customer's expired
 //! sessions stayed served.

@@ -3,9 +3,7 @@
 mod support;
 
 use support::{finals, order_json, T0};
-use tally::core::{
-    CoreConfig, Effect, Engine, FxTable, GroupBy, Readable, StateChange, WindowSpec,
-};
+use tally_core::{CoreConfig, Effect, Engine, FxTable, GroupBy, Readable, StateChange, WindowSpec};
 
 const OOO: i64 = 5_000;
 const GRACE: i64 = 10_000;
@@ -117,9 +115,7 @@ fn within_grace_counts_beyond_grace_is_late() {
     let mut changes = Vec::new();
     f.engine.flush(&mut eff, &mut changes);
     let closed_row = changes.iter().find_map(|c| match c {
-        StateChange::Put(_, tally::core::StateRow::Window(k, r)) if k.start == T0 => {
-            Some(r.clone())
-        }
+        StateChange::Put(_, tally_core::StateRow::Window(k, r)) if k.start == T0 => Some(r.clone()),
         _ => None,
     });
     assert_eq!(closed_row.unwrap().agg.count, 2);
@@ -211,7 +207,7 @@ fn an_idle_partition_releases_the_watermark() {
     assert!(!f.engine.status(1).unwrap().idle);
 }
 
-/// Scenario 2 of the determinism issue: the pod's own pause (a long flush,
+/// The pod's own pause (a long flush,
 /// a full producer queue) never makes a partition idle. p1 is paused by
 /// the shell, then has records waiting, while p0 runs far ahead for more
 /// than the idle timeout; when p1's in-order records come, none is late,

@@ -18,8 +18,8 @@ use std::fs;
 use std::path::Path;
 
 use support::{render, T0};
-use tally::core::window::parse_window_list;
-use tally::core::{CoreConfig, Engine, FxTable, StateChange, StateRow};
+use tally_core::window::parse_window_list;
+use tally_core::{CoreConfig, Engine, FxTable, StateChange, StateRow};
 
 fn kv(words: &[&str]) -> HashMap<String, String> {
     words

@@ -20,9 +20,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use proptest::prelude::*;
 use support::{order_json, T0};
-use tally::core::order::usd_micros;
-use tally::core::sketch::RELATIVE_ACCURACY;
-use tally::core::{
+use tally_core::order::usd_micros;
+use tally_core::sketch::RELATIVE_ACCURACY;
+use tally_core::{
     customer_hash, Aggregate, CoreConfig, Currency, Effect, Engine, FxTable, GroupBy, StateChange,
     StateRow, WindowKind, WindowRow, WindowSpec,
 };
@@ -492,7 +492,7 @@ proptest! {
     /// subset of group `k`: restore that, replay from the start, and the
     /// finals equal an uninterrupted run.
     ///
-    /// Checked that the grouping matters (scenario 5 of the fault issue,
+    /// Checked that the grouping matters (a torn flush
     /// reproduced here): the same law with any subset of the whole flush,
     /// no groups, fails on its first cases with "a window's final result
     /// changed".
@@ -502,7 +502,7 @@ proptest! {
         flush_every in 1usize..6,
         crash_at in 0.0f64..1.0,
         torn in 0.0f64..1.0,
-        cut in 0..tally::core::CHANGE_GROUPS,
+        cut in 0..tally_core::CHANGE_GROUPS,
         subset in prop::collection::vec(any::<bool>(), 256),
     ) {
         let landed = |c: &StateChange, i: usize, _: usize| {
