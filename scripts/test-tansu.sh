@@ -3,7 +3,7 @@
 # broker (in memory). Installs tansu once (about 15 minutes; cached in
 # $TALLY_TOOLS_DIR), starts it on a free loopback port, runs every test that
 # talks to a broker with TALLY_TEST_BROKERS pointing at it, and stops it.
-# Tests that tansu's known gaps (DESIGN §9) make impossible skip themselves
+# Tests that tansu's known gaps make impossible skip themselves
 # and print "SKIPPED on tansu: <reason>".
 set -euo pipefail
 cd "$(dirname "$0")/.."

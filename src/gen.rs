@@ -217,7 +217,8 @@ pub fn generate(spec: &GenSpec) -> Vec<GenRecord> {
                     currency: currency.to_string(),
                     region: region.to_string(),
                     amount_micros,
-                    usd_micros: usd_micros(amount_micros, rate),
+                    usd_micros: usd_micros(amount_micros, rate)
+                        .expect("generated amounts are far below the bound"),
                     created_at_ms: t,
                 },
             });

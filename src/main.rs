@@ -152,8 +152,20 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// The command line, with no variable's value shown in `--help`: they
+/// include `TALLY_KAFKA_PROPERTIES` (SASL and TLS key passwords) and the
+/// webhook secret, and help output ends up in terminals, CI logs and
+/// support tickets.
+fn command() -> clap::Command {
+    fn hide(c: clap::Command) -> clap::Command {
+        c.mut_args(|a| a.hide_env_values(true))
+            .mut_subcommands(hide)
+    }
+    hide(Cli::command())
+}
+
 fn real_main() -> anyhow::Result<()> {
-    let matches = Cli::command().get_matches();
+    let matches = command().get_matches();
     let cli = Cli::from_arg_matches(&matches)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -329,6 +341,9 @@ fn thread_stats(cfg: &PodConfig, metrics: &Arc<Metrics>) -> Vec<Arc<pod::Stats>>
 }
 
 async fn run(cfg: PodConfig, _matches: &ArgMatches) -> anyhow::Result<()> {
+    // Before anything in the state directory is touched (the view's store
+    // is recreated at every start), and held until the process ends.
+    let _lock = tally::state::lock::StateDirLock::acquire(&cfg.resources.state_dir)?;
     if cfg.topics.apply_topics {
         match topics::load(cfg.topics.topics_dir.as_deref()) {
             Ok(specs) => {

@@ -184,13 +184,15 @@ pub fn recompute(
         {
             continue;
         }
-        let wall = m.timestamp().to_millis().unwrap_or(0);
-        engine.on_record(
+        let record_ms = m.timestamp().to_millis();
+        engine.on_record_at(
             m.partition(),
             m.offset(),
             m.payload().unwrap_or_default(),
-            wall,
+            record_ms,
+            record_ms.unwrap_or(0),
             &mut out,
+            &mut tally_core::InMemory,
         );
         records += 1;
         out.retain(|e| matches!(e, Effect::Window(w) if w.is_final()));

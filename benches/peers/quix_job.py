@@ -1,7 +1,7 @@
 """The tally job written with Quix Streams, for a side-by-side benchmark.
 
 Same validation and enrichment as tally (the fields, types and ranges of
-DESIGN §3, FX to USD), then:
+docs/semantics.md, FX to USD), then:
 - tumbling 1-minute revenue per currency,
 - sliding (hopping) 5-minute/1-minute revenue per region,
 - 30-minute sessions per customer (the input is keyed by customer_id).

@@ -167,6 +167,10 @@ pub struct JobConfig {
     /// Grace after a window's end before it closes, ms.
     #[arg(long, env = "TALLY_GRACE_MS", default_value_t = 10_000)]
     pub grace_ms: i64,
+    /// An order whose created_at is more than this ahead of its record's
+    /// Kafka timestamp goes to the DLQ as `timestamp_in_future`, ms.
+    #[arg(long, env = "TALLY_MAX_FUTURE_SKEW_MS", default_value_t = tally_core::engine::DEFAULT_MAX_FUTURE_SKEW_MS)]
+    pub max_future_skew_ms: i64,
     /// Wall-clock time without records after which a partition is idle, ms.
     #[arg(long, env = "TALLY_IDLE_TIMEOUT_MS", default_value_t = 30_000)]
     pub idle_timeout_ms: i64,
@@ -566,10 +570,14 @@ impl PodConfig {
             .map(str::trim)
             .filter(|s| !s.is_empty())
         {
+            // The item itself is not echoed: it may hold a password.
             let Some((k, v)) = item.split_once('=') else {
                 return Err(invalid(
                     "kafka_properties",
-                    format!("{item:?} is not key=value"),
+                    format!(
+                        "item {} of the comma-separated list is not key=value",
+                        out.len() + 1
+                    ),
                 ));
             };
             out.push((k.trim().to_string(), v.trim().to_string()));
@@ -602,6 +610,7 @@ impl PodConfig {
                 as i64,
             hash_seed: random_seed(),
             window_retention_ms: self.job.window_retention_ms,
+            max_future_skew_ms: self.job.max_future_skew_ms,
         };
         core.validate().map_err(|e| invalid(&e.field, e.message))?;
         Ok(core)

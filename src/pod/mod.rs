@@ -179,6 +179,9 @@ pub struct Stats {
     pub starting: Mutex<Option<String>>,
     /// A shutdown was asked for while starting: start-up stops retrying.
     interrupted: AtomicBool,
+    /// Why the engine thread stopped with an error: neither live nor
+    /// ready from then on, while the process winds down.
+    pub failed: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Stats {
@@ -203,7 +206,20 @@ impl Stats {
             blocked: Mutex::new(Vec::new()),
             starting: Mutex::new(None),
             interrupted: AtomicBool::new(false),
+            failed: Mutex::new(None),
         }
+    }
+
+    /// Records that the engine thread failed, and why.
+    pub fn fail(&self, why: String) {
+        if let Ok(mut f) = self.failed.lock() {
+            f.get_or_insert(why);
+        }
+    }
+
+    /// Why the engine thread failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.failed.lock().ok().and_then(|f| f.clone())
     }
 
     /// Asks a start-up that is retrying a broker error to give up
@@ -318,6 +334,11 @@ pub struct Processor {
     restore_clients: Option<restore::RestoreClients>,
     /// Fetching is paused for every partition (outputs unacknowledged).
     fetch_paused: bool,
+    /// The engine thread failed: the consumer's closing revoke releases
+    /// the partitions without a flush (nothing decided after the failure
+    /// may be written; the next owner redoes the work from the durable
+    /// offsets, as after a SIGKILL).
+    failed: bool,
     /// Restored partitions waiting for their seek to the resume offset
     /// (paused until it succeeds).
     seeks: BTreeMap<Partition, Offset>,

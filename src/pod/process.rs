@@ -178,10 +178,13 @@ impl Processor {
         );
     }
 
+    /// `record_ms`: the record's Kafka timestamp, the reference an
+    /// order's `created_at` is checked against (`timestamp_in_future`).
     pub(super) fn on_message(
         &mut self,
         p: Partition,
         offset: i64,
+        record_ms: Option<i64>,
         key: Option<&[u8]>,
         payload: &[u8],
     ) -> Result<(), PodError> {
@@ -201,8 +204,15 @@ impl Processor {
         // read error stops the pod before anything the engine decided
         // after it is written: the record is processed again on restart.
         let mut reader = StoreReader::new(&self.store);
-        self.engine
-            .on_record_in(p, offset, payload, now_ms(), &mut self.effects, &mut reader);
+        self.engine.on_record_at(
+            p,
+            offset,
+            payload,
+            record_ms,
+            now_ms(),
+            &mut self.effects,
+            &mut reader,
+        );
         reader.result()?;
         self.emit(
             Some((payload, key)),

@@ -78,6 +78,8 @@ impl ConsumerContext for PodContext {
                             error!(partition = p, error = %e, "cannot clear the lost partition's local state");
                         }
                     }
+                } else if proc.failed {
+                    warn!(partitions = ?partitions, "releasing without a flush: the engine thread failed");
                 } else if let Err(e) = proc.flush_all(consumer, self.callback_budget) {
                     // Bounded, so a rebalance never outlives
                     // max.poll.interval.ms. If outputs cannot be

@@ -268,6 +268,7 @@ pub fn start_with_stats(cfg: PodConfig, stats: Arc<Stats>) -> Result<PodHandle, 
         restoring: BTreeMap::new(),
         restore_clients: None,
         fetch_paused: false,
+        failed: false,
         seeks: BTreeMap::new(),
         resumes: HashMap::new(),
         refused: BTreeSet::new(),
@@ -286,9 +287,10 @@ pub fn start_with_stats(cfg: PodConfig, stats: Arc<Stats>) -> Result<PodHandle, 
     let shutdown = Arc::new(AtomicBool::new(false));
     let thread = {
         let (shutdown, processor) = (shutdown.clone(), processor.clone());
+        let thread_stats = stats.clone();
         std::thread::Builder::new()
             .name("tally-pod".into())
-            .spawn(move || run_loop(consumer, processor, shutdown, cfg))
+            .spawn(move || run_thread(consumer, processor, shutdown, cfg, thread_stats))
             .map_err(|e| PodError::Kafka(KafkaError::ClientCreation(e.to_string())))?
     };
     Ok(PodHandle {
@@ -336,11 +338,33 @@ pub fn stop_all(handles: Vec<PodHandle>) -> Result<(), PodError> {
     first
 }
 
-pub(super) fn run_loop(
+/// The engine thread: the loop, and on its failure a prompt, honest
+/// end. The failure is recorded first (`/livez` and `/readyz` turn 503),
+/// then the consumer closes without flushing, so the process exits in
+/// about a second rather than after a revoke's flush budget.
+fn run_thread(
     consumer: BaseConsumer<PodContext>,
     processor: Arc<Mutex<Processor>>,
     shutdown: Arc<AtomicBool>,
     cfg: PodConfig,
+    stats: Arc<Stats>,
+) -> Result<(), PodError> {
+    let r = run_loop(&consumer, &processor, &shutdown, &cfg);
+    if let Err(e) = &r {
+        stats.fail(e.to_string());
+        lock(&processor).failed = true;
+        error!(error = %e, "the engine thread failed; releasing its partitions without a flush");
+    }
+    // Dropping the consumer closes it: the group sees us leave at once.
+    drop(consumer);
+    r
+}
+
+pub(super) fn run_loop(
+    consumer: &BaseConsumer<PodContext>,
+    processor: &Arc<Mutex<Processor>>,
+    shutdown: &AtomicBool,
+    cfg: &PodConfig,
 ) -> Result<(), PodError> {
     info!(topic = %cfg.topics.input_topic, group = %cfg.kafka.group, "pod running");
     let flush_budget = Duration::from_millis((cfg.kafka.max_poll_interval_ms / 3).min(10_000));
@@ -354,7 +378,7 @@ pub(super) fn run_loop(
         // few records, and an empty poll waits only a moment, so the
         // flush's rounds (outputs, changelog groups, write, commit) do not
         // each wait for a full round of polling.
-        let in_flight = lock(&processor).sealed.is_some();
+        let in_flight = lock(processor).sealed.is_some();
         let (mut wait, round) = if in_flight {
             (Duration::from_millis(1), 128)
         } else {
@@ -363,10 +387,11 @@ pub(super) fn run_loop(
         for _ in 0..round {
             match consumer.poll(wait) {
                 Some(Ok(m)) => {
-                    let mut proc = lock(&processor);
+                    let mut proc = lock(processor);
                     if let Err(e) = proc.on_message(
                         m.partition(),
                         m.offset(),
+                        m.timestamp().to_millis(),
                         m.key(),
                         m.payload().unwrap_or_default(),
                     ) {
@@ -386,7 +411,7 @@ pub(super) fn run_loop(
             // Drain what is already fetched without waiting.
             wait = Duration::ZERO;
         }
-        let mut proc = lock(&processor);
+        let mut proc = lock(processor);
         // Serve the delivery reports of the outputs sent so far; after a
         // full queue, offer what waits.
         proc.producer.poll(Duration::ZERO);
@@ -396,15 +421,15 @@ pub(super) fn run_loop(
             return Err(e);
         }
         if !proc.restoring.is_empty() {
-            proc.restore_step(&consumer, Duration::from_millis(50));
+            proc.restore_step(consumer, Duration::from_millis(50));
         } else {
             // Nothing left to restore: the readers' connections go.
             proc.restore_clients = None;
         }
-        proc.retry_seeks(&consumer);
+        proc.retry_seeks(consumer);
         if last_tick.elapsed() >= Duration::from_millis(500) {
             // Lag first: the tick's idleness needs each partition's backlog.
-            proc.update_lag(&consumer);
+            proc.update_lag(consumer);
             if let Err(e) = proc.tick() {
                 error!(error = %e, "reading state failed");
                 return Err(e);
@@ -414,9 +439,9 @@ pub(super) fn run_loop(
         // The batch being collected is full and the last one is still in
         // flight: wait for it (backpressure), so the next can be sealed.
         let step = if proc.sealed.is_some() && proc.pending >= cfg.flush.flush_max_events {
-            proc.flush(&consumer, flush_budget)
+            proc.flush(consumer, flush_budget)
         } else {
-            proc.flush_step(&consumer, flush_budget)
+            proc.flush_step(consumer, flush_budget)
         };
         match step {
             Ok(()) => {
@@ -458,7 +483,7 @@ pub(super) fn run_loop(
     }
     info!("shutting down: final flush and commit");
     let deadline = Instant::now() + Duration::from_millis(cfg.flush.shutdown_timeout_ms);
-    let mut proc = lock(&processor);
+    let mut proc = lock(processor);
     if let Err(e) = proc.tick() {
         // Nothing decided after the failed read is written: the next
         // owner redoes the work from the last durable offsets.
@@ -467,7 +492,7 @@ pub(super) fn run_loop(
     }
     loop {
         match proc.flush_all(
-            &consumer,
+            consumer,
             deadline.saturating_duration_since(Instant::now()),
         ) {
             Ok(()) => break,
@@ -475,14 +500,12 @@ pub(super) fn run_loop(
             Err(e) => {
                 warn!(error = %e, "final flush failed; the next owner redoes the work from the last durable offsets");
                 let all: Vec<Partition> = proc.cycle.owned().collect();
-                proc.drop_pending(&consumer, &all);
+                proc.drop_pending(consumer, &all);
                 break;
             }
         }
     }
     drop(proc);
-    // Dropping the consumer closes it: the group sees us leave at once.
-    drop(consumer);
     info!("pod stopped");
     Ok(())
 }

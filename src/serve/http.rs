@@ -106,7 +106,7 @@ impl IntoResponse for ApiError {
 pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/", get(index))
-        .route("/livez", get(|| async { "ok" }))
+        .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/startupz", get(startupz))
         .route("/metrics", get(metrics))
@@ -126,27 +126,87 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Records request latency per route, method and status.
+/// The `method` label: the methods HTTP defines, and `other` for the
+/// rest, so a client cannot add a series per made-up method.
+fn method_label(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
+/// Records request latency per route, method and status, and gives every
+/// client or server error a JSON body: the ones axum makes itself (a
+/// wrong method, a path that does not decode) are plain text otherwise.
 async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
-    let method = req.method().to_string();
+    let method = method_label(req.method());
     let started = Instant::now();
-    let resp = next.run(req).await;
+    let resp = json_error_body(next.run(req).await).await;
     state
         .metrics
         .http_duration
-        .with_label_values(&[&route, &method, resp.status().as_str()])
+        .with_label_values(&[&route, method, resp.status().as_str()])
         .observe(started.elapsed().as_secs_f64());
     resp
+}
+
+/// A 4xx or 5xx without a JSON body becomes `{"error", "detail"}`: the
+/// error is the status's name, the detail the text it had.
+async fn json_error_body(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let error = status
+        .canonical_reason()
+        .unwrap_or("error")
+        .to_ascii_lowercase()
+        .replace([' ', '-'], "_");
+    let detail = if text.trim().is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let mut r = (status, Json(json!({"error": error, "detail": detail}))).into_response();
+    for (k, v) in parts.headers.iter() {
+        if k != header::CONTENT_TYPE && !r.headers().contains_key(k) {
+            r.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    r
 }
 
 /// Why the pod is not ready, one sentence per cause (empty: ready).
 fn not_ready_because(state: &AppState, pod: &PodProgress) -> Vec<String> {
     let mut why = Vec::new();
+    if let Some(e) = engine_failure(state) {
+        why.push(format!("the engine thread failed: {e}"));
+    }
     if let Some(s) = &pod.starting {
         why.push(format!("starting: {s}"));
     }
@@ -237,6 +297,22 @@ async fn startupz(State(state): State<AppState>) -> Response {
         ),
     )
         .into_response()
+}
+
+/// Why an engine thread of this pod failed, if one did.
+fn engine_failure(state: &AppState) -> Option<String> {
+    state.pods.iter().find_map(|s| s.failure())
+}
+
+/// Alive unless an engine thread failed: the process is then on its way
+/// out, and must not be taken for a working pod meanwhile.
+async fn livez(State(state): State<AppState>) -> Response {
+    match engine_failure(&state) {
+        None => "ok".into_response(),
+        Some(why) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "engine_failed", why).into_response()
+        }
+    }
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -362,10 +438,8 @@ async fn revenue(
         ));
     }
     let sum_of = |m: &BTreeMap<String, tally_core::view::Split>| {
-        let (f, l): (f64, f64) = m
-            .values()
-            .fold((0.0, 0.0), |a, s| (a.0 + s.final_usd, a.1 + s.live_usd));
-        json!({"final_usd": f, "live_usd": l, "combined_usd": f + l})
+        let t = tally_core::view::Split::total(m.values());
+        json!({"final_usd": t.final_usd, "live_usd": t.live_usd, "combined_usd": t.combined_usd})
     };
     // The total sums one definition: by currency when it has one, else by
     // region (each order is in exactly one window of a definition).

@@ -77,7 +77,7 @@ pub fn group(name: &str) -> String {
 
 /// Skips the calling test on the external broker, saying why; a test calls
 /// it when it needs what only the mock cluster has (fault injection), or
-/// what the external broker is known not to do (see DESIGN §9 for tansu).
+/// what the external broker is known not to do.
 pub fn skip_on_external(reason: &str) -> bool {
     match external_brokers() {
         Some(b) => {
@@ -95,7 +95,7 @@ pub fn on_tansu() -> bool {
 }
 
 /// Skips the calling test when the external broker is tansu
-/// (`TALLY_TEST_BROKER_KIND=tansu`), for one of its known gaps (DESIGN §9).
+/// (`TALLY_TEST_BROKER_KIND=tansu`), for one of its known gaps.
 pub fn skip_on_tansu(reason: &str) -> bool {
     let tansu = on_tansu();
     if tansu {
@@ -259,7 +259,7 @@ pub fn read_all(brokers: &str, name: &str) -> Vec<Rec> {
 
 /// The low and high watermarks of a partition (`topic` as on the broker).
 ///
-/// tansu's high watermark undercounts (DESIGN §9): it is one past the first
+/// tansu's high watermark undercounts: it is one past the first
 /// offset of the last record batch, not of its last record. So on an
 /// external broker the last batch is read from there and its last record
 /// gives the true end; on a correct broker that batch is the last record

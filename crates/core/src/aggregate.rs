@@ -290,7 +290,7 @@ pub fn usd(micros: i128) -> f64 {
 /// aggregate it carries the number of distinct customers, not their hashes
 /// (which would make a busy window's row hundreds of kilobytes).
 /// **Precondition** for exact merging: `raw-orders` is keyed by
-/// `customer_id` (DESIGN §2; the generator and the webhook do so), so each
+/// `customer_id` (docs/semantics.md, "Input"; the generator and the webhook do so), so each
 /// customer's orders are in one input partition and the counts of different
 /// partitions add up exactly.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

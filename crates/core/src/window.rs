@@ -119,7 +119,7 @@ impl WindowSpec {
         }
     }
 
-    /// The defaults of DESIGN §4: tumbling 1 min by currency and by region,
+    /// The defaults (docs/semantics.md, "Windows"): tumbling 1 min by currency and by region,
     /// sliding 5 min every 1 min by region, 30-minute sessions per customer.
     pub fn defaults() -> Vec<WindowSpec> {
         vec![
@@ -161,6 +161,17 @@ impl WindowSpec {
                 "window {}: sessions are per customer (by = \"customer\")",
                 self.name
             )),
+            WindowKind::Tumbling { size_ms }
+            | WindowKind::Sliding { size_ms, .. }
+            | WindowKind::Session { gap_ms: size_ms }
+                if size_ms > crate::engine::MAX_DURATION_MS =>
+            {
+                Err(format!(
+                    "window {}: {size_ms} ms is longer than ten years ({} ms)",
+                    self.name,
+                    crate::engine::MAX_DURATION_MS
+                ))
+            }
             _ => Ok(()),
         }
     }

@@ -157,7 +157,7 @@ fn oracle(cfg: &CoreConfig, evs: &[Ev]) -> Finals {
         let cur = Currency::parse(CURRENCIES[e.cur as usize]).unwrap();
         let amount = e.cents * 10_000;
         agg.add(
-            usd_micros(amount, fx.get(cur).unwrap()),
+            usd_micros(amount, fx.get(cur).unwrap()).unwrap(),
             cur,
             amount,
             customer_hash(&format!("c{}", e.customer)),

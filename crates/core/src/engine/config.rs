@@ -28,10 +28,31 @@ pub struct CoreConfig {
     /// [`Effect::Expired`] per partial), so the topic and every view stay
     /// bounded.
     pub window_retention_ms: i64,
+    /// An order whose `created_at` is more than this ahead of its
+    /// record's Kafka timestamp is rejected (`timestamp_in_future`): it
+    /// would move its partition's watermark ahead and make every later
+    /// order late. The record's timestamp is in the log, so a replay
+    /// decides the same.
+    pub max_future_skew_ms: i64,
 }
 
 /// One day, like Kafka Streams' default retention of windowed stores.
 pub const DEFAULT_WINDOW_RETENTION_MS: i64 = 86_400_000;
+
+/// The longest duration any setting may take: ten years. Every duration
+/// is added to event times (a close is `end + gap + grace`, an expiry
+/// `event + horizon`); bounded durations and event times
+/// ([`MAX_EVENT_MS`]) keep every such sum far inside `i64`, so no
+/// arithmetic on event time can wrap.
+pub const MAX_DURATION_MS: i64 = 10 * 365 * 86_400_000;
+
+/// The latest accepted event time bound: the year 10000.
+pub const MAX_EVENT_MS: i64 = 253_402_300_800_000;
+
+/// How far an order's `created_at` may be ahead of its record's Kafka
+/// timestamp by default: a minute of clock skew between a producer and
+/// the broker.
+pub const DEFAULT_MAX_FUTURE_SKEW_MS: i64 = 60_000;
 
 impl Default for CoreConfig {
     fn default() -> Self {
@@ -45,6 +66,7 @@ impl Default for CoreConfig {
             alert_threshold_usd_micros: 5_000 * 1_000_000,
             hash_seed: 0,
             window_retention_ms: DEFAULT_WINDOW_RETENTION_MS,
+            max_future_skew_ms: DEFAULT_MAX_FUTURE_SKEW_MS,
         }
     }
 }
@@ -89,16 +111,20 @@ impl CoreConfig {
                 ));
             }
         }
-        for (field, v) in [
-            ("out_of_orderness_ms", self.out_of_orderness_ms),
-            ("grace_ms", self.grace_ms),
+        for (field, v, least) in [
+            ("out_of_orderness_ms", self.out_of_orderness_ms, 0),
+            ("grace_ms", self.grace_ms, 0),
+            ("idle_timeout_ms", self.idle_timeout_ms, 1),
+            ("dedup_horizon_ms", self.dedup_horizon_ms, 1),
+            ("window_retention_ms", self.window_retention_ms, 1),
+            ("max_future_skew_ms", self.max_future_skew_ms, 0),
         ] {
-            if v < 0 {
-                return Err(cfg_err(field, format!("must be ≥ 0, got {v}")));
+            if !(least..=MAX_DURATION_MS).contains(&v) {
+                return Err(cfg_err(
+                    field,
+                    format!("must be in [{least}, {MAX_DURATION_MS}] ms (ten years), got {v}"),
+                ));
             }
-        }
-        if self.idle_timeout_ms <= 0 {
-            return Err(cfg_err("idle_timeout_ms", "must be > 0"));
         }
         // The horizon must outlive every window an order can still change;
         // otherwise a redelivered order could be counted twice.
@@ -126,11 +152,19 @@ impl CoreConfig {
         if l.max_message_bytes == 0 {
             return Err(cfg_err("max_message_bytes", "must be > 0"));
         }
+        if l.min_event_ms < 0 {
+            return Err(cfg_err("min_event_time", "must not be before 1970"));
+        }
+        if l.max_event_ms > MAX_EVENT_MS {
+            return Err(cfg_err("max_event_time", "must not be after the year 9999"));
+        }
         if l.min_event_ms >= l.max_event_ms {
             return Err(cfg_err("min_event_time", "must be before max_event_time"));
         }
-        if l.max_amount_micros <= 0 {
-            return Err(cfg_err("max_amount", "must be > 0"));
+        // An amount of 10¹² units is 10¹⁸ micro-units: within `i64`, and
+        // the product with any rate is computed in `i128` and bounded.
+        if !(1..=1_000_000_000_000 * MICROS).contains(&l.max_amount_micros) {
+            return Err(cfg_err("max_amount", "must be in (0, 1e12]"));
         }
         if self.alert_threshold_usd_micros <= 0 {
             return Err(cfg_err("alert_threshold_usd", "must be > 0"));

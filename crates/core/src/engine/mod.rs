@@ -43,7 +43,8 @@ use serde::{Deserialize, Serialize};
 
 use super::aggregate::{customer_hash, Aggregate};
 use super::order::{
-    enrich, parse_order_fields, EnrichedOrder, FieldSpan, FxTable, FxUpdate, Limits, Rejection,
+    enrich, parse_order_fields, EnrichedOrder, FieldSpan, FxTable, FxUpdate, Limits, Reason,
+    Rejection, MICROS,
 };
 use super::window::{assign, GroupBy, WindowKind, WindowSpec};
 

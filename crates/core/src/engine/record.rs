@@ -29,6 +29,26 @@ impl Engine {
         out: &mut Vec<Effect>,
         reader: &mut dyn StateReader,
     ) {
+        self.on_record_at(p, offset, payload, None, wall_ms, out, reader);
+    }
+
+    /// [`Engine::on_record_in`] for a record whose Kafka timestamp is
+    /// `record_ms`: an order whose `created_at` is more than
+    /// [`CoreConfig::max_future_skew_ms`] ahead of it is rejected
+    /// (`timestamp_in_future`) before it can move the watermark. The
+    /// timestamp is part of the log, so a replay decides the same; a
+    /// record without one is not checked.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_record_at(
+        &mut self,
+        p: Partition,
+        offset: Offset,
+        payload: &[u8],
+        record_ms: Option<i64>,
+        wall_ms: i64,
+        out: &mut Vec<Effect>,
+        reader: &mut dyn StateReader,
+    ) {
         self.fields.clear();
         let next_flush = self.flush_seq + 1;
         let session_limited = self.session_limit.is_some();
@@ -44,10 +64,24 @@ impl Engine {
         part.idle = false;
         part.meta_dirty = true;
 
-        let parsed = parse_order_fields(payload, &self.cfg.limits, &mut self.fields);
+        let skew = self.cfg.max_future_skew_ms;
+        let parsed = parse_order_fields(payload, &self.cfg.limits, &mut self.fields)
+            .and_then(|o| match record_ms {
+                Some(ts) if o.created_at_ms > ts.saturating_add(skew) => Err(Rejection::new(
+                    Reason::TimestampInFuture,
+                    Some("created_at"),
+                    format!(
+                        "created_at {} ms is {} ms ahead of the record's timestamp {ts} ms (allowed: {skew} ms)",
+                        o.created_at_ms,
+                        o.created_at_ms - ts
+                    ),
+                )),
+                _ => Ok(o),
+            });
         let order = match parsed.and_then(|o| enrich(o, &self.fx, wall_ms)) {
             Ok(o) => o,
             Err(rejection) => {
+                self.fields.clear();
                 out.push(Effect::Rejected {
                     partition: p,
                     offset,

@@ -25,12 +25,20 @@ impl Rate {
     }
 }
 
+/// The largest USD value one order may have: a trillion dollars, in
+/// micro-dollars. Amounts (≤ 10¹² units) and rates (≤ 10⁶) are each
+/// bounded, but their product is not within `i64`; an order worth more
+/// is rejected (`amount_out_of_range`) rather than wrapped.
+pub const MAX_ORDER_USD_MICROS: i64 = 1_000_000_000_000 * MICROS;
+
 /// `amount × rate`, rounded half up to the micro. Integer arithmetic, so the
-/// generator's ground truth and the pod compute the same cent.
-pub fn usd_micros(amount_micros: i64, rate: Rate) -> i64 {
+/// generator's ground truth and the pod compute the same cent. `None`
+/// above [`MAX_ORDER_USD_MICROS`].
+pub fn usd_micros(amount_micros: i64, rate: Rate) -> Option<i64> {
     let scale = RATE_SCALE as i128;
     let p = amount_micros as i128 * rate.0 as i128;
-    ((p + scale / 2) / scale) as i64
+    let usd = (p + scale / 2) / scale;
+    (usd <= MAX_ORDER_USD_MICROS as i128).then_some(usd as i64)
 }
 
 /// The currency → USD table used for enrichment, versioned by event time:

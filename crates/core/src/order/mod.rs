@@ -50,13 +50,16 @@ pub enum Reason {
     InvalidTimestamp,
     /// `created_at` is outside the configured range (years 2000..2100 by default).
     TimestampOutOfRange,
+    /// `created_at` is further ahead of the record's Kafka timestamp than
+    /// the allowed clock skew.
+    TimestampInFuture,
     /// The message is larger than the configured limit.
     Oversize,
 }
 
 impl Reason {
     /// Every reason, for metrics that pre-register one series per reason.
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::NotJson,
         Reason::NotObject,
         Reason::DuplicateField,
@@ -68,6 +71,7 @@ impl Reason {
         Reason::UnknownCurrency,
         Reason::InvalidTimestamp,
         Reason::TimestampOutOfRange,
+        Reason::TimestampInFuture,
         Reason::Oversize,
     ];
 
@@ -84,6 +88,7 @@ impl Reason {
             Reason::UnknownCurrency => "unknown_currency",
             Reason::InvalidTimestamp => "invalid_timestamp",
             Reason::TimestampOutOfRange => "timestamp_out_of_range",
+            Reason::TimestampInFuture => "timestamp_in_future",
             Reason::Oversize => "oversize",
         }
     }
@@ -105,7 +110,7 @@ pub struct Rejection {
 }
 
 impl Rejection {
-    fn new(reason: Reason, field: Option<&'static str>, detail: impl Into<String>) -> Self {
+    pub fn new(reason: Reason, field: Option<&'static str>, detail: impl Into<String>) -> Self {
         Rejection {
             reason,
             field,
@@ -614,8 +619,21 @@ pub fn enrich(
                 ),
             )
         })?;
+    let amount_usd_micros = usd_micros(order.amount_micros, rate).ok_or_else(|| {
+        Rejection::new(
+            Reason::AmountOutOfRange,
+            Some("amount"),
+            format!(
+                "{} {} at {} is worth more than {} USD",
+                order.amount_micros as f64 / MICROS as f64,
+                order.currency,
+                rate.as_f64(),
+                MAX_ORDER_USD_MICROS / MICROS
+            ),
+        )
+    })?;
     Ok(EnrichedOrder {
-        amount_usd_micros: usd_micros(order.amount_micros, rate),
+        amount_usd_micros,
         rate,
         processed_at_ms,
         order,

@@ -240,7 +240,7 @@ fn enrichment_converts_exactly_and_rejects_unknown_currency() {
 #[test]
 fn usd_rounding_is_half_up_to_the_micro() {
     let r = Rate::from_f64(0.0067).unwrap();
-    assert_eq!(usd_micros(1, r), 0);
-    assert_eq!(usd_micros(75, r), 1); // 0.5025 -> 1
-    assert_eq!(usd_micros(1_000 * MICROS, r), 6_700_000);
+    assert_eq!(usd_micros(1, r), Some(0));
+    assert_eq!(usd_micros(75, r), Some(1)); // 0.5025 -> 1
+    assert_eq!(usd_micros(1_000 * MICROS, r), Some(6_700_000));
 }

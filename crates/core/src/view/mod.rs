@@ -206,6 +206,40 @@ pub struct Split {
     pub combined_usd: f64,
     pub final_orders: u64,
     pub live_orders: u64,
+    /// The exact sums behind `final_usd` and `live_usd`, so that sums of
+    /// splits are exact too ([`Split::total`]).
+    #[serde(skip)]
+    pub final_micros: i128,
+    #[serde(skip)]
+    pub live_micros: i128,
+}
+
+impl Split {
+    fn of(final_micros: i128, live_micros: i128, final_orders: u64, live_orders: u64) -> Split {
+        Split {
+            final_usd: usd(final_micros),
+            live_usd: usd(live_micros),
+            combined_usd: usd(final_micros + live_micros),
+            final_orders,
+            live_orders,
+            final_micros,
+            live_micros,
+        }
+    }
+
+    /// The sum of `splits`, in integer micro-dollars, formatted once: a
+    /// sum of the formatted floats is neither exact nor equal to another
+    /// grouping's sum of the same orders.
+    pub fn total<'a>(splits: impl IntoIterator<Item = &'a Split>) -> Split {
+        let (mut f, mut l, mut fc, mut lc) = (0, 0, 0, 0);
+        for s in splits {
+            f += s.final_micros;
+            l += s.live_micros;
+            fc += s.final_orders;
+            lc += s.live_orders;
+        }
+        Split::of(f, l, fc, lc)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -261,16 +261,7 @@ impl View {
             }
         }
         sums.into_iter()
-            .map(|(k, (f, l, fc, lc))| {
-                let split = Split {
-                    final_usd: usd(f),
-                    live_usd: usd(l),
-                    combined_usd: usd(f + l),
-                    final_orders: fc,
-                    live_orders: lc,
-                };
-                (k.to_string(), split)
-            })
+            .map(|(k, (f, l, fc, lc))| (k.to_string(), Split::of(f, l, fc, lc)))
             .collect()
     }
 }
