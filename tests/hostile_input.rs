@@ -244,3 +244,57 @@ fn a_failed_engine_is_neither_live_nor_ready_and_exits_promptly() {
     assert_totals_equal(&published_totals(&brokers), &truth_totals(&records));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A record near `raw-orders`' size limit (900 KB, over the 64 KiB input
+/// limit) goes to the DLQ as `oversize` with a bounded copy: its first
+/// `--max-message-bytes`, marked `truncated`, with the original size and
+/// its source offset. The orders after it are all counted.
+///
+/// Reproduced first on the code before: the DLQ copy was the whole
+/// 900 KB plus six headers (checked: the payload-length assertion saw
+/// 900,000). On a broker whose `orders-dlq` has the same 1 MB limit as
+/// `raw-orders`, such a copy is refused, the batch is never acknowledged,
+/// and the pod stops processing; the mock cluster does not enforce topic
+/// size limits, so this test checks the bound that prevents it.
+#[test]
+fn a_record_near_the_size_limit_gets_a_bounded_dlq_copy() {
+    let broker = TestBroker::start(1, &declared_topics());
+    let brokers = broker.bootstrap_servers();
+    let mut records = gen::generate(&GenSpec {
+        count: 500,
+        seed: 3,
+        customers: 50,
+        invalid_pct: 0.0,
+        duplicate_pct: 0.0,
+        late_pct: 0.0,
+        ..GenSpec::default()
+    });
+    let big = GenRecord {
+        key: records[0].key.clone(),
+        payload: vec![b'x'; 900_000],
+        expect: Expect::Invalid {
+            reason: Reason::Oversize,
+        },
+    };
+    records.insert(10, big);
+    produce_input(&brokers, &records);
+    let ends = end_offsets(&brokers, "raw-orders");
+    let dir = temp_dir("oversize");
+    let handle = pod::start(pod_config(&brokers, "oversize", dir.clone())).unwrap();
+    wait_until(
+        "the pod to commit every input offset",
+        Duration::from_secs(90),
+        || committed(&brokers, "oversize", "raw-orders") == ends,
+    );
+    handle.join().unwrap();
+    assert_totals_equal(&published_totals(&brokers), &truth_totals(&records));
+    let dlq = read_all(&brokers, "orders-dlq");
+    assert_eq!(dlq.len(), 1);
+    let r = &dlq[0];
+    assert_eq!(r.headers["reason"], "oversize");
+    assert_eq!(r.payload.as_ref().unwrap().len(), 64 * 1024);
+    assert_eq!(r.headers["truncated"], "true");
+    assert_eq!(r.headers["original_size"], "900000");
+    assert!(r.headers["source_offset"].parse::<i64>().is_ok());
+    let _ = std::fs::remove_dir_all(&dir);
+}

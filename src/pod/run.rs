@@ -491,10 +491,7 @@ pub(super) fn run_loop(
         return Err(e);
     }
     loop {
-        match proc.flush_all(
-            consumer,
-            deadline.saturating_duration_since(Instant::now()),
-        ) {
+        match proc.flush_all(consumer, deadline.saturating_duration_since(Instant::now())) {
             Ok(()) => break,
             Err(PodError::ProduceTimeout(_)) if Instant::now() < deadline => continue,
             Err(e) => {

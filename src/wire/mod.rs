@@ -336,11 +336,36 @@ impl Outputs<'_> {
         if let Some(f) = r.field {
             headers.push(("field".to_string(), f.as_bytes().to_vec()));
         }
+        // A record over the input limit (`oversize`) can be as large as
+        // `raw-orders` allows, and with the headers its copy would not fit
+        // a DLQ topic with the same limit: the broker refuses it, and the
+        // batch could never be acknowledged. Its copy keeps the first
+        // `--max-message-bytes` (64 KiB by default) and says so; the whole
+        // record stays at its source offset.
+        let limit = self.cfg.limits.max_message_bytes;
+        let payload = if original.len() > limit {
+            headers.push(("truncated".to_string(), b"true".to_vec()));
+            headers.push((
+                "original_size".to_string(),
+                original.len().to_string().into_bytes(),
+            ));
+            original[..limit].to_vec()
+        } else {
+            original.to_vec()
+        };
+        let key = key.map(|k| {
+            if k.len() > limit {
+                headers.push(("key_truncated".to_string(), b"true".to_vec()));
+                k[..limit].to_vec()
+            } else {
+                k.to_vec()
+            }
+        });
         out.push(OutRecord {
             topic: self.cfg.topics.dlq_topic.clone(),
             partition: None,
-            key: key.map(<[u8]>::to_vec),
-            payload: Some(original.to_vec()),
+            key,
+            payload: Some(payload),
             headers,
         });
     }
