@@ -14,7 +14,7 @@ CARGO ?= cargo
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 BUILD := $(CARGO) test --workspace --all-targets --no-run
 
-.PHONY: deps test test-tansu test-churn test-long-kill test-soak validate demo fmt lint ci
+.PHONY: deps test test-tansu test-churn test-long-kill test-soak fuzz validate demo fmt lint ci
 
 deps:
 	@./scripts/ensure-deps.sh
@@ -37,9 +37,14 @@ test-churn: deps
 test-long-kill: deps
 	$(CARGO) test --test long_kill -- --ignored
 
+## The order parser and the HTTP router fuzzed for a minute each
+## (5 s each inside `make test`; TALLY_FUZZ_SEED=<n> replays a run).
+fuzz: deps
+	TALLY_FUZZ_SECONDS=60 $(CARGO) test --test fuzz -- --nocapture
+
 ## Every fault at once (SIGKILLs, brokers down, error bursts, rebalances
 ## during slow flushes) across three pods, about three minutes
-## (TALLY_SOAK_SEED=<n> replays a run; see BENCHMARKS.md, "Soak").
+## (TALLY_SOAK_SEED=<n> replays a run; BENCHMARKS.md lists the runs).
 test-soak: deps
 	$(CARGO) test --test soak -- --ignored --nocapture
 

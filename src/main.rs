@@ -282,12 +282,15 @@ async fn start_http(
     let view = Arc::new(std::sync::RwLock::new(view));
     let caught_up = Arc::new(AtomicBool::new(false));
     let pc = tally::kafka::Clients::new(&cfg.kafka.brokers, &extra).producer();
-    let webhook = http::Webhook {
-        secret: cfg.serving.webhook_secret.clone().map(String::into_bytes),
-        producer: pc.create()?,
-        topic: cfg.topics.input_topic.clone(),
-        limits: core.limits,
-    };
+    let mut webhook = http::Webhook::new(
+        cfg.serving.webhook_secret.clone().map(String::into_bytes),
+        pc.create()?,
+        cfg.topics.input_topic.clone(),
+        core.limits,
+    );
+    webhook.tolerance = Duration::from_millis(cfg.serving.webhook_tolerance_ms);
+    webhook.legacy_signature = cfg.serving.webhook_legacy_signature;
+    webhook.body_timeout = Duration::from_millis(cfg.serving.http_timeout_ms);
     let state = http::AppState {
         view: view.clone(),
         view_caught_up: caught_up.clone(),
@@ -296,7 +299,7 @@ async fn start_http(
         metrics,
         webhook: Some(Arc::new(webhook)),
     };
-    let server = serve(&cfg.serving.http, state).await?;
+    let server = serve(cfg, state).await?;
     Ok(((view, caught_up), server))
 }
 
@@ -321,15 +324,23 @@ async fn follow_view(
 
 /// Spawns the HTTP server; the handle lets a caller stop it (and drop its
 /// Kafka producer) before the broker goes away.
-async fn serve(addr: &str, state: http::AppState) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+async fn serve(
+    cfg: &PodConfig,
+    state: http::AppState,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let addr = &cfg.serving.http;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
-    Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, http::app(state)).await {
-            tracing::error!(error = %e, "HTTP server stopped");
-        }
-    }))
+    let limits = http::ServerLimits {
+        header_timeout: Duration::from_millis(cfg.serving.http_timeout_ms),
+        max_connections: cfg.serving.http_max_connections,
+    };
+    Ok(tokio::spawn(http::serve(
+        listener,
+        http::app(state),
+        limits,
+    )))
 }
 
 /// One readiness record per engine thread (`--engine-threads`), all

@@ -1295,3 +1295,60 @@ fn a_commit_refused_by_the_group_clears_the_local_state() {
     assert_totals_equal(&published_totals(&brokers), &truth_totals(&all));
     let _ = std::fs::remove_dir_all(cfg.resources.state_dir);
 }
+
+/// Rows of other window definitions are never restored: a pod whose
+/// `--windows` differ from those the changelog was written under (its
+/// state directory moved away, as the local fingerprint check asks)
+/// refuses every partition, says why in `/readyz` (`blocked_partitions`),
+/// and processes and commits nothing. Rows are keyed by a definition's
+/// position, so restoring them would count a currency window's orders in
+/// a region window.
+///
+/// Reproduced first with the check switched off (the code before had
+/// none): the pod restored the old rows under the swapped definitions
+/// and went on, and the wait for every partition to be refused timed
+/// out with none blocked.
+#[test]
+fn a_changelog_of_other_window_definitions_is_refused() {
+    let group_name = "other-definitions";
+    let broker = TestBroker::start(1, &declared_topics());
+    let brokers = broker.bootstrap_servers();
+    produce_input(&brokers, &orders(500, 93));
+    let cfg_a = pod_config(&brokers, group_name, temp_dir("definitions-a"));
+    run_to_the_end(&brokers, group_name, &cfg_a, "the orders");
+    let committed_before = committed(&brokers, group_name, "raw-orders");
+    // More orders, so a pod that did restore would process and publish.
+    produce_input(&brokers, &orders(200, 94));
+
+    let mut cfg_b = pod_config(&brokers, group_name, temp_dir("definitions-b"));
+    cfg_b.job.windows = "tumbling:tumbling_1m_region:60000:region,\
+                         tumbling:tumbling_1m_currency:60000:currency,\
+                         sliding:sliding_5m_1m_region:300000:60000:region,\
+                         session:session_30m_customer:1800000"
+        .into();
+    let b = pod::start(cfg_b.clone()).unwrap();
+    let stats = b.stats.clone();
+    wait_until(
+        "every partition to be refused",
+        Duration::from_secs(60),
+        || stats.blocked.lock().unwrap().len() == committed_before.len(),
+    );
+    for (_, why) in stats.blocked.lock().unwrap().iter() {
+        assert!(why.contains("other window definitions"), "{why}");
+    }
+    b.join().unwrap();
+    assert_eq!(
+        committed(&brokers, group_name, "raw-orders"),
+        committed_before
+    );
+    for r in read_all(&brokers, "revenue-windows") {
+        let key = String::from_utf8(r.key.clone().unwrap_or_default()).unwrap();
+        assert!(
+            !key.starts_with("tumbling_1m_region|USD"),
+            "a region window named after a currency: {key}"
+        );
+    }
+    for d in [cfg_a.resources.state_dir, cfg_b.resources.state_dir] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}

@@ -18,7 +18,9 @@ use proptest::prelude::*;
 use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
 use serde_json::Value;
-use tally::serve::http::{app, sign, AppState, Webhook, SIGNATURE_HEADER};
+use tally::serve::http::{
+    app, sign, sign_body_only, AppState, Webhook, SIGNATURE_HEADER, TIMESTAMP_HEADER,
+};
 use tally::telemetry::metrics::Metrics;
 use tally::wire::windows::{decode, progress_key};
 use tally_core::view::{ProgressRecord, View};
@@ -539,24 +541,40 @@ fn webhook_state(brokers: &str) -> AppState {
         .set("enable.idempotence", "true")
         .create()
         .unwrap();
-    let hook = Webhook {
-        secret: Some(SECRET.to_vec()),
+    let hook = Webhook::new(
+        Some(SECRET.to_vec()),
         producer,
-        topic: topic("raw-orders"),
-        limits: Limits {
+        topic("raw-orders"),
+        Limits {
             max_message_bytes: 2_048,
             ..Limits::default()
         },
-    };
+    );
     state(true, Some(Arc::new(hook)))
 }
 
+/// A webhook request signed at the current time.
 fn post(body: &[u8], sig: Option<String>) -> Request<Body> {
-    let mut r = Request::post("/webhook/orders").header("content-type", "application/json");
+    post_at(body, now_s(), sig)
+}
+
+fn post_at(body: &[u8], ts: i64, sig: Option<String>) -> Request<Body> {
+    let mut r = Request::post("/webhook/orders")
+        .header("content-type", "application/json")
+        .header(TIMESTAMP_HEADER, ts.to_string());
     if let Some(s) = sig {
         r = r.header(SIGNATURE_HEADER, s);
     }
     r.body(Body::from(body.to_vec())).unwrap()
+}
+
+fn now_s() -> i64 {
+    tally::pod::now_ms() / 1000
+}
+
+/// The signature of `body` sent now.
+fn signed(secret: &[u8], body: &[u8]) -> String {
+    sign(secret, now_s(), body)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -566,18 +584,18 @@ async fn the_webhook_verifies_then_produces() {
     let st = webhook_state(&broker.bootstrap_servers());
     let good = br#"{"order_id":"w-1","customer_id":"c9","amount":"12.50","currency":"eur","created_at":"2024-05-01T12:00:00Z"}"#;
 
-    let (s, _, b) = call(&st, post(good, Some(sign(SECRET, good)))).await;
+    let (s, _, b) = call(&st, post(good, Some(signed(SECRET, good)))).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&b));
     let (s, _, _) = call(&st, post(good, None)).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     let (s, _, _) = call(
         &st,
-        post(good, Some(sign(b"another-secret-entirely", good))),
+        post(good, Some(signed(b"another-secret-entirely", good))),
     )
     .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     let bad = br#"{"order_id":"w-2","amount":"12.50"}"#;
-    let (s, _, b) = call(&st, post(bad, Some(sign(SECRET, bad)))).await;
+    let (s, _, b) = call(&st, post(bad, Some(signed(SECRET, bad)))).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     let v: Value = serde_json::from_slice(&b).unwrap();
     assert!(
@@ -585,7 +603,7 @@ async fn the_webhook_verifies_then_produces() {
         "{v}"
     );
     let big = vec![b' '; 4_096];
-    let (s, _, b) = call(&st, post(&big, Some(sign(SECRET, &big)))).await;
+    let (s, _, b) = call(&st, post(&big, Some(signed(SECRET, &big)))).await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
     assert!(serde_json::from_slice::<Value>(&b).is_ok());
 
@@ -611,12 +629,12 @@ fn unreachable_hook() -> Arc<Webhook> {
             .set("message.timeout.ms", "100")
             .create()
             .unwrap();
-        Arc::new(Webhook {
-            secret: Some(SECRET.to_vec()),
+        Arc::new(Webhook::new(
+            Some(SECRET.to_vec()),
             producer,
-            topic: "raw-orders".into(),
-            limits: Limits::default(),
-        })
+            "raw-orders".into(),
+            Limits::default(),
+        ))
     })
     .clone()
 }
@@ -647,7 +665,7 @@ proptest! {
     fn any_webhook_body_is_answered_without_a_server_error(body in prop::collection::vec(any::<u8>(), 0..300), signed in any::<bool>()) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let st = state(true, Some(unreachable_hook()));
-        let sig = signed.then(|| sign(SECRET, &body));
+        let sig = signed.then(|| sign(SECRET, now_s(), &body));
         let (s, _, b) = rt.block_on(call(&st, post(&body, sig)));
         let valid = tally_core::parse_order(&body, &Limits::default()).is_ok();
         prop_assert!(s.as_u16() < 500 || (valid && s == StatusCode::SERVICE_UNAVAILABLE), "{}", s);
@@ -753,4 +771,141 @@ async fn the_revenue_total_is_exact() {
         body["by_region"]["eu"]["combined_usd"],
         body["total"]["combined_usd"]
     );
+}
+
+/// A captured webhook request cannot be replayed: the signature covers a
+/// timestamp (`x-tally-timestamp`) with the body, a timestamp outside the
+/// tolerance (5 minutes) is refused, and a request accepted once is
+/// refused again within it (409). The body-only signature is refused
+/// unless `--webhook-legacy-signature` allows it.
+///
+/// Reproduced first: on the code before, the same signed request was
+/// accepted again and again (202 each time). Checked here too by
+/// switching the replay check off: the second post's 409 assertion
+/// failed with 202.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_webhook_request_cannot_be_replayed() {
+    let broker = TestBroker::start(1, &declared_topics());
+    let st = webhook_state(&broker.bootstrap_servers());
+    let body = br#"{"order_id":"r-1","customer_id":"c1","amount":"5","currency":"usd","created_at":"2024-05-01T12:00:00Z"}"#;
+    let ts = now_s();
+    let sig = sign(SECRET, ts, body);
+    let (s, _, b) = call(&st, post_at(body, ts, Some(sig.clone()))).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&b));
+    let (s, _, b) = call(&st, post_at(body, ts, Some(sig.clone()))).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{}", String::from_utf8_lossy(&b));
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["error"], "replayed");
+
+    // Another timestamp with the old signature does not verify.
+    let (s, _, _) = call(&st, post_at(body, ts + 1, Some(sig))).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // Outside the tolerance, correctly signed: refused; so is a timestamp
+    // whose milliseconds saturate (the fuzzer found it panicking).
+    for old in [ts - 600, ts + 600, -7_673_396_808_667_076_266, i64::MAX] {
+        let (s, _, b) = call(&st, post_at(body, old, Some(sign(SECRET, old, body)))).await;
+        assert_eq!(
+            s,
+            StatusCode::UNAUTHORIZED,
+            "{}",
+            String::from_utf8_lossy(&b)
+        );
+    }
+    // The body-only signature, without a timestamp: refused by default.
+    let legacy = || {
+        Request::post("/webhook/orders")
+            .header(SIGNATURE_HEADER, sign_body_only(SECRET, body))
+            .body(Body::from(body.to_vec()))
+            .unwrap()
+    };
+    let (s, _, _) = call(&st, legacy()).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap_servers())
+        .create()
+        .unwrap();
+    let mut hook = Webhook::new(
+        Some(SECRET.to_vec()),
+        producer,
+        topic("raw-orders"),
+        Limits::default(),
+    );
+    hook.legacy_signature = true;
+    let st = state(true, Some(Arc::new(hook)));
+    let (s, _, _) = call(&st, legacy()).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+}
+
+/// The HTTP server times clients out and bounds them: a connection that
+/// sends nothing, or half a request head, is closed after the header
+/// timeout; a webhook body that never completes gets 408 and a closed
+/// connection; connections over the limit are closed at once; and once
+/// the idle ones are gone, `/livez` answers.
+///
+/// Reproduced first with `axum::serve` in place of `http::serve` (what
+/// the pod used before): a connection beyond the limit was still open
+/// when the 5-second read below timed out, and so would every idle one.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_http_server_times_out_and_bounds_its_clients() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", "127.0.0.1:1")
+        .set("message.timeout.ms", "100")
+        .create()
+        .unwrap();
+    let mut hook = Webhook::new(
+        Some(SECRET.to_vec()),
+        producer,
+        "raw-orders".into(),
+        Limits::default(),
+    );
+    hook.body_timeout = Duration::from_millis(500);
+    let st = state(true, Some(Arc::new(hook)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let limits = tally::serve::http::ServerLimits {
+        header_timeout: Duration::from_millis(500),
+        max_connections: 8,
+    };
+    let server = tokio::spawn(tally::serve::http::serve(listener, app(st), limits));
+
+    let closed_within = |mut c: TcpStream, what: &str| {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = Vec::new();
+        match c.read_to_end(&mut buf) {
+            Ok(_) => String::from_utf8_lossy(&buf).to_string(),
+            Err(e) => panic!("{what}: still open after 5 s ({e})"),
+        }
+    };
+    let result = tokio::task::spawn_blocking(move || {
+        let idle: Vec<TcpStream> = (0..6).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        let mut slow = TcpStream::connect(addr).unwrap();
+        slow.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n")
+            .unwrap();
+        let mut body = TcpStream::connect(addr).unwrap();
+        body.write_all(
+            b"POST /webhook/orders HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"order",
+        )
+        .unwrap();
+        // Over the limit of 8: closed at once, with nothing sent.
+        let over = TcpStream::connect(addr).unwrap();
+        assert_eq!(closed_within(over, "a connection over the limit"), "");
+        for c in idle {
+            closed_within(c, "an idle connection");
+        }
+        closed_within(slow, "half a request head");
+        let answer = closed_within(body, "a body that never completes");
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("request_timeout"), "{answer}");
+        // The server answers again.
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        closed_within(c, "a /livez request")
+    })
+    .await;
+    server.abort();
+    let livez = result.unwrap();
+    assert!(livez.starts_with("HTTP/1.1 200"), "{livez}");
 }

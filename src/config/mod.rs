@@ -230,6 +230,23 @@ pub struct ServingConfig {
     #[arg(long, env = "TALLY_WEBHOOK_SECRET", hide_env_values = true)]
     #[serde(skip)]
     pub webhook_secret: Option<String>,
+    /// How far a webhook request's signed timestamp may be from this
+    /// pod's clock, ms; a request seen again within it is refused.
+    #[arg(long, env = "TALLY_WEBHOOK_TOLERANCE_MS", default_value_t = 300_000)]
+    pub webhook_tolerance_ms: u64,
+    /// Also accept webhook signatures of the body alone, without a signed
+    /// timestamp: such a request can be replayed forever. Only for
+    /// senders not yet updated.
+    #[arg(long, env = "TALLY_WEBHOOK_LEGACY_SIGNATURE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub webhook_legacy_signature: bool,
+    /// A client must send a request's head, and the webhook's body, within
+    /// this many ms; an idle connection is closed after it.
+    #[arg(long, env = "TALLY_HTTP_TIMEOUT_MS", default_value_t = 10_000)]
+    pub http_timeout_ms: u64,
+    /// Open HTTP connections at most; more are closed at once, so clients
+    /// can never take the file descriptors Kafka and RocksDB need.
+    #[arg(long, env = "TALLY_HTTP_MAX_CONNECTIONS", default_value_t = 256)]
+    pub http_max_connections: usize,
     /// Consumer lag (records) at or below which the pod reports ready.
     #[arg(long, env = "TALLY_READY_MAX_LAG", default_value_t = 20_000)]
     pub ready_max_lag: u64,
@@ -452,6 +469,21 @@ impl PodConfig {
                     format!("{t:?} is not a valid Kafka topic name"),
                 ));
             }
+        }
+        if !(1_000..=3_600_000).contains(&self.serving.webhook_tolerance_ms) {
+            return Err(invalid(
+                "webhook_tolerance_ms",
+                "must be in [1000, 3600000] (a second to an hour)",
+            ));
+        }
+        if !(100..=600_000).contains(&self.serving.http_timeout_ms) {
+            return Err(invalid(
+                "http_timeout_ms",
+                "must be in [100, 600000] (0.1 s to 10 minutes)",
+            ));
+        }
+        if !(1..=65_536).contains(&self.serving.http_max_connections) {
+            return Err(invalid("http_max_connections", "must be in [1, 65536]"));
         }
         if self.flush.flush_max_events == 0 {
             return Err(invalid("flush_max_events", "must be > 0"));

@@ -77,7 +77,14 @@ pub(super) fn epoch_of(m: &BorrowedMessage<'_>) -> u64 {
 
 /// The claim's value: the state format version (restore checks it like
 /// any row's), then the epoch, then the highest epoch the claimant had
-/// read before it (its predecessor), both big-endian.
+/// read before it (its predecessor), then the fingerprint of the window
+/// definitions its rows are written under, all big-endian.
+///
+/// Why the fingerprint: rows are keyed by a definition's index, so rows
+/// written under other definitions would restore as this pod's (a
+/// currency window's rows as a region window's). Every owner writes a
+/// claim before any row, so the latest claim read says which definitions
+/// the rows after it mean ([`definitions_of`]).
 ///
 /// Why the predecessor: a pod back on local state reads only the
 /// changelog after its checkpoint. If it wrote on after another owner
@@ -86,11 +93,21 @@ pub(super) fn epoch_of(m: &BorrowedMessage<'_>) -> u64 {
 /// later claim, which alone looks like an ordinary handover. Its
 /// predecessor, newer than anything the local state has seen, gives
 /// the gap away ([`predecessor_of`]).
-fn claim_value(epoch: u64, predecessor: u64) -> Vec<u8> {
+fn claim_value(epoch: u64, predecessor: u64, definitions: u64) -> Vec<u8> {
     let mut v = vec![crate::state::codec::FORMAT_VERSION];
     v.extend_from_slice(&epoch.to_be_bytes());
     v.extend_from_slice(&predecessor.to_be_bytes());
+    v.extend_from_slice(&definitions.to_be_bytes());
     v
+}
+
+/// The window definitions' fingerprint a claim's (or reset's) value
+/// names; `None` for a claim written before claims named one.
+pub(super) fn definitions_of(value: &[u8]) -> Option<u64> {
+    value
+        .get(17..25)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
 }
 
 /// The predecessor a claim's (or reset's) value names; `None` for a claim
@@ -131,6 +148,8 @@ pub(super) struct Claims {
     producer: BaseProducer<ClaimContext>,
     topic: String,
     seq: usize,
+    /// The fingerprint of this pod's window definitions, in every claim.
+    definitions: u64,
 }
 
 impl Claims {
@@ -139,6 +158,7 @@ impl Claims {
             producer: run::producer_config(cfg)?.create_with_context(ClaimContext::default())?,
             topic: cfg.topics.changelog_topic.clone(),
             seq: 0,
+            definitions: cfg.core()?.state_fingerprint(),
         })
     }
 
@@ -176,7 +196,7 @@ impl Claims {
     ) -> Result<i64, PodError> {
         self.seq += 1;
         let seq = self.seq;
-        let value = claim_value(epoch, predecessor);
+        let value = claim_value(epoch, predecessor, self.definitions);
         let text = epoch.to_string();
         let rec = BaseRecord::with_opaque_to(&self.topic, seq)
             .partition(p)
@@ -231,10 +251,12 @@ mod tests {
 
     #[test]
     fn a_claim_names_its_predecessor() {
-        let v = claim_value(9, 7);
+        let v = claim_value(9, 7, 0xfeed);
         assert_eq!(v[0], crate::state::codec::FORMAT_VERSION);
         assert_eq!(predecessor_of(&v), Some(7));
-        // A claim of before predecessors were named.
+        assert_eq!(definitions_of(&v), Some(0xfeed));
+        // A claim of before predecessors, or definitions, were named.
         assert_eq!(predecessor_of(&v[..9]), None);
+        assert_eq!(definitions_of(&v[..17]), None);
     }
 }

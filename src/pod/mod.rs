@@ -156,6 +156,18 @@ pub enum PodError {
         stored: u64,
         found: u64,
     },
+    #[error(
+        "partition {partition}: the changelog's rows were written under other window \
+         definitions (fingerprint {found:016x}; this pod's are {ours:016x}), and rows are \
+         keyed by a definition's position: restoring them would count one window's orders \
+         in another. Run new definitions under a new --group and --changelog-topic \
+         (docs/operations.md, \"Upgrades\")"
+    )]
+    OtherDefinitions {
+        partition: Partition,
+        found: u64,
+        ours: u64,
+    },
 }
 
 /// What the pod's readiness and its callers ask of it. The counts are

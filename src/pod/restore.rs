@@ -95,6 +95,16 @@ impl Processor {
                 }
                 false
             }
+            Err(e @ PodError::OtherDefinitions { .. }) => {
+                // Nothing of it may be used: what the restore stored so
+                // far goes, and the partition stays paused until an
+                // operator runs the definitions where they belong.
+                if let Err(e) = self.store.clear_partition(p) {
+                    error!(partition = p, error = %e, "cannot clear the partition's local state");
+                }
+                self.refuse(p, e.to_string());
+                return;
+            }
             Err(e) if e.is_transient() || matches!(e, PodError::Kafka(_)) => {
                 // A leader moving, a timeout, brokers down: the state is
                 // fine, the broker is not. Try again later from where the
@@ -262,19 +272,21 @@ impl Processor {
     /// operator decides (restore the changelog, or accept the loss by
     /// moving the group's offsets and clearing the state).
     fn refuse_rebuild(&mut self, p: Partition, low: i64) {
-        self.restoring.remove(&p);
-        self.restoring_changed();
         self.metrics.rebuilds_refused.inc();
         let why = format!(
             "partition {p}: its state cannot be restored and {} starts at offset {low}, not 0: \
              a rebuild from the log would lose the orders before it",
             self.cfg.topics.input_topic
         );
-        error!(
-            partition = p,
-            log_start = low,
-            "{why}; refusing to rebuild (the partition stays paused)"
-        );
+        self.refuse(p, why);
+    }
+
+    /// Leaves partition `p` paused and unprocessed, the pod unready, and
+    /// `why` in `/readyz`.
+    fn refuse(&mut self, p: Partition, why: String) {
+        error!(partition = p, "{why}; the partition stays paused");
+        self.restoring.remove(&p);
+        self.restoring_changed();
         self.refused.insert(p);
         if let Ok(mut b) = self.stats.blocked.lock() {
             b.retain(|(q, _)| *q != p);
@@ -503,6 +515,18 @@ impl Processor {
                 // format: look for one, applying nothing.
                 caught_up = last + 1 >= high;
                 continue;
+            }
+            if matches!(m.key(), Some(k) if k == claim::CLAIM_KEY || k == claim::RESET_KEY) {
+                let ours = self.engine.config().state_fingerprint();
+                if let Some(found) = m.payload().and_then(claim::definitions_of) {
+                    if found != ours {
+                        return Err(PodError::OtherDefinitions {
+                            partition: p,
+                            found,
+                            ours,
+                        });
+                    }
+                }
             }
             if m.key() == Some(claim::CLAIM_KEY) {
                 let predecessor = m.payload().and_then(claim::predecessor_of);

@@ -33,6 +33,68 @@ pub struct Webhook {
     pub producer: FutureProducer,
     pub topic: String,
     pub limits: Limits,
+    /// How far a request's signed timestamp may be from this pod's clock.
+    pub tolerance: Duration,
+    /// Also accept the body-only signature (no timestamp), which a captured
+    /// request can be replayed with forever; for senders not yet updated.
+    pub legacy_signature: bool,
+    /// A body not received within this long is refused (408).
+    pub body_timeout: Duration,
+    /// Signatures accepted within the tolerance: a request seen again
+    /// inside it is a replay.
+    seen: std::sync::Mutex<ReplayCache>,
+}
+
+impl Webhook {
+    /// A webhook with the default tolerance (5 minutes), body timeout
+    /// (10 s) and no legacy signatures.
+    pub fn new(
+        secret: Option<Vec<u8>>,
+        producer: FutureProducer,
+        topic: String,
+        limits: Limits,
+    ) -> Self {
+        Webhook {
+            secret,
+            producer,
+            topic,
+            limits,
+            tolerance: Duration::from_secs(300),
+            legacy_signature: false,
+            body_timeout: Duration::from_secs(10),
+            seen: std::sync::Mutex::new(ReplayCache::default()),
+        }
+    }
+}
+
+/// The signatures of requests accepted within the tolerance window, with
+/// when each may be forgotten (once its timestamp is outside the window,
+/// the request is refused for its age anyway).
+#[derive(Default)]
+struct ReplayCache {
+    by_expiry: std::collections::VecDeque<(i64, [u8; 32])>,
+    seen: std::collections::HashSet<[u8; 32]>,
+}
+
+impl ReplayCache {
+    fn forget_until(&mut self, now_ms: i64) {
+        while self.by_expiry.front().is_some_and(|(t, _)| *t < now_ms) {
+            if let Some((_, old)) = self.by_expiry.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+    }
+
+    fn contains(&mut self, sig: &[u8; 32], now_ms: i64) -> bool {
+        self.forget_until(now_ms);
+        self.seen.contains(sig)
+    }
+
+    fn remember(&mut self, sig: [u8; 32], forget_at_ms: i64) {
+        if self.seen.insert(sig) {
+            self.by_expiry.push_back((forget_at_ms, sig));
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -554,13 +616,31 @@ async fn sessions(
     ))
 }
 
-/// Signature header: `sha256=<hex>` (or bare hex) of HMAC-SHA256(secret, body).
+/// Signature header: `sha256=<hex>` (or bare hex) of
+/// HMAC-SHA256(secret, `<timestamp>.<body>`).
 pub const SIGNATURE_HEADER: &str = "x-tally-signature";
 
-pub fn sign(secret: &[u8], body: &[u8]) -> String {
+/// The signed timestamp: Unix seconds when the request was sent.
+pub const TIMESTAMP_HEADER: &str = "x-tally-timestamp";
+
+/// The signature of `body` sent at `timestamp` (Unix seconds), as the
+/// webhook expects it: the timestamp is signed with the body, so a
+/// captured request cannot be replayed outside the tolerance window.
+pub fn sign(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
+    let mut message = format!("{timestamp}.").into_bytes();
+    message.extend_from_slice(body);
+    sign_bytes(secret, &message)
+}
+
+/// The legacy signature: of the body alone (`--webhook-legacy-signature`).
+pub fn sign_body_only(secret: &[u8], body: &[u8]) -> String {
+    sign_bytes(secret, body)
+}
+
+fn sign_bytes(secret: &[u8], message: &[u8]) -> String {
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
         .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
-    mac.update(body);
+    mac.update(message);
     let out = mac.finalize().into_bytes();
     format!(
         "sha256={}",
@@ -568,7 +648,62 @@ pub fn sign(secret: &[u8], body: &[u8]) -> String {
     )
 }
 
-fn verify(secret: &[u8], body: &[u8], header: Option<&HeaderValue>) -> Result<(), ApiError> {
+/// Checks the signature of `body` and its timestamp, and that the request
+/// was not accepted before within the tolerance. Returns the signature
+/// and when it may be forgotten, to remember once the order is accepted
+/// (a request refused for an unavailable broker may be sent again as it
+/// is); `None` for a legacy signature, which has no timestamp to bound a
+/// replay cache.
+fn verify_request(
+    hook: &Webhook,
+    secret: &[u8],
+    body: &[u8],
+    headers: &HeaderMap,
+) -> Result<Option<([u8; 32], i64)>, ApiError> {
+    let unauthorized = |d: String| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", d);
+    let Some(ts) = headers.get(TIMESTAMP_HEADER) else {
+        if hook.legacy_signature {
+            return verify(secret, body, headers.get(SIGNATURE_HEADER)).map(|_| None);
+        }
+        return Err(unauthorized(format!(
+            "missing {TIMESTAMP_HEADER} header (Unix seconds, signed with the body)"
+        )));
+    };
+    let ts: i64 = ts
+        .to_str()
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .ok_or_else(|| unauthorized(format!("{TIMESTAMP_HEADER} is not Unix seconds")))?;
+    let now_ms = crate::pod::now_ms();
+    let tolerance_ms = hook.tolerance.as_millis() as i64;
+    let skew_ms = ts.saturating_mul(1000).saturating_sub(now_ms);
+    // unsigned_abs: a timestamp near i64::MIN saturates to it, whose
+    // abs() overflows (the fuzzer's first finding).
+    if skew_ms.unsigned_abs() > tolerance_ms.unsigned_abs() {
+        return Err(unauthorized(format!(
+            "{TIMESTAMP_HEADER} is {} s from this server's clock (allowed: {} s)",
+            skew_ms / 1000,
+            tolerance_ms / 1000
+        )));
+    }
+    let mut message = format!("{ts}.").into_bytes();
+    message.extend_from_slice(body);
+    let sig = verify(secret, &message, headers.get(SIGNATURE_HEADER))?;
+    let seen = hook.seen.lock().map(|mut c| c.contains(&sig, now_ms));
+    if seen.unwrap_or(false) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "replayed",
+            "this signed request was already accepted",
+        ));
+    }
+    Ok(Some((
+        sig,
+        ts.saturating_mul(1000).saturating_add(tolerance_ms),
+    )))
+}
+
+fn verify(secret: &[u8], body: &[u8], header: Option<&HeaderValue>) -> Result<[u8; 32], ApiError> {
     let unauthorized = |d: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", d);
     let h = header
         .and_then(|h| h.to_str().ok())
@@ -577,15 +712,17 @@ fn verify(secret: &[u8], body: &[u8], header: Option<&HeaderValue>) -> Result<()
     if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(unauthorized("signature is not sha256=<64 hex digits>"));
     }
-    let sig: Vec<u8> = (0..32)
-        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap_or(0))
-        .collect();
+    let mut sig = [0u8; 32];
+    for (i, b) in sig.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap_or(0);
+    }
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
         .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
     mac.update(body);
     // Constant-time comparison.
     mac.verify_slice(&sig)
-        .map_err(|_| unauthorized("signature does not match the body"))
+        .map_err(|_| unauthorized("signature does not match the body"))?;
+    Ok(sig)
 }
 
 /// `POST /webhook/orders`: size limit (413), signature (401), order
@@ -614,21 +751,41 @@ async fn webhook(
         ));
     };
     let limit = hook.limits.max_message_bytes;
-    let bytes: Bytes = match axum::body::to_bytes(body, limit).await {
-        Ok(b) => b,
-        Err(_) => {
-            count("too_large");
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("the body exceeds {limit} bytes"),
-            ));
+    let bytes: Bytes =
+        match tokio::time::timeout(hook.body_timeout, axum::body::to_bytes(body, limit)).await {
+            Ok(Ok(b)) => b,
+            Err(_) => {
+                count("timeout");
+                let mut r = ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    format!("the body did not arrive within {:?}", hook.body_timeout),
+                )
+                .into_response();
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return Ok(r);
+            }
+            Ok(Err(_)) => {
+                count("too_large");
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("the body exceeds {limit} bytes"),
+                ));
+            }
+        };
+    let signature = match verify_request(&hook, &secret, &bytes, &headers) {
+        Ok(s) => s,
+        Err(e) => {
+            count(if e.status == StatusCode::CONFLICT {
+                "replayed"
+            } else {
+                "unauthorized"
+            });
+            return Err(e);
         }
     };
-    if let Err(e) = verify(&secret, &bytes, headers.get(SIGNATURE_HEADER)) {
-        count("unauthorized");
-        return Err(e);
-    }
     let order = match parse_order(&bytes, &hook.limits) {
         Ok(o) => o,
         Err(r) => {
@@ -647,6 +804,9 @@ async fn webhook(
     match hook.producer.send(record, Duration::from_secs(10)).await {
         Ok(delivery) => {
             count("accepted");
+            if let (Some((sig, forget_at)), Ok(mut seen)) = (signature, hook.seen.lock()) {
+                seen.remember(sig, forget_at);
+            }
             Ok((
                 StatusCode::ACCEPTED,
                 Json(json!({"accepted": true, "order_id": order.order_id, "partition": delivery.partition, "offset": delivery.offset})),
@@ -699,9 +859,9 @@ pub fn openapi_doc() -> Value {
                 "parameters": [{"name": "customer_id", "in": "path", "required": true, "schema": {"type": "string"}}],
                 "responses": {"200": {"description": "sessions with as_of"}, "400": err, "503": unavailable}}},
             "/webhook/orders": {"post": {
-                "summary": "Ingest one order; HMAC-SHA256 of the raw body in x-tally-signature (sha256=<hex>)",
+                "summary": "Ingest one order; x-tally-timestamp: Unix seconds, x-tally-signature: sha256=<hex HMAC-SHA256 of \"<timestamp>.<raw body>\">",
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object"}}}},
-                "responses": {"202": {"description": "written to raw-orders"}, "400": err, "401": err, "413": err, "503": unavailable}}},
+                "responses": {"202": {"description": "written to raw-orders"}, "400": err, "401": err, "408": err, "409": err, "413": err, "503": unavailable}}},
             "/metrics": {"get": {"summary": "Prometheus metrics (text format)", "responses": {"200": {"description": "metrics"}}}},
             "/livez": {"get": {"summary": "The process is alive", "responses": {"200": {"description": "ok"}}}},
             "/readyz": {"get": {"summary": "Joined the group, restored, caught up, view read", "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
@@ -715,4 +875,52 @@ pub fn openapi_doc() -> Value {
 
 async fn index() -> Html<&'static str> {
     Html(include_str!("page.html"))
+}
+
+/// What one HTTP client may hold of a pod.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerLimits {
+    /// A request's head must arrive within this long, and a connection
+    /// idle this long between requests is closed.
+    pub header_timeout: Duration,
+    /// Open connections at most: more are closed as soon as accepted, so
+    /// clients never take the file descriptors Kafka and RocksDB need.
+    pub max_connections: usize,
+}
+
+/// Serves `app` on `listener` until the task is dropped, under `limits`:
+/// a connection that sends nothing, or half a request head, is closed
+/// after `header_timeout`, whatever it does not send.
+pub async fn serve(listener: tokio::net::TcpListener, app: Router, limits: ServerLimits) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of file descriptors, most likely: wait for some to
+                // come back rather than spin.
+                tracing::warn!(error = %e, "cannot accept an HTTP connection");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            // Over the limit: closed at once.
+            drop(stream);
+            continue;
+        };
+        let service = TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .keep_alive(true);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
 }

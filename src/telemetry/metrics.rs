@@ -543,6 +543,8 @@ impl Metrics {
             "unauthorized",
             "invalid",
             "too_large",
+            "timeout",
+            "replayed",
             "disabled",
             "unavailable",
         ] {
