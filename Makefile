@@ -14,7 +14,7 @@ CARGO ?= cargo
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 BUILD := $(CARGO) test --workspace --all-targets --no-run
 
-.PHONY: deps test test-tansu test-churn test-long-kill test-soak fuzz validate demo fmt lint ci
+.PHONY: deps test test-tansu test-kafka test-churn test-long-kill test-soak fuzz validate demo fmt lint ci
 
 deps:
 	@./scripts/ensure-deps.sh
@@ -27,6 +27,11 @@ test: deps
 ## The integration suite against tansu, a second real broker (installs it once).
 test-tansu: deps
 	./scripts/test-tansu.sh
+
+## The integration suite and the kill tests against Apache Kafka 4.4, one
+## KRaft node from Maven Central's jars (fetched once; needs a JRE and Maven).
+test-kafka: deps
+	./scripts/test-kafka.sh
 
 ## Three pods as processes: SIGKILL + empty replacement, scale 3 -> 1 -> 3
 ## (also part of `make test`).

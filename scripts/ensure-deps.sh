@@ -2,12 +2,16 @@
 # Installs the system packages the build needs, if any are missing:
 # libclang-dev for RocksDB's bindgen, a C/C++ toolchain, make, perl and
 # zlib headers for the bundled librdkafka, Chromium for the live page
-# test, and Python with venv for the manifest checks and the tansu script.
+# test, Python with venv for the manifest checks and the tansu script, and
+# a JRE and Maven for the Apache Kafka test broker (scripts/kafka.sh).
 # Debian/Ubuntu only; elsewhere it
 # says what is needed and leaves it to you.
 set -euo pipefail
 
 PACKAGES=(build-essential libclang-dev pkg-config zlib1g-dev perl python3 python3-venv chromium)
+# A JRE and Maven from Debian's packages, unless the machine has them already.
+command -v java >/dev/null 2>&1 || PACKAGES+=(default-jre-headless)
+command -v mvn >/dev/null 2>&1 || PACKAGES+=(maven)
 
 missing=()
 if command -v dpkg-query >/dev/null 2>&1; then

@@ -20,7 +20,7 @@ cargo test \
   --test pod_e2e --test pod_crash --test pod_faults --test pod_fx_topics \
   --test pod_restore --test replay --test serving_e2e --test http_api \
   --test page_chromium --test cli_config --test ops \
-  -- --nocapture >"$OUT" 2>&1
+  -- --nocapture --test-threads=1 >"$OUT" 2>&1
 rc=$?
 set -e
 grep -E '^test |SKIPPED|test result|panicked' "$OUT" || true

@@ -44,6 +44,7 @@ fn bad_flags_env_and_files_name_the_field() {
     assert_rejected(&run(&["--dedup-horizon-ms", "1000"]), "dedup_horizon_ms");
     assert_rejected(&run(&["--max-event-time", "never"]), "max_event_time");
     assert_rejected(&run(&["--session-timeout-ms", "10"]), "session_timeout_ms");
+    assert_rejected(&run(&["--group-protocol", "gossip"]), "group_protocol");
     assert_rejected(&run(&["--late-policy", "maybe"]), "late-policy");
     assert_rejected(&run(&["--flush-max-events", "many"]), "flush-max-events");
     assert_rejected(&tally(&["run"], &[("TALLY_GRACE_MS", "-1")]), "grace_ms");

@@ -46,9 +46,6 @@ fn held(handles: &[pod::PodHandle]) -> Vec<Vec<i32>> {
 /// `tally_assigned_partitions` showed one thread's 3 partitions, not 6.
 #[test]
 fn engine_threads_split_the_partitions_and_stay_exact() {
-    if skip_on_external("it would share its topics with the other tests") {
-        return;
-    }
     let broker = TestBroker::start(1, &declared_topics());
     let brokers = broker.bootstrap_servers();
     let records = gen::generate(&GenSpec {

@@ -99,9 +99,6 @@ fn a_partition_moves_through_the_changelog() {
 #[test]
 fn state_beyond_the_cache_is_read_from_rocksdb() {
     // On an external broker the tests of one process share their topics.
-    if skip_on_external("it would share its topics with the other restore test") {
-        return;
-    }
     let broker = TestBroker::start(1, &declared_topics());
     let brokers = broker.bootstrap_servers();
     let records = gen::generate(&GenSpec {
@@ -168,9 +165,6 @@ fn state_beyond_the_cache_is_read_from_rocksdb() {
 /// dedup records in the changelog".
 #[test]
 fn dedup_entries_reach_the_changelog_as_segments() {
-    if skip_on_external("it reads the whole changelog, which other tests share") {
-        return;
-    }
     let broker = TestBroker::start(1, &declared_topics());
     let brokers = broker.bootstrap_servers();
     let records = gen::generate(&GenSpec {

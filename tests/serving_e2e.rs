@@ -136,9 +136,6 @@ fn windows_past_their_retention_are_tombstoned_and_dropped() {
     // On an external broker the tests of one process share their topics
     // (one prefix a process), and this one's 72,000 orders would land in
     // the other test's input.
-    if skip_on_external("it would share its topics with the other serving test") {
-        return;
-    }
     let broker = TestBroker::start(1, &declared_topics());
     let brokers = broker.bootstrap_servers();
     // 72,000 orders 10 ms apart: 12 minutes of event time.

@@ -86,6 +86,12 @@ pub struct KafkaConfig {
         default_value = "cooperative-sticky"
     )]
     pub assignment_strategy: String,
+    /// The consumer group protocol: `classic` (the client assigns, with
+    /// --assignment-strategy and --session-timeout-ms) or `consumer`
+    /// (KIP-848, Kafka 4: the broker assigns, incrementally, and its own
+    /// group.consumer.* settings set the session timeout).
+    #[arg(long, env = "TALLY_GROUP_PROTOCOL", default_value = "classic")]
+    pub group_protocol: String,
     /// Static membership id (`group.instance.id`), e.g. the pod name.
     #[arg(long, env = "TALLY_GROUP_INSTANCE_ID")]
     pub group_instance_id: Option<String>,
@@ -438,6 +444,12 @@ impl PodConfig {
                     "{:?} is not cooperative-sticky, range or roundrobin",
                     self.kafka.assignment_strategy
                 ),
+            ));
+        }
+        if !["classic", "consumer"].contains(&self.kafka.group_protocol.as_str()) {
+            return Err(invalid(
+                "group_protocol",
+                format!("{:?} is not classic or consumer", self.kafka.group_protocol),
             ));
         }
         if self.serving.http.parse::<std::net::SocketAddr>().is_err() {

@@ -43,18 +43,27 @@ pub fn consumer_config(cfg: &PodConfig) -> Result<ClientConfig, PodError> {
         ("enable.auto.commit", "false"),
         ("enable.auto.offset.store", "false"),
         ("auto.offset.reset", "earliest"),
-        (
-            "partition.assignment.strategy",
-            cfg.kafka.assignment_strategy.as_str(),
-        ),
-        ("session.timeout.ms", session.as_str()),
-        ("heartbeat.interval.ms", heartbeat.as_str()),
         ("max.poll.interval.ms", poll.as_str()),
         ("enable.partition.eof", "false"),
         // librdkafka's 500 ms default holds a fetch on a quiet partition that
         // long, which would dominate the freshness of window updates.
         ("fetch.wait.max.ms", "10"),
     ];
+    if cfg.kafka.group_protocol == "consumer" {
+        // KIP-848: the broker assigns and sets the session; librdkafka
+        // refuses to create a consumer that sets the classic protocol's
+        // assignment strategy, session timeout or heartbeat interval.
+        settings.push(("group.protocol", "consumer"));
+    } else {
+        settings.extend([
+            (
+                "partition.assignment.strategy",
+                cfg.kafka.assignment_strategy.as_str(),
+            ),
+            ("session.timeout.ms", session.as_str()),
+            ("heartbeat.interval.ms", heartbeat.as_str()),
+        ]);
+    }
     if let Some(id) = &cfg.kafka.group_instance_id {
         settings.push(("group.instance.id", id));
     }
@@ -366,7 +375,7 @@ pub(super) fn run_loop(
     shutdown: &AtomicBool,
     cfg: &PodConfig,
 ) -> Result<(), PodError> {
-    info!(topic = %cfg.topics.input_topic, group = %cfg.kafka.group, "pod running");
+    info!(topic = %cfg.topics.input_topic, group = %cfg.kafka.group, group_protocol = %cfg.kafka.group_protocol, "pod running");
     let flush_budget = Duration::from_millis((cfg.kafka.max_poll_interval_ms / 3).min(10_000));
     let mut last_tick = Instant::now();
     while !shutdown.load(Ordering::SeqCst) {

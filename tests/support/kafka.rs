@@ -30,12 +30,28 @@ pub fn external_brokers() -> Option<String> {
         .filter(|s| !s.trim().is_empty())
 }
 
-fn prefix() -> &'static str {
-    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    PREFIX.get_or_init(|| match external_brokers() {
-        Some(_) => format!("it{}x{}-", std::process::id(), tally::pod::now_ms()),
-        None => String::new(),
-    })
+/// The prefix of every topic and group name on the external broker: new
+/// for each [`TestBroker`], so no test reads another's records. The
+/// scripts that run the suite against an external broker run its tests
+/// one at a time (`--test-threads=1`), so the current prefix is the
+/// running test's, in its helper threads too.
+static PREFIX: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
+fn prefix() -> String {
+    if external_brokers().is_none() {
+        return String::new();
+    }
+    let mut p = PREFIX.lock().unwrap_or_else(|e| e.into_inner());
+    if p.is_empty() {
+        *p = new_prefix();
+    }
+    p.clone()
+}
+
+fn new_prefix() -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    format!("it{}x{}n{n}-", std::process::id(), tally::pod::now_ms())
 }
 
 /// The name a topic of the declarations has on the broker under test.
@@ -136,6 +152,7 @@ impl TestBroker {
                 mock: Some(mock),
             };
         };
+        *PREFIX.lock().unwrap_or_else(|e| e.into_inner()) = new_prefix();
         let renamed: Vec<_> = specs
             .iter()
             .cloned()
@@ -398,7 +415,7 @@ pub fn pod_config(brokers: &str, group_name: &str, state_dir: PathBuf) -> PodCon
     let mut c = PodConfig::from_env_and_defaults().expect("defaults");
     c.kafka.brokers = brokers.to_string();
     c.kafka.group = group(group_name);
-    c.prefix_topics(prefix());
+    c.prefix_topics(&prefix());
     c.resources.state_dir = state_dir;
     c.topics.apply_topics = false;
     c.kafka.session_timeout_ms = 6_000;
