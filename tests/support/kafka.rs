@@ -110,6 +110,12 @@ pub fn on_tansu() -> bool {
         && std::env::var("TALLY_TEST_BROKER_KIND").is_ok_and(|k| k == "tansu")
 }
 
+/// Whether the external broker is Apache Kafka (`TALLY_TEST_BROKER_KIND=kafka`).
+pub fn on_kafka() -> bool {
+    external_brokers().is_some()
+        && std::env::var("TALLY_TEST_BROKER_KIND").is_ok_and(|k| k == "kafka")
+}
+
 /// Skips the calling test when the external broker is tansu
 /// (`TALLY_TEST_BROKER_KIND=tansu`), for one of its known gaps.
 pub fn skip_on_tansu(reason: &str) -> bool {

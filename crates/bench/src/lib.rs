@@ -698,9 +698,9 @@ pub fn restore(
 
 /// The customer of latency probe `n`: a session key of its own, so the
 /// first `revenue-windows` record naming it is the probe becoming
-/// visible. (A region of its own per probe, as before, made `/revenue`,
+/// visible. (A region of its own per probe would make `/revenue`,
 /// which lists every region, thousands of entries long: the `loaded`
-/// scenario then measured the size of that answer, not serving.)
+/// scenario would then measure the size of that answer, not serving.)
 fn probe_customer(n: usize) -> String {
     format!("lat-{n}")
 }
