@@ -716,14 +716,6 @@ fn a_revoke_during_a_slow_flush_writes_nothing_for_the_partitions_given_up() {
     }
 }
 
-/// Runs a pod on `cfg` until the group has committed all of the input,
-/// then stops it.
-fn run_to_the_end(brokers: &str, group_name: &str, cfg: &tally::config::PodConfig, what: &str) {
-    let pod = pod::start(cfg.clone()).unwrap();
-    wait_all_committed(brokers, group_name, what, Duration::from_secs(60));
-    pod.join().unwrap();
-}
-
 /// A record to produce as it is: partition, key, payload, headers.
 type RawRecord = (i32, Vec<u8>, Option<Vec<u8>>, Vec<(String, String)>);
 

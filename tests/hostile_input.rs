@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use support::kafka::*;
 use tally::gen::{self, Expect, GenRecord, GenSpec};
-use tally::pod;
 use tally_core::Reason;
 
 /// A future-dated order (`created_at` in 2099, inside the accepted
@@ -50,16 +49,10 @@ fn a_future_dated_order_goes_to_the_dlq_and_stops_nothing() {
     };
     records.insert(20, future);
     produce_input(&brokers, &records);
-    let ends = end_offsets(&brokers, "raw-orders");
 
     let dir = temp_dir("future-dated");
-    let handle = pod::start(pod_config(&brokers, "future-dated", dir.clone())).unwrap();
-    wait_until(
-        "the pod to commit every input offset",
-        Duration::from_secs(90),
-        || committed(&brokers, "future-dated", "raw-orders") == ends,
-    );
-    handle.join().unwrap();
+    let cfg = pod_config(&brokers, "future-dated", dir.clone());
+    run_to_the_end(&brokers, "future-dated", &cfg, "every input offset");
 
     assert_totals_equal(&published_totals(&brokers), &truth_totals(&records));
     let dlq: BTreeMap<String, String> = read_all(&brokers, "orders-dlq")
@@ -141,7 +134,6 @@ fn a_second_pod_on_the_same_state_dir_touches_nothing() {
 #[test]
 fn a_failed_engine_is_neither_live_nor_ready_and_exits_promptly() {
     use std::os::unix::process::CommandExt;
-    use std::process::{Command, Stdio};
     use support::procs::*;
     let broker = TestBroker::start(1, &declared_topics());
     let brokers = broker.bootstrap_servers();
@@ -159,32 +151,9 @@ fn a_failed_engine_is_neither_live_nor_ready_and_exits_promptly() {
     let dir = temp_dir("engine-fails");
     let log = dir.with_extension("log");
     let port = free_port();
-    let mut cmd = Command::new(tally_bin());
-    cmd.args([
-        "run",
-        "--brokers",
-        &brokers,
-        "--group",
-        &group("engine-fails"),
-    ])
-    .args(topic_args())
-    .args([
-        "--http",
-        &format!("127.0.0.1:{port}"),
-        "--apply-topics=false",
-    ])
-    .args([
-        "--assignment-strategy",
-        "range",
-        "--session-timeout-ms",
-        "3000",
-    ])
-    .arg("--state-dir")
-    .arg(&dir)
-    .env("TALLY_LOG", "warn")
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(std::fs::File::create(&log).unwrap());
+    let mut cmd = pod_command("a", &brokers, "engine-fails", &dir, &log, port);
+    // Little to log: the log file is under the same size limit.
+    cmd.env("TALLY_LOG", "warn");
     // The limit and an ignored SIGXFSZ pass to the child: a write past
     // the limit then fails with EFBIG instead of killing the process.
     unsafe {
@@ -227,7 +196,7 @@ fn a_failed_engine_is_neither_live_nor_ready_and_exits_promptly() {
     });
     assert!(!status.unwrap().success());
     assert!(turned.elapsed() < Duration::from_secs(15));
-    let text = std::fs::read_to_string(&log).unwrap();
+    let text = std::fs::read_to_string(log.with_extension("a.log")).unwrap();
     assert!(text.contains("engine thread failed"), "{text}");
 
     // Nothing was lost: a pod with room to write finishes the work.
@@ -278,15 +247,9 @@ fn a_record_near_the_size_limit_gets_a_bounded_dlq_copy() {
     };
     records.insert(10, big);
     produce_input(&brokers, &records);
-    let ends = end_offsets(&brokers, "raw-orders");
     let dir = temp_dir("oversize");
-    let handle = pod::start(pod_config(&brokers, "oversize", dir.clone())).unwrap();
-    wait_until(
-        "the pod to commit every input offset",
-        Duration::from_secs(90),
-        || committed(&brokers, "oversize", "raw-orders") == ends,
-    );
-    handle.join().unwrap();
+    let cfg = pod_config(&brokers, "oversize", dir.clone());
+    run_to_the_end(&brokers, "oversize", &cfg, "every input offset");
     assert_totals_equal(&published_totals(&brokers), &truth_totals(&records));
     let dlq = read_all(&brokers, "orders-dlq");
     assert_eq!(dlq.len(), 1);

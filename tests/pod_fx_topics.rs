@@ -78,6 +78,16 @@ fn fx_rates_are_seeded_then_followed_live() {
     handle.join().unwrap();
 }
 
+/// The status `topics apply` reported for the test's topic `name`.
+fn status_of(report: &[(String, TopicStatus)], name: &str) -> TopicStatus {
+    let name = topic(name);
+    report
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, s)| s.clone())
+        .unwrap_or_else(|| panic!("{name} is not in the report: {report:?}"))
+}
+
 #[test]
 fn topics_apply_reports_what_exists_and_what_drifted() {
     // Names of its own: the other test of this file uses the declared
@@ -107,14 +117,7 @@ fn topics_apply_reports_what_exists_and_what_drifted() {
     let report = rt
         .block_on(topics::apply(&broker.bootstrap_servers(), &[], &declared))
         .unwrap();
-    let status = |n: &str| {
-        let n = topic(&format!("drift-{n}"));
-        report
-            .iter()
-            .find(|(name, _)| *name == n)
-            .map(|(_, s)| s.clone())
-            .unwrap()
-    };
+    let status = |n: &str| status_of(&report, &format!("drift-{n}"));
     assert_eq!(
         status("raw-orders"),
         TopicStatus::Drift("3 partitions, declared 6".into())
@@ -172,14 +175,7 @@ fn topics_apply_reports_config_drift_on_kafka() {
         t.name = topic(&t.name);
     }
     let report = topics::apply_blocking(&broker.bootstrap_servers(), &[], &declared).unwrap();
-    let status = |n: &str| {
-        let n = topic(n);
-        report
-            .iter()
-            .find(|(name, _)| *name == n)
-            .map(|(_, s)| s.clone())
-            .unwrap()
-    };
+    let status = |n: &str| status_of(&report, n);
     assert_eq!(
         status("config-drift-windows"),
         TopicStatus::Drift("cleanup.policy is delete, declared compact".into())

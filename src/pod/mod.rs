@@ -346,11 +346,6 @@ pub struct Processor {
     restore_clients: Option<restore::RestoreClients>,
     /// Fetching is paused for every partition (outputs unacknowledged).
     fetch_paused: bool,
-    /// The engine thread failed: the consumer's closing revoke releases
-    /// the partitions without a flush (nothing decided after the failure
-    /// may be written; the next owner redoes the work from the durable
-    /// offsets, as after a SIGKILL).
-    failed: bool,
     /// Restored partitions waiting for their seek to the resume offset
     /// (paused until it succeeds).
     seeks: BTreeMap<Partition, Offset>,

@@ -78,7 +78,10 @@ impl ConsumerContext for PodContext {
                             error!(partition = p, error = %e, "cannot clear the lost partition's local state");
                         }
                     }
-                } else if proc.failed {
+                } else if self.stats.failure().is_some() {
+                    // Nothing decided after the failure may be written:
+                    // the next owner redoes the work from the durable
+                    // offsets, as after a SIGKILL.
                     warn!(partitions = ?partitions, "releasing without a flush: the engine thread failed");
                 } else if let Err(e) = proc.flush_all(consumer, self.callback_budget) {
                     // Bounded, so a rebalance never outlives

@@ -277,7 +277,6 @@ pub fn start_with_stats(cfg: PodConfig, stats: Arc<Stats>) -> Result<PodHandle, 
         restoring: BTreeMap::new(),
         restore_clients: None,
         fetch_paused: false,
-        failed: false,
         seeks: BTreeMap::new(),
         resumes: HashMap::new(),
         refused: BTreeSet::new(),
@@ -361,7 +360,6 @@ fn run_thread(
     let r = run_loop(&consumer, &processor, &shutdown, &cfg);
     if let Err(e) = &r {
         stats.fail(e.to_string());
-        lock(&processor).failed = true;
         error!(error = %e, "the engine thread failed; releasing its partitions without a flush");
     }
     // Dropping the consumer closes it: the group sees us leave at once.

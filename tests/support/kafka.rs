@@ -132,6 +132,14 @@ pub fn declared_topics() -> Vec<tally::kafka::topics::TopicSpec> {
         .expect("topics/ loads")
 }
 
+/// Runs a pod on `cfg` until the group has committed all of the input,
+/// then stops it.
+pub fn run_to_the_end(brokers: &str, group_name: &str, cfg: &tally::config::PodConfig, what: &str) {
+    let pod = tally::pod::start(cfg.clone()).unwrap();
+    wait_all_committed(brokers, group_name, what, Duration::from_secs(60));
+    pod.join().unwrap();
+}
+
 /// Waits until `group` has committed every offset of `raw-orders` that
 /// exists now (the input is fully processed and durable).
 pub fn wait_all_committed(brokers: &str, group: &str, what: &str, timeout: Duration) {

@@ -56,6 +56,28 @@ pub fn spawn_pod_env(
     env: &[(&str, &str)],
 ) -> Pod {
     let port = free_port();
+    let child = pod_command(name, brokers, group, state, log, port)
+        .envs(env.iter().copied())
+        .spawn()
+        .expect("spawn tally run");
+    Pod {
+        child,
+        port,
+        name: name.to_string(),
+    }
+}
+
+/// The `tally run` command of [`spawn_pod`], serving on `port`, for a
+/// test that must change how the process starts; its log is `log` with
+/// the extension `<name>.log`.
+pub fn pod_command(
+    name: &str,
+    brokers: &str,
+    group: &str,
+    state: &Path,
+    log: &Path,
+    port: u16,
+) -> Command {
     // One log per pod name, beside `log`.
     let log = log.with_extension(format!("{name}.log"));
     let log = std::fs::OpenOptions::new()
@@ -63,7 +85,8 @@ pub fn spawn_pod_env(
         .append(true)
         .open(log)
         .unwrap();
-    let child = Command::new(tally_bin())
+    let mut command = Command::new(tally_bin());
+    command
         .args([
             "run",
             "--brokers",
@@ -86,17 +109,10 @@ pub fn spawn_pod_env(
         .arg("--state-dir")
         .arg(state)
         .env("TALLY_LOG", "warn,tally=debug,tally::pod=debug")
-        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn tally run");
-    Pod {
-        child,
-        port,
-        name: name.to_string(),
-    }
+        .stderr(log);
+    command
 }
 
 /// A pod outlives no test: a test that fails (panics) kills its pods on
